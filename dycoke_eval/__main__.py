@@ -1,0 +1,4 @@
+from dycoke_eval.app import main
+
+if __name__ == "__main__":
+    main()

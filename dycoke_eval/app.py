@@ -1,0 +1,122 @@
+"""The Hydra app: `python -m dycoke_eval [overrides]` runs one cell; `+sweep=NAME` runs a sweep of cells.
+
+A cell is model x method x frames x task set. It prepares the environment (offline switches,
+HF_HOME, the tiny checkpoint and fixture tasks when asked for), checks every name before any
+model is loaded, evaluates through lmms-eval's `simple_evaluate`, and writes the cell's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from dycoke_eval.config import CONF_DIR, ConfigError, group_options
+
+
+def prepare_environment(cfg: DictConfig) -> Path | None:
+    """Set the process environment lmms-eval and HF read at import; build offline assets. Returns the fixture task dir."""
+    if cfg.hub_offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    task_dir = None
+    if cfg.tasks.local_fixtures:
+        from dycoke_eval.offline.fixtures import ensure_offline_world
+
+        world = ensure_offline_world(Path(cfg.offline_dir) / "world")
+        os.environ["HF_HOME"] = str(world.hf_home)
+        task_dir = world.task_dir
+    elif cfg.hf_home:
+        os.environ["HF_HOME"] = str(Path(cfg.hf_home).expanduser())
+    else:
+        os.environ.setdefault("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
+    if cfg.model.build_tiny:
+        from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
+
+        ensure_tiny_checkpoint(cfg.model.pretrained)
+    return task_dir
+
+
+def resolve_tasks(names: list[str], include_path: Path | None):
+    """A TaskManager that knows our fixture tasks, after checking every requested name exists."""
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        known_sets = {opt: _task_set_names(opt) for opt in group_options("tasks")}
+        hints = {name: difflib.get_close_matches(name, manager.all_tasks, n=3) for name in unknown}
+        lines = [f"unknown task {name!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for name, h in hints.items()]
+        lines += [f"task sets (tasks=<set>): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in known_sets.items())]
+        lines += [f"any of lmms-eval's {len(manager.all_tasks)} tasks is valid too: `python -m lmms_eval tasks` lists them"]
+        raise ConfigError("\n".join(lines))
+    return manager
+
+
+def _task_set_names(option: str) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load((CONF_DIR / "tasks" / f"{option}.yaml").read_text())["names"])
+
+
+def run_cell(cfg: DictConfig) -> Path:
+    """Evaluate one cell and write its folder; returns the folder."""
+    from hydra.utils import instantiate
+
+    from dycoke_eval.results import cell_directory, write_cell
+
+    task_dir = prepare_environment(cfg)
+    task_manager = resolve_tasks(list(cfg.tasks.names), task_dir)
+    method = instantiate(cfg.method)
+
+    from lmms_eval.evaluator import simple_evaluate
+
+    from dycoke_eval.wrapper import LlavaOneVisionCompressed
+
+    lm = LlavaOneVisionCompressed(
+        pretrained=cfg.model.pretrained,
+        frames=cfg.frames,
+        method=method,
+        device=cfg.model.device,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    output = simple_evaluate(
+        model=lm,
+        tasks=list(cfg.tasks.names),
+        limit=cfg.limit,
+        task_manager=task_manager,
+        log_samples=True,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        bootstrap_iters=0,
+    )
+    records = _gather_records(lm)
+    if lm.rank != 0:
+        return Path()
+    cell_dir = cell_directory(cfg)
+    write_cell(cell_dir, cfg, output, records, method)
+    return cell_dir
+
+
+def _gather_records(lm) -> list[dict[str, Any]]:
+    records = lm.records_as_dicts()
+    if lm.world_size > 1:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)
+    return records
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_cell(cfg)
+    except ConfigError as error:
+        sys.exit(f"dycoke_eval: configuration error:\n{error}")

@@ -1,0 +1,51 @@
+"""The contract between the model wrapper and a compression method.
+
+The wrapper owns the model plumbing (video decode, vision encoder, prompt, `generate`); a method
+only sees the two places where DyCoke-style methods act:
+
+* `select_video_tokens` before the LLM: per-frame pooled features in, the tokens to keep out
+  (the trailing `image_newline` token is the wrapper's and is always kept);
+* `during_generation` around `generate`: a context manager that may install hooks, attention
+  functions or a cache, and must remove them on exit so one loaded model can run several methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+
+@dataclass
+class GenerationContext:
+    """What a method may need to know about the prompt it is generating for."""
+
+    model: Any
+    input_ids: torch.Tensor
+    visual_start: int  # index of the first visual token in `input_ids`
+    visual_length: int  # number of visual tokens entering the LLM (newline included)
+    stats: dict[str, Any] = field(default_factory=dict)  # per-sample figures the method reports
+
+
+class CompressionMethod:
+    """Base class: the identity method. Subclasses are dataclasses configured from `conf/method/`."""
+
+    name: str = "base"
+
+    def validate_for(self, model_config: Any) -> None:
+        """Raise ValueError naming the bad setting if the method cannot run on this model."""
+
+    def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
+        """[F, N, D] pooled, projected frame features -> [V, D] tokens that enter the LLM."""
+        return frame_features.reshape(-1, frame_features.shape[-1])
+
+    @contextlib.contextmanager
+    def during_generation(self, context: GenerationContext) -> Iterator[None]:
+        yield
+
+    def describe(self) -> dict[str, Any]:
+        """The method's settings, recorded with every result."""
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {"name": self.name, **settings}

@@ -1,0 +1,12 @@
+"""Full-token baseline: every visual token enters the LLM and every cache entry is attended."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dycoke_eval.methods.base import CompressionMethod
+
+
+@dataclass
+class Full(CompressionMethod):
+    name: str = "full"

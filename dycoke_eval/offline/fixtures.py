@@ -1,0 +1,163 @@
+"""Local copies of the paper's tasks: a handful of documents each, in the real schemas.
+
+Every fixture task is a YAML that `include:`s lmms-eval's **built-in** task YAML and only swaps
+the dataset for a local JSON file, so lmms-eval's own doc_to_text, process_results and
+aggregation do the work. Videos are written where the built-in utils look for them, under
+`<root>/hf_home`, which the app exports as `HF_HOME`. The built-in YAMLs' location depends on
+where lmms-eval is installed, so the task YAMLs are written at build time, never committed.
+
+The GPT-judged tasks (ActivityNet-QA, VideoDC) keep their prompts and documents but record
+predictions as "not judged" instead of calling a judge; judging is a separate step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from dycoke_eval.offline.videos import write_video
+
+WORLD_VERSION = 2  # bump when documents or layout change so cached worlds are rebuilt
+
+# `!function` tags cannot be produced by yaml.safe_dump, so the judged-task override is text.
+_UNJUDGED_PROCESS_RESULTS = "process_results: !function dycoke_eval.judging.{function}\nmetric_list:\n"
+_UNJUDGED_METRIC = "  - metric: {metric}\n    aggregation: !function dycoke_eval.judging.not_judged\n    higher_is_better: true\n"
+
+
+@dataclass(frozen=True)
+class FixtureTask:
+    name: str
+    builtin_yaml: str  # relative to lmms_eval/tasks
+    split: str
+    video_dir: str  # relative to HF_HOME: where the built-in utils look for videos
+    video_file: Callable[[dict], str]
+    docs: tuple[dict, ...]
+    judged_metrics: tuple[str, ...] = ()  # metrics that need the GPT judge
+    unjudged_process_results: str = ""  # dycoke_eval.judging function recording predictions for a judge
+
+
+def _activitynet_docs():
+    rows = [("v_fix01", "what is the person doing", "walking", 0), ("v_fix02", "is the square red", "no", 3),
+            ("v_fix03", "how many objects are there", "1", 7)]
+    return tuple({"video_name": v[2:], "question": q, "answer": a, "question_id": f"v_{v[2:]}_{i}", "type": t}
+                 for i, (v, q, a, t) in enumerate(rows))
+
+
+def _videomme_docs():
+    common = {"duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History", "url": ""}
+    questions = [("Temporal Perception", "Which direction does the square move?", ["A. Left", "B. Right", "C. Up", "D. Down"], "B"),
+                 ("Counting Problem", "How many squares appear?", ["A. 1", "B. 2", "C. 3", "D. 4"], "A"),
+                 ("Attribute Perception", "What shape moves?", ["A. Circle", "B. Star", "C. Square", "D. Line"], "C")]
+    return tuple({**common, "video_id": f"{i + 1:03d}", "videoID": f"fixvmme{i}", "question_id": f"{i + 1:03d}-1",
+                  "task_type": task, "question": q, "options": opts, "answer": ans}
+                 for i, (task, q, opts, ans) in enumerate(questions))
+
+
+def _nextqa_docs():
+    options = ["it waits", "it moves across", "it disappears", "it turns", "it stops"]
+    return tuple({"video": 4000 + i, "frame_count": 40, "width": 64, "height": 48, "question": q, "answer": a,
+                  "qid": i, "type": "TN", **{f"a{j}": o for j, o in enumerate(options)}}
+                 for i, (q, a) in enumerate([("what does the square do", 1), ("what happens at the end", 4),
+                                             ("what happens first", 0)]))
+
+
+def _perceptiontest_docs():
+    return tuple({"video_name": f"video_fix{i}", "question_id": f"video_fix{i}_0", "question": q,
+                  "options": ["left", "right", "nowhere"], "answer_id": a, "area": "physics",
+                  "reasoning": "descriptive", "tag": ["motion"]}
+                 for i, (q, a) in enumerate([("Where does the object move?", 1), ("Where does it end?", 0),
+                                             ("Where does it start?", 2)]))
+
+
+def _videodc_docs():
+    return tuple({"video_name": f"v_fixdc{i}", "question": q, "answer": a}
+                 for i, (q, a) in enumerate([("Describe the following video in detail.", "A square moves across a gradient."),
+                                             ("Can you describe the video?", "A bright block slides to the right."),
+                                             ("What happens in the video?", "An object moves steadily.")]))
+
+
+def _mvbench_docs(sub_task: str):
+    candidates = ["moving left", "moving right", "not moving"]
+    return tuple({"video": f"fix_{sub_task}_{i}.mp4", "question": q, "candidates": candidates, "answer": candidates[i % 3]}
+                 for i, q in enumerate(["What is the object doing?", "How does the object move?", "What happens?"]))
+
+
+FIXTURE_TASKS: tuple[FixtureTask, ...] = (
+    FixtureTask("fixture_activitynetqa", "activitynetqa/activitynetqa_generation.yaml", "test", "activitynetqa/all_test",
+                lambda d: f"v_{d['video_name']}.mp4", _activitynet_docs(), ("gpt_eval_score", "gpt_eval_accuracy"), "record_unjudged_qa"),
+    FixtureTask("fixture_videomme", "videomme/videomme.yaml", "test", "videomme/data",
+                lambda d: f"{d['videoID']}.mp4", _videomme_docs()),
+    FixtureTask("fixture_videomme_w_subtitle", "videomme/videomme_w_subtitle.yaml", "test", "videomme/data",
+                lambda d: f"{d['videoID']}.mp4", _videomme_docs()),
+    FixtureTask("fixture_nextqa_mc_test", "nextqa/nextqa_mc_test.yaml", "test", "nextqa/NExTVideo",
+                lambda d: f"{d['video']}.mp4", _nextqa_docs()),
+    FixtureTask("fixture_perceptiontest_val_mc", "perceptiontest/val/perceptiontest_mc.yaml", "validation",
+                "perceptiontest_val/videos", lambda d: f"{d['video_name']}.mp4", _perceptiontest_docs()),
+    FixtureTask("fixture_video_dc499", "video_detail_description/video_detail_description.yaml", "test",
+                "videochatgpt/Test_Videos", lambda d: f"{d['video_name']}.mp4", _videodc_docs(), ("gpt_eval_score",), "record_unjudged_description"),
+    FixtureTask("fixture_mvbench_action_antonym", "mvbench/mvbench_action_antonym.yaml", "train",
+                "mvbench_video/ssv2_video_mp4", lambda d: d["video"], _mvbench_docs("action_antonym")),
+    FixtureTask("fixture_mvbench_object_shuffle", "mvbench/mvbench_object_shuffle.yaml", "train",
+                "mvbench_video/perception/videos", lambda d: d["video"], _mvbench_docs("object_shuffle")),
+)
+FIXTURE_TASK_NAMES = tuple(task.name for task in FIXTURE_TASKS)
+
+
+@dataclass(frozen=True)
+class OfflineWorld:
+    root: Path
+
+    @property
+    def hf_home(self) -> Path:
+        return self.root / "hf_home"
+
+    @property
+    def task_dir(self) -> Path:
+        return self.root / "tasks"
+
+    def video_path(self, task: FixtureTask, doc: dict) -> Path:
+        return self.hf_home / task.video_dir / task.video_file(doc)
+
+
+def _lmms_eval_task_root() -> Path:
+    import lmms_eval.tasks
+
+    return Path(lmms_eval.tasks.__file__).resolve().parent
+
+
+def _task_yaml(task: FixtureTask, data_file: Path, task_root: Path) -> str:
+    config = {
+        "include": str(task_root / task.builtin_yaml),
+        "task": task.name,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {task.split: str(data_file)}},
+    }
+    text = yaml.safe_dump(config, sort_keys=False)
+    if task.judged_metrics:
+        text += _UNJUDGED_PROCESS_RESULTS.format(function=task.unjudged_process_results) + "".join(_UNJUDGED_METRIC.format(metric=m) for m in task.judged_metrics)
+    return text
+
+
+def ensure_offline_world(root: str | Path) -> OfflineWorld:
+    """Build the fixture world under `root` unless an up-to-date one is already there."""
+    world = OfflineWorld(Path(root))
+    task_root = _lmms_eval_task_root()
+    stamp = {"world_version": WORLD_VERSION, "lmms_eval_tasks": str(task_root)}
+    marker = world.root / "world.json"
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return world
+    (world.root / "data").mkdir(parents=True, exist_ok=True)
+    world.task_dir.mkdir(parents=True, exist_ok=True)
+    for task in FIXTURE_TASKS:
+        data_file = world.root / "data" / f"{task.name}.jsonl"
+        data_file.write_text("".join(json.dumps(doc) + "\n" for doc in task.docs))
+        (world.task_dir / f"{task.name}.yaml").write_text(_task_yaml(task, data_file, task_root))
+        for doc in task.docs:
+            write_video(world.video_path(task, doc))
+    marker.write_text(json.dumps(stamp))
+    return world

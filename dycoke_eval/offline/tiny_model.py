@@ -1,0 +1,145 @@
+"""A tiny, randomly initialised LLaVA-OneVision built from the real HF classes.
+
+It stands in for a hub checkpoint wherever no network is available (tests, the offline default
+run). Its token geometry matches the real model's in kind: SigLIP 56 px / patch 8 gives a 7x7
+grid per frame, 2x2 bilinear pooling gives 4x4 = 16 tokens per frame, and one `image_newline`
+token follows the whole video. It is saved with `save_pretrained`, so the wrapper loads it exactly
+like `llava-hf/llava-onevision-qwen2-0.5b-ov-hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+IMAGE_SIZE = 56
+PATCH_SIZE = 8
+PATCHES_PER_SIDE = IMAGE_SIZE // PATCH_SIZE
+TOKENS_PER_FRAME = math.ceil(PATCHES_PER_SIDE / 2) ** 2
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+BUILD_VERSION = 1  # bump when the recipe changes so cached copies are rebuilt
+
+# The Qwen-style template of the llava-hf OneVision checkpoints: media placeholders first,
+# then the text, one turn per message.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The person in the video picks up a cup and walks to the table.",
+    "Answer the question using a single word or phrase.",
+    "Select the best answer to the following multiple-choice question based on the video.",
+    "Respond with only the letter (A, B, C, or D) of the correct option.",
+    "Describe the video in detail. What is happening? Who is there? Where is it?",
+    "yes no red blue green one two three left right up down before after because",
+    "Question: Option: (A) (B) (C) (D) (E) Only give the best option. Best option:",
+]
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_checkpoint(path: str | Path) -> Path:
+    """Build and save the tiny checkpoint at `path` (a processor and a model), deterministically."""
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    path = Path(path)
+    tokenizer = _build_tokenizer()
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=PATCHES_PER_SIDE**2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    (path / "dycoke_tiny.json").write_text(json.dumps({"build_version": BUILD_VERSION}))
+    return path
+
+
+def ensure_tiny_checkpoint(path: str | Path) -> Path:
+    """Return `path` holding the tiny checkpoint, building it only when absent or stale."""
+    path = Path(path)
+    marker = path / "dycoke_tiny.json"
+    if marker.exists() and json.loads(marker.read_text()).get("build_version") == BUILD_VERSION:
+        return path
+    return build_tiny_checkpoint(path)

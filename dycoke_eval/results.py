@@ -1,0 +1,104 @@
+"""One folder per run cell: lmms-eval's results and samples, our per-sample records, and run.json.
+
+Layout of `${results_dir}/${run_name}/<cell>/`:
+  results.json            lmms-eval's results (metrics, configs, versions) plus a `dycoke_eval` summary
+  samples_<task>.jsonl    lmms-eval's logged samples
+  sample_records.jsonl    per sample: visual tokens entering the LLM, stage seconds, failures
+  run.json                resolved config, method settings, versions, git commit, hardware, timings
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dycoke_eval.provenance import git_state, hardware, package_versions
+
+CELL_KEYS = ("model", "method", "frames", "tasks", "limit", "seed")  # what makes two cells the same
+
+
+def cell_config(cfg: DictConfig) -> dict[str, Any]:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {key: resolved.get(key) for key in CELL_KEYS}
+
+
+def cell_directory(cfg: DictConfig) -> Path:
+    """`<model>__<method>__f<frames>__<tasks>__<hash>`, the hash over the resolved cell config."""
+    config = cell_config(cfg)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    method = str(cfg.method._target_).rsplit(".", 1)[-1].lower()
+    name = f"{cfg.model.name}__{method}__f{cfg.frames}__{cfg.tasks.name}__{digest}"
+    return Path(cfg.results_dir) / cfg.run_name / name
+
+
+def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task: sample and failure counts, failures with path and reason, token and stage means."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_task[record["task"]].append(record)
+    summary = {}
+    for task, rows in sorted(by_task.items()):
+        ok = [r for r in rows if r["status"] == "ok"]
+        stages = sorted({stage for r in ok for stage in r["seconds"]})
+        summary[task] = {
+            "samples": len(rows),
+            "failed": len(rows) - len(ok),
+            "failures": [{"doc_id": r["doc_id"], "video_path": r["video_path"], "error": r["error"]}
+                         for r in rows if r["status"] != "ok"],
+            "visual_tokens_in_mean": mean(r["visual_tokens_in"] for r in ok) if ok else None,
+            "visual_tokens_full_mean": mean(r["visual_tokens_full"] for r in ok) if ok else None,
+            "seconds_mean": {stage: mean(r["seconds"][stage] for r in ok if stage in r["seconds"]) for stage in stages},
+        }
+    return summary
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)  # never leave a half-written file behind
+
+
+def _write_jsonl(path: Path, rows: list[Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+    tmp.replace(path)
+
+
+def write_cell(cell_dir: Path, cfg: DictConfig, output: dict[str, Any], records: list[dict[str, Any]], method) -> None:
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise_records(records)
+    for task, samples in (output.get("samples") or {}).items():
+        _write_jsonl(cell_dir / f"samples_{task}.jsonl", samples)
+    _write_jsonl(cell_dir / "sample_records.jsonl", records)
+    results = {key: value for key, value in output.items() if key != "samples"}
+    results["dycoke_eval"] = summary
+    _write_json(cell_dir / "results.json", results)
+    _write_json(cell_dir / "run.json", {
+        "cell": cell_config(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "method": method.describe(),
+        "versions": package_versions(),
+        "git": git_state(),
+        "hardware": hardware(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tasks": summary,
+    })
+    print(format_summary(cell_dir, output.get("results", {}), summary))
+
+
+def format_summary(cell_dir: Path, metrics: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> str:
+    lines = [f"results: {cell_dir}"]
+    for task, values in metrics.items():
+        shown = ", ".join(f"{k.split(',')[0]}={v:.4g}" if isinstance(v, float) else f"{k.split(',')[0]}={v}"
+                          for k, v in values.items() if k != "alias" and "_stderr" not in k)
+        counts = summary.get(task, {})
+        failed = f"  [{counts['failed']} of {counts['samples']} samples failed, scored by the task as given]" if counts.get("failed") else ""
+        lines.append(f"  {task}: {shown}{failed}")
+    return "\n".join(lines)

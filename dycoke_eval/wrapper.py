@@ -1,0 +1,259 @@
+"""lmms-eval model wrapper: LLaVA-OneVision through HF transformers, with a pluggable compression method.
+
+Registered with lmms-eval under `llava_onevision_compressed` (see `registration.py`), so it runs
+from our Hydra app and from `python -m lmms_eval eval --model llava_onevision_compressed`.
+
+Per sample it decodes `frames` frames, encodes them with the vision tower, lets the method pick
+the video tokens that enter the LLM, rebuilds the prompt with that many `<video>` placeholders
+and calls `generate` with the precomputed features. Stage times and token counts are recorded
+in `sample_records`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from dycoke_eval.config import ConfigError
+from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
+from dycoke_eval.methods.base import CompressionMethod, GenerationContext
+
+
+class VideoUnavailable(Exception):
+    """The sample's video is missing or cannot be decoded; the sample is recorded as failed."""
+
+
+@dataclass
+class SampleRecord:
+    task: str
+    doc_id: int
+    status: str = "ok"  # ok | failed
+    video_path: str | None = None
+    error: str | None = None
+    frames: int = 0
+    visual_tokens_in: int = 0  # visual tokens that entered the LLM (newline token included)
+    visual_tokens_full: int = 0  # what the full-token model would have used
+    output_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    method_stats: dict[str, Any] = field(default_factory=dict)
+
+
+class LlavaOneVisionCompressed(lmms):
+    def __init__(
+        self,
+        pretrained: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        frames: int = 32,
+        method: CompressionMethod | str | None = None,
+        device: str | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        attn_implementation: str = "sdpa",
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if int(batch_size) != 1:
+            raise ConfigError(f"batch_size={batch_size}: this wrapper runs one sample at a time; use batch_size=1")
+        self.frames = int(frames)
+        if self.frames < 1:
+            raise ConfigError(f"frames={frames}: sample at least one frame per video")
+        self.method = _resolve_method(method, kwargs)
+
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        device = resolve_device(device)
+        if self.accelerator.num_processes > 1:
+            # lmms-eval shards the documents by rank; each process holds its own copy of the model.
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+            if device.startswith("cuda"):
+                device = f"cuda:{self.accelerator.local_process_index}"
+        self._device = torch.device(device)
+        self.checkpoint: LoadedCheckpoint = load_checkpoint(
+            pretrained, device, resolve_dtype(dtype, device), attn_implementation
+        )
+        self.method.validate_for(self.checkpoint.model.config)
+        self.pretrained = pretrained
+        self.sample_records: list[SampleRecord] = []
+
+    # lmms-eval reads these attributes.
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    @property
+    def model(self):
+        return self.checkpoint.model
+
+    @property
+    def processor(self):
+        return self.checkpoint.processor
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.processor.tokenizer
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("llava_onevision_compressed only supports generate_until tasks")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("llava_onevision_compressed only supports single-round generate_until tasks")
+
+    def generate_until(self, requests) -> list[str]:
+        answers = []
+        progress = tqdm(requests, disable=self.rank != 0, desc=f"Generating ({self.method.name})")
+        for request in progress:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
+            try:
+                answer = self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split, record)
+            except VideoUnavailable as error:
+                record.status, record.error, answer = "failed", str(error), ""
+            self.sample_records.append(record)
+            answers.append(answer)
+        return answers
+
+    def _answer(self, context, gen_kwargs, doc_to_visual, doc_id, task, split, record: SampleRecord) -> str:
+        doc = self.task_dict[task][split][doc_id]
+        record.video_path = video_path = _resolve_video_path(doc_to_visual, doc)
+        with self._stage(record, "video_decode"):
+            video = _decode_video(video_path, self.frames)
+        record.frames = int(video.shape[0])
+        with self._stage(record, "preprocess"):
+            prompt = self.build_prompt(context)
+            inputs = self.processor(text=prompt, videos=[video], return_tensors="pt")
+        model = self.model
+        with torch.inference_mode():
+            with self._stage(record, "vision_encoder"):
+                features = model.get_video_features(
+                    inputs["pixel_values_videos"].to(self.device, model.dtype),
+                    vision_feature_layer=model.config.vision_feature_layer,
+                    vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                ).pooler_output[0]
+            frame_tokens, newline = features[:-1].view(record.frames, -1, features.shape[-1]), features[-1:]
+            with self._stage(record, "compress"):
+                kept = self.method.select_video_tokens(frame_tokens)
+            video_tokens = torch.cat([kept, newline], dim=0)
+            record.visual_tokens_full = features.shape[0]
+            record.visual_tokens_in = video_tokens.shape[0]
+            input_ids, visual_start = _with_video_placeholders(
+                inputs["input_ids"][0], model.config.video_token_id, video_tokens.shape[0]
+            )
+            input_ids = input_ids[None].to(self.device)
+            generation = GenerationContext(model, input_ids, visual_start, video_tokens.shape[0])
+            with self._stage(record, "generate"), self.method.during_generation(generation):
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    mm_encoder_outputs={"video": _as_encoder_output(video_tokens[None])},
+                    **self._generation_kwargs(gen_kwargs),
+                )
+        new_tokens = output[0, input_ids.shape[1] :]
+        record.output_tokens = int(new_tokens.shape[0])
+        record.method_stats = generation.stats
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return _truncate_at_stop_strings(text, gen_kwargs.get("until"))
+
+    def build_prompt(self, context: str) -> str:
+        """The checkpoint's own chat template, the video placed before the question."""
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": context}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+        temperature = float(gen_kwargs.get("temperature") or 0)
+        sampling = temperature > 0
+        kwargs = {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 1024)),
+            "num_beams": int(gen_kwargs.get("num_beams") or 1),
+            "do_sample": sampling,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        }
+        if sampling:
+            kwargs["temperature"] = temperature
+            if gen_kwargs.get("top_p") is not None:
+                kwargs["top_p"] = float(gen_kwargs["top_p"])
+        return kwargs
+
+    @contextmanager
+    def _stage(self, record: SampleRecord, stage: str) -> Iterator[None]:
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        synchronize()
+        start = time.perf_counter()
+        yield
+        synchronize()
+        record.seconds[stage] = time.perf_counter() - start
+
+    def records_as_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(record) for record in self.sample_records]
+
+
+def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, Any]) -> CompressionMethod:
+    """A method object (from our Hydra app) or a name plus `method.<key>=value` args (from lmms-eval's CLI)."""
+    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith("method.")}
+    if kwargs:
+        raise ConfigError(f"llava_onevision_compressed got unknown model_args {sorted(kwargs)}")
+    if isinstance(method, CompressionMethod):
+        if overrides:
+            raise ConfigError(f"method overrides {sorted(overrides)} need a method name, not an object")
+        return method
+    from dycoke_eval.config import instantiate_method
+
+    return instantiate_method(method or "full", overrides)
+
+
+def _resolve_video_path(doc_to_visual, doc) -> str:
+    try:
+        visuals = doc_to_visual(doc)
+    except (Exception, SystemExit) as error:  # several lmms-eval tasks sys.exit() on a missing video
+        raise VideoUnavailable(f"the task could not locate the video: {error}") from None
+    paths = [v for v in visuals if isinstance(v, str)]
+    if len(paths) != 1 or len(visuals) != 1:
+        raise VideoUnavailable(f"expected exactly one video path from the task, got {visuals!r}")
+    return paths[0]
+
+
+def _decode_video(path: str, frames: int):
+    from lmms_eval.models.model_utils.load_video import read_video
+
+    try:
+        return read_video(path, num_frm=frames)
+    except Exception as error:
+        raise VideoUnavailable(f"cannot decode {path}: {type(error).__name__}: {error}") from None
+
+
+def _with_video_placeholders(input_ids: torch.Tensor, video_token_id: int, count: int) -> tuple[torch.Tensor, int]:
+    """Replace the processor's run of `<video>` placeholders with `count` of them."""
+    positions = (input_ids == video_token_id).nonzero().flatten()
+    if positions.numel() == 0:
+        raise ValueError("the prompt has no <video> placeholder; the chat template must place the video")
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    if end - start != positions.numel():
+        raise ValueError("the prompt holds more than one video; one video per sample is supported")
+    placeholders = torch.full((count,), video_token_id, dtype=input_ids.dtype)
+    return torch.cat([input_ids[:start], placeholders, input_ids[end:]]), start
+
+
+def _as_encoder_output(video_tokens: torch.Tensor):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=video_tokens)
+
+
+def _truncate_at_stop_strings(text: str, until: str | list[str] | None) -> str:
+    stops = [until] if isinstance(until, str) else list(until or [])
+    for stop in stops:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
