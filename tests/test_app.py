@@ -1,0 +1,102 @@
+"""End to end: the Hydra app and lmms-eval's own CLI on the offline world, and bad names at start."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run_module
+from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES, FIXTURE_TASKS, OfflineWorld
+
+
+@pytest.fixture(scope="module")
+def damaged_run(offline_dir, tmp_path_factory):
+    """The offline default with one video deleted and one corrupted, in a private copy of the world."""
+    root = tmp_path_factory.mktemp("damaged")
+    shutil.copytree(offline_dir, root, dirs_exist_ok=True, symlinks=True)
+    world = OfflineWorld(root / "world")
+    anet = next(t for t in FIXTURE_TASKS if t.name == "fixture_activitynetqa")
+    mvb = next(t for t in FIXTURE_TASKS if t.name == "fixture_mvbench_object_shuffle")
+    world.video_path(anet, anet.docs[0]).unlink()
+    world.video_path(mvb, mvb.docs[1]).write_bytes(b"\x00" * 64)
+    results = root / "results"
+    # The fixture YAMLs name their data files by absolute path: point them at this copy.
+    for yaml_file in world.task_dir.glob("*.yaml"):
+        yaml_file.write_text(yaml_file.read_text().replace(str(offline_dir), str(root)))
+    proc = run_module("dycoke_eval", f"results_dir={results}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (cell,) = [p for p in (results / "default").iterdir() if not p.name.startswith(".")]  # .hydra holds Hydra's logs
+    return cell, proc
+
+
+def test_every_fixture_task_gets_a_metric(damaged_run):
+    cell, _ = damaged_run
+    results = json.loads((cell / "results.json").read_text())["results"]
+    assert set(results) == set(FIXTURE_TASK_NAMES)
+    for task, metrics in results.items():
+        values = [v for k, v in metrics.items() if k != "alias" and "_stderr" not in k]
+        assert values, task
+        if task in ("fixture_activitynetqa", "fixture_video_dc499"):
+            assert set(values) == {"not judged"}  # never a silent 0
+        else:
+            assert all(isinstance(v, (int, float)) for v in values), (task, values)
+
+
+def test_failed_samples_are_counted_with_path_and_reason_and_the_run_goes_on(damaged_run):
+    cell, proc = damaged_run
+    summary = json.loads((cell / "results.json").read_text())["dycoke_eval"]
+    assert summary["fixture_activitynetqa"]["failed"] == 1
+    assert "does not exist" in summary["fixture_activitynetqa"]["failures"][0]["error"]
+    (corrupt,) = summary["fixture_mvbench_object_shuffle"]["failures"]
+    assert corrupt["video_path"].endswith("fix_object_shuffle_1.mp4") and "cannot decode" in corrupt["error"]
+    assert sum(s["failed"] for s in summary.values()) == 2
+    assert "1 of 3 samples failed" in proc.stdout
+
+
+def test_the_cell_folder_records_how_it_was_made(damaged_run):
+    cell, _ = damaged_run
+    run = json.loads((cell / "run.json").read_text())
+    assert run["cell"]["frames"] == 8 and run["method"] == {"name": "full"}
+    assert run["versions"]["lmms-eval"] == "0.7.3" and run["versions"]["transformers"].startswith("5.")
+    assert {"commit", "dirty"} <= set(run["git"]) and "cpu_count" in run["hardware"]
+    for task in FIXTURE_TASK_NAMES:
+        assert (cell / f"samples_{task}.jsonl").stat().st_size > 0
+    records = [json.loads(line) for line in (cell / "sample_records.jsonl").read_text().splitlines()]
+    assert {r["visual_tokens_in"] for r in records if r["status"] == "ok"} == {8 * 16 + 1}
+
+
+def test_lmms_eval_cli_runs_the_wrapper_by_its_registered_name(tiny_checkpoint, world, tmp_path):
+    proc = run_module(
+        "lmms_eval", "eval", "--model", "llava_onevision_compressed",
+        "--model_args", f"pretrained={tiny_checkpoint},frames=4,method=full",
+        "--tasks", "fixture_nextqa_mc_test", "--include_path", str(world.task_dir),
+        "--limit", "2", "--output_path", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = tmp_path.rglob("*_results.json")
+    metrics = json.loads(results_file.read_text())["results"]["fixture_nextqa_mc_test"]
+    assert "exact_match,none" in metrics
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model=llava_ov_13b", ["llava_ov_0.5b", "llava_ov_7b", "llava_ov_72b", "tiny"]),
+        ("method=dycokee", ["full"]),
+        ("tasks=table9", ["fixtures", "mvbench", "table1"]),
+    ],
+)
+def test_an_unknown_config_name_fails_at_start_listing_the_valid_ones(offline_dir, override, expected):
+    proc = run_module("dycoke_eval", override, env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    assert proc.returncode != 0
+    assert all(name in proc.stderr for name in expected), proc.stderr
+
+
+def test_an_unknown_task_fails_before_loading_the_model_listing_valid_names(offline_dir, tmp_path):
+    proc = run_module("dycoke_eval", "tasks.names=[videomem]", f"results_dir={tmp_path}",
+                      env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    assert proc.returncode != 0
+    assert "unknown task 'videomme'" not in proc.stderr and "unknown task 'videomem'" in proc.stderr
+    assert "did you mean videomme" in proc.stderr and "fixture_videomme" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("run.json"))

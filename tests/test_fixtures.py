@@ -1,0 +1,64 @@
+"""The fixture world: local task data in the real schemas, read by lmms-eval's built-in task code."""
+
+from pathlib import Path
+
+import lmms_eval.tasks
+import numpy as np
+import pytest
+import yaml
+from lmms_eval.models.model_utils.load_video import read_video
+from lmms_eval.tasks import TaskManager, get_task_dict
+
+from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES, FIXTURE_TASKS
+from dycoke_eval.offline.videos import FRAME_COUNT, synthetic_frames, write_video
+
+BUILTIN_TASKS = Path(lmms_eval.tasks.__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def task_dict(world):
+    return get_task_dict(list(FIXTURE_TASK_NAMES), TaskManager(include_path=str(world.task_dir)))
+
+
+def test_covers_the_six_paper_tasks_and_two_mvbench_subtasks():
+    builtin = {task.builtin_yaml.split("/")[0] for task in FIXTURE_TASKS}
+    assert builtin == {"activitynetqa", "videomme", "nextqa", "perceptiontest", "video_detail_description", "mvbench"}
+    assert sum(task.name.startswith("fixture_mvbench_") for task in FIXTURE_TASKS) >= 2
+
+
+def test_each_task_yaml_includes_the_builtin_yaml_rather_than_copying_it(world):
+    for task in FIXTURE_TASKS:
+        config = yaml.safe_load((world.task_dir / f"{task.name}.yaml").read_text().replace("!function", ""))
+        assert Path(config["include"]) == BUILTIN_TASKS / task.builtin_yaml
+        assert config["dataset_path"] == "json"
+
+
+@pytest.mark.parametrize("task", FIXTURE_TASKS, ids=lambda t: t.name)
+def test_builtin_task_code_reads_every_document_and_finds_its_video(task_dict, task):
+    lmms_task = task_dict[task.name]
+    docs = list(lmms_task.test_docs())
+    assert len(docs) == len(task.docs)
+    for doc in docs:
+        assert lmms_task.doc_to_text(doc)  # the built-in prompt builder accepts the schema
+        (video_path,) = lmms_task.doc_to_visual(doc)
+        assert Path(video_path).is_file(), video_path
+    # the built-in scorer accepts the schema too
+    assert lmms_task.process_results(docs[0], ["A"])
+
+
+@pytest.mark.parametrize("name", ["fixture_activitynetqa", "fixture_video_dc499"])
+def test_judged_tasks_record_predictions_instead_of_calling_a_judge(task_dict, name):
+    lmms_task = task_dict[name]
+    doc = next(iter(lmms_task.test_docs()))
+    results = lmms_task.process_results(doc, ["a prediction"])
+    assert all(item["pred"] == "a prediction" and item["judged"] is False for item in results.values())
+    assert all(agg([item]) == "not judged" for agg, item in zip(lmms_task.aggregation().values(), results.values()))
+
+
+def test_synthetic_video_decodes_to_the_requested_frame_count_and_moves(tmp_path):
+    path = write_video(tmp_path / "clip.mp4")
+    frames = read_video(str(path), num_frm=8)
+    assert frames.shape == (8, 48, 64, 3)
+    assert not np.array_equal(frames[0], frames[-1])
+    assert np.array_equal(synthetic_frames("clip"), synthetic_frames("clip"))
+    assert len(read_video(str(path), num_frm=1000)) == FRAME_COUNT
