@@ -52,7 +52,7 @@ def resolve_tasks(names: list[str], include_path: Path | None):
         known_sets = {opt: _task_set_names(opt) for opt in group_options("tasks")}
         hints = {name: difflib.get_close_matches(name, manager.all_tasks, n=3) for name in unknown}
         lines = [f"unknown task {name!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for name, h in hints.items()]
-        lines += [f"task sets (tasks=<set>): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in known_sets.items())]
+        lines += ["task sets (tasks=<set>): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in known_sets.items())]
         lines += [f"any of lmms-eval's {len(manager.all_tasks)} tasks is valid too: `python -m lmms_eval tasks` lists them"]
         raise ConfigError("\n".join(lines))
     return manager

@@ -50,8 +50,9 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
         summary[task] = {
             "samples": len(rows),
             "failed": len(rows) - len(ok),
-            "failures": [{"doc_id": r["doc_id"], "video_path": r["video_path"], "error": r["error"]}
-                         for r in rows if r["status"] != "ok"],
+            "failures": [
+                {"doc_id": r["doc_id"], "video_path": r["video_path"], "error": r["error"]} for r in rows if r["status"] != "ok"
+            ],
             "visual_tokens_in_mean": mean(r["visual_tokens_in"] for r in ok) if ok else None,
             "visual_tokens_full_mean": mean(r["visual_tokens_full"] for r in ok) if ok else None,
             "seconds_mean": {stage: mean(r["seconds"][stage] for r in ok if stage in r["seconds"]) for stage in stages},
@@ -80,25 +81,35 @@ def write_cell(cell_dir: Path, cfg: DictConfig, output: dict[str, Any], records:
     results = {key: value for key, value in output.items() if key != "samples"}
     results["dycoke_eval"] = summary
     _write_json(cell_dir / "results.json", results)
-    _write_json(cell_dir / "run.json", {
-        "cell": cell_config(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "method": method.describe(),
-        "versions": package_versions(),
-        "git": git_state(),
-        "hardware": hardware(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tasks": summary,
-    })
+    _write_json(
+        cell_dir / "run.json",
+        {
+            "cell": cell_config(cfg),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "method": method.describe(),
+            "versions": package_versions(),
+            "git": git_state(),
+            "hardware": hardware(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tasks": summary,
+        },
+    )
     print(format_summary(cell_dir, output.get("results", {}), summary))
 
 
 def format_summary(cell_dir: Path, metrics: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> str:
     lines = [f"results: {cell_dir}"]
     for task, values in metrics.items():
-        shown = ", ".join(f"{k.split(',')[0]}={v:.4g}" if isinstance(v, float) else f"{k.split(',')[0]}={v}"
-                          for k, v in values.items() if k != "alias" and "_stderr" not in k)
+        shown = ", ".join(
+            f"{k.split(',')[0]}={v:.4g}" if isinstance(v, float) else f"{k.split(',')[0]}={v}"
+            for k, v in values.items()
+            if k != "alias" and "_stderr" not in k
+        )
         counts = summary.get(task, {})
-        failed = f"  [{counts['failed']} of {counts['samples']} samples failed, scored by the task as given]" if counts.get("failed") else ""
+        failed = (
+            f"  [{counts['failed']} of {counts['samples']} samples failed, scored by the task as given]"
+            if counts.get("failed")
+            else ""
+        )
         lines.append(f"  {task}: {shown}{failed}")
     return "\n".join(lines)

@@ -12,16 +12,17 @@ in `sample_records`.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from dycoke_eval.config import ConfigError
 from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
+from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
 
 
@@ -76,9 +77,7 @@ class LlavaOneVisionCompressed(lmms):
             if device.startswith("cuda"):
                 device = f"cuda:{self.accelerator.local_process_index}"
         self._device = torch.device(device)
-        self.checkpoint: LoadedCheckpoint = load_checkpoint(
-            pretrained, device, resolve_dtype(dtype, device), attn_implementation
-        )
+        self.checkpoint: LoadedCheckpoint = load_checkpoint(pretrained, device, resolve_dtype(dtype, device), attn_implementation)
         self.method.validate_for(self.checkpoint.model.config)
         self.pretrained = pretrained
         self.sample_records: list[SampleRecord] = []

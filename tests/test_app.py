@@ -4,8 +4,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_module
+
 from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES, FIXTURE_TASKS, OfflineWorld
 
 
@@ -93,8 +93,9 @@ def test_an_unknown_config_name_fails_at_start_listing_the_valid_ones(offline_di
 
 
 def test_an_unknown_task_fails_before_loading_the_model_listing_valid_names(offline_dir, tmp_path):
-    proc = run_module("dycoke_eval", "tasks.names=[videomem]", f"results_dir={tmp_path}",
-                      env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    proc = run_module(
+        "dycoke_eval", "tasks.names=[videomem]", f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)}
+    )
     assert proc.returncode != 0
     assert "unknown task 'videomme'" not in proc.stderr and "unknown task 'videomem'" in proc.stderr
     assert "did you mean videomme" in proc.stderr and "fixture_videomme" in proc.stderr

@@ -52,7 +52,7 @@ def test_judged_tasks_record_predictions_instead_of_calling_a_judge(task_dict, n
     doc = next(iter(lmms_task.test_docs()))
     results = lmms_task.process_results(doc, ["a prediction"])
     assert all(item["pred"] == "a prediction" and item["judged"] is False for item in results.values())
-    assert all(agg([item]) == "not judged" for agg, item in zip(lmms_task.aggregation().values(), results.values()))
+    assert all(agg([item]) == "not judged" for agg, item in zip(lmms_task.aggregation().values(), results.values(), strict=True))
 
 
 def test_synthetic_video_decodes_to_the_requested_frame_count_and_moves(tmp_path):

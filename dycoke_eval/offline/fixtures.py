@@ -13,15 +13,15 @@ predictions as "not judged" instead of calling a judge; judging is a separate st
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
 from dycoke_eval.offline.videos import write_video
 
-WORLD_VERSION = 2  # bump when documents or layout change so cached worlds are rebuilt
+WORLD_VERSION = 3  # bump when documents or layout change so cached worlds are rebuilt
 
 # `!function` tags cannot be produced by yaml.safe_dump, so the judged-task override is text.
 _UNJUDGED_PROCESS_RESULTS = "process_results: !function dycoke_eval.judging.{function}\nmetric_list:\n"
@@ -41,68 +41,158 @@ class FixtureTask:
 
 
 def _activitynet_docs():
-    rows = [("v_fix01", "what is the person doing", "walking", 0), ("v_fix02", "is the square red", "no", 3),
-            ("v_fix03", "how many objects are there", "1", 7)]
-    return tuple({"video_name": v[2:], "question": q, "answer": a, "question_id": f"v_{v[2:]}_{i}", "type": t}
-                 for i, (v, q, a, t) in enumerate(rows))
+    rows = [
+        ("fix01", "what is the person doing", "walking", 0),
+        ("fix02", "is the square red", "no", 3),
+        ("fix03", "how many objects are there", "1", 7),
+    ]
+    return tuple(
+        {"video_name": v, "question": q, "answer": a, "question_id": f"v_{v}_{i}", "type": t}
+        for i, (v, q, a, t) in enumerate(rows)
+    )
 
 
 def _videomme_docs():
     common = {"duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History", "url": ""}
-    questions = [("Temporal Perception", "Which direction does the square move?", ["A. Left", "B. Right", "C. Up", "D. Down"], "B"),
-                 ("Counting Problem", "How many squares appear?", ["A. 1", "B. 2", "C. 3", "D. 4"], "A"),
-                 ("Attribute Perception", "What shape moves?", ["A. Circle", "B. Star", "C. Square", "D. Line"], "C")]
-    return tuple({**common, "video_id": f"{i + 1:03d}", "videoID": f"fixvmme{i}", "question_id": f"{i + 1:03d}-1",
-                  "task_type": task, "question": q, "options": opts, "answer": ans}
-                 for i, (task, q, opts, ans) in enumerate(questions))
+    questions = [
+        ("Temporal Perception", "Which direction does the square move?", ["A. Left", "B. Right", "C. Up", "D. Down"], "B"),
+        ("Counting Problem", "How many squares appear?", ["A. 1", "B. 2", "C. 3", "D. 4"], "A"),
+        ("Attribute Perception", "What shape moves?", ["A. Circle", "B. Star", "C. Square", "D. Line"], "C"),
+    ]
+    return tuple(
+        {
+            **common,
+            "video_id": f"{i + 1:03d}",
+            "videoID": f"fixvmme{i}",
+            "question_id": f"{i + 1:03d}-1",
+            "task_type": task,
+            "question": q,
+            "options": opts,
+            "answer": ans,
+        }
+        for i, (task, q, opts, ans) in enumerate(questions)
+    )
 
 
 def _nextqa_docs():
     options = ["it waits", "it moves across", "it disappears", "it turns", "it stops"]
-    return tuple({"video": 4000 + i, "frame_count": 40, "width": 64, "height": 48, "question": q, "answer": a,
-                  "qid": i, "type": "TN", **{f"a{j}": o for j, o in enumerate(options)}}
-                 for i, (q, a) in enumerate([("what does the square do", 1), ("what happens at the end", 4),
-                                             ("what happens first", 0)]))
+    return tuple(
+        {
+            "video": 4000 + i,
+            "frame_count": 40,
+            "width": 64,
+            "height": 48,
+            "question": q,
+            "answer": a,
+            "qid": i,
+            "type": "TN",
+            **{f"a{j}": o for j, o in enumerate(options)},
+        }
+        for i, (q, a) in enumerate([("what does the square do", 1), ("what happens at the end", 4), ("what happens first", 0)])
+    )
 
 
 def _perceptiontest_docs():
-    return tuple({"video_name": f"video_fix{i}", "question_id": f"video_fix{i}_0", "question": q,
-                  "options": ["left", "right", "nowhere"], "answer_id": a, "area": "physics",
-                  "reasoning": "descriptive", "tag": ["motion"]}
-                 for i, (q, a) in enumerate([("Where does the object move?", 1), ("Where does it end?", 0),
-                                             ("Where does it start?", 2)]))
+    return tuple(
+        {
+            "video_name": f"video_fix{i}",
+            "question_id": f"video_fix{i}_0",
+            "question": q,
+            "options": ["left", "right", "nowhere"],
+            "answer_id": a,
+            "area": "physics",
+            "reasoning": "descriptive",
+            "tag": ["motion"],
+        }
+        for i, (q, a) in enumerate([("Where does the object move?", 1), ("Where does it end?", 0), ("Where does it start?", 2)])
+    )
 
 
 def _videodc_docs():
-    return tuple({"video_name": f"v_fixdc{i}", "question": q, "answer": a}
-                 for i, (q, a) in enumerate([("Describe the following video in detail.", "A square moves across a gradient."),
-                                             ("Can you describe the video?", "A bright block slides to the right."),
-                                             ("What happens in the video?", "An object moves steadily.")]))
+    return tuple(
+        {"video_name": f"v_fixdc{i}", "question": q, "answer": a}
+        for i, (q, a) in enumerate(
+            [
+                ("Describe the following video in detail.", "A square moves across a gradient."),
+                ("Can you describe the video?", "A bright block slides to the right."),
+                ("What happens in the video?", "An object moves steadily."),
+            ]
+        )
+    )
 
 
 def _mvbench_docs(sub_task: str):
     candidates = ["moving left", "moving right", "not moving"]
-    return tuple({"video": f"fix_{sub_task}_{i}.mp4", "question": q, "candidates": candidates, "answer": candidates[i % 3]}
-                 for i, q in enumerate(["What is the object doing?", "How does the object move?", "What happens?"]))
+    return tuple(
+        {"video": f"fix_{sub_task}_{i}.mp4", "question": q, "candidates": candidates, "answer": candidates[i % 3]}
+        for i, q in enumerate(["What is the object doing?", "How does the object move?", "What happens?"])
+    )
 
 
 FIXTURE_TASKS: tuple[FixtureTask, ...] = (
-    FixtureTask("fixture_activitynetqa", "activitynetqa/activitynetqa_generation.yaml", "test", "activitynetqa/all_test",
-                lambda d: f"v_{d['video_name']}.mp4", _activitynet_docs(), ("gpt_eval_score", "gpt_eval_accuracy"), "record_unjudged_qa"),
-    FixtureTask("fixture_videomme", "videomme/videomme.yaml", "test", "videomme/data",
-                lambda d: f"{d['videoID']}.mp4", _videomme_docs()),
-    FixtureTask("fixture_videomme_w_subtitle", "videomme/videomme_w_subtitle.yaml", "test", "videomme/data",
-                lambda d: f"{d['videoID']}.mp4", _videomme_docs()),
-    FixtureTask("fixture_nextqa_mc_test", "nextqa/nextqa_mc_test.yaml", "test", "nextqa/NExTVideo",
-                lambda d: f"{d['video']}.mp4", _nextqa_docs()),
-    FixtureTask("fixture_perceptiontest_val_mc", "perceptiontest/val/perceptiontest_mc.yaml", "validation",
-                "perceptiontest_val/videos", lambda d: f"{d['video_name']}.mp4", _perceptiontest_docs()),
-    FixtureTask("fixture_video_dc499", "video_detail_description/video_detail_description.yaml", "test",
-                "videochatgpt/Test_Videos", lambda d: f"{d['video_name']}.mp4", _videodc_docs(), ("gpt_eval_score",), "record_unjudged_description"),
-    FixtureTask("fixture_mvbench_action_antonym", "mvbench/mvbench_action_antonym.yaml", "train",
-                "mvbench_video/ssv2_video_mp4", lambda d: d["video"], _mvbench_docs("action_antonym")),
-    FixtureTask("fixture_mvbench_object_shuffle", "mvbench/mvbench_object_shuffle.yaml", "train",
-                "mvbench_video/perception/videos", lambda d: d["video"], _mvbench_docs("object_shuffle")),
+    FixtureTask(
+        "fixture_activitynetqa",
+        "activitynetqa/activitynetqa_generation.yaml",
+        "test",
+        "activitynetqa/all_test",
+        lambda d: f"v_{d['video_name']}.mp4",
+        _activitynet_docs(),
+        ("gpt_eval_score", "gpt_eval_accuracy"),
+        "record_unjudged_qa",
+    ),
+    FixtureTask(
+        "fixture_videomme", "videomme/videomme.yaml", "test", "videomme/data", lambda d: f"{d['videoID']}.mp4", _videomme_docs()
+    ),
+    FixtureTask(
+        "fixture_videomme_w_subtitle",
+        "videomme/videomme_w_subtitle.yaml",
+        "test",
+        "videomme/data",
+        lambda d: f"{d['videoID']}.mp4",
+        _videomme_docs(),
+    ),
+    FixtureTask(
+        "fixture_nextqa_mc_test",
+        "nextqa/nextqa_mc_test.yaml",
+        "test",
+        "nextqa/NExTVideo",
+        lambda d: f"{d['video']}.mp4",
+        _nextqa_docs(),
+    ),
+    FixtureTask(
+        "fixture_perceptiontest_val_mc",
+        "perceptiontest/val/perceptiontest_mc.yaml",
+        "validation",
+        "perceptiontest_val/videos",
+        lambda d: f"{d['video_name']}.mp4",
+        _perceptiontest_docs(),
+    ),
+    FixtureTask(
+        "fixture_video_dc499",
+        "video_detail_description/video_detail_description.yaml",
+        "test",
+        "videochatgpt/Test_Videos",
+        lambda d: f"{d['video_name']}.mp4",
+        _videodc_docs(),
+        ("gpt_eval_score",),
+        "record_unjudged_description",
+    ),
+    FixtureTask(
+        "fixture_mvbench_action_antonym",
+        "mvbench/mvbench_action_antonym.yaml",
+        "train",
+        "mvbench_video/ssv2_video_mp4",
+        lambda d: d["video"],
+        _mvbench_docs("action_antonym"),
+    ),
+    FixtureTask(
+        "fixture_mvbench_object_shuffle",
+        "mvbench/mvbench_object_shuffle.yaml",
+        "train",
+        "mvbench_video/perception/videos",
+        lambda d: d["video"],
+        _mvbench_docs("object_shuffle"),
+    ),
 )
 FIXTURE_TASK_NAMES = tuple(task.name for task in FIXTURE_TASKS)
 
@@ -139,7 +229,9 @@ def _task_yaml(task: FixtureTask, data_file: Path, task_root: Path) -> str:
     }
     text = yaml.safe_dump(config, sort_keys=False)
     if task.judged_metrics:
-        text += _UNJUDGED_PROCESS_RESULTS.format(function=task.unjudged_process_results) + "".join(_UNJUDGED_METRIC.format(metric=m) for m in task.judged_metrics)
+        text += _UNJUDGED_PROCESS_RESULTS.format(function=task.unjudged_process_results) + "".join(
+            _UNJUDGED_METRIC.format(metric=m) for m in task.judged_metrics
+        )
     return text
 
 
