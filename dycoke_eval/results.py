@@ -33,7 +33,7 @@ def cell_directory(cfg: DictConfig) -> Path:
     """`<model>__<method>__f<frames>__<tasks>__<hash>`, the hash over the resolved cell config."""
     config = cell_config(cfg)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    method = str(cfg.method._target_).rsplit(".", 1)[-1].lower()
+    method = cfg.method.get("name") or str(cfg.method._target_).rsplit(".", 1)[-1].lower()
     name = f"{cfg.model.name}__{method}__f{cfg.frames}__{cfg.tasks.name}__{digest}"
     return Path(cfg.results_dir) / cfg.run_name / name
 

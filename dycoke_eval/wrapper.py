@@ -128,10 +128,17 @@ class LlavaOneVisionCompressed(lmms):
         record.video_path = video_path = _resolve_video_path(doc_to_visual, doc)
         with self._stage(record, "video_decode"):
             video = _decode_video(video_path, self.frames)
+        output, prompt_length = self.run_sample(video, context, self._generation_kwargs(gen_kwargs), record)
+        new_tokens = output[0, prompt_length:]
+        record.output_tokens = int(new_tokens.shape[0])
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return _truncate_at_stop_strings(text, gen_kwargs.get("until"))
+
+    def run_sample(self, video, context: str, generate_kwargs: dict[str, Any], record: SampleRecord):
+        """Decoded frames [T, H, W, 3] and a question -> (`generate`'s output, prompt length in tokens)."""
         record.frames = int(video.shape[0])
         with self._stage(record, "preprocess"):
-            prompt = self.build_prompt(context)
-            inputs = self.processor(text=prompt, videos=[video], return_tensors="pt")
+            inputs = self.processor(text=self.build_prompt(context), videos=[video], return_tensors="pt")
         model = self.model
         with torch.inference_mode():
             with self._stage(record, "vision_encoder"):
@@ -156,13 +163,10 @@ class LlavaOneVisionCompressed(lmms):
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     mm_encoder_outputs={"video": _as_encoder_output(video_tokens[None])},
-                    **self._generation_kwargs(gen_kwargs),
+                    **generate_kwargs,
                 )
-        new_tokens = output[0, input_ids.shape[1] :]
-        record.output_tokens = int(new_tokens.shape[0])
         record.method_stats = generation.stats
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        return _truncate_at_stop_strings(text, gen_kwargs.get("until"))
+        return output, input_ids.shape[1]
 
     def build_prompt(self, context: str) -> str:
         """The checkpoint's own chat template, the video placed before the question."""

@@ -33,8 +33,7 @@ def released_code_ttm(image_feature: torch.Tensor, num_tokens_per_frame: int, me
         kept_features += [image_feature[span], image_feature[span2][keep]]
         kept_index += [index[span], index[span2][keep]]
     odd_similarities = [
-        torch.nn.functional.cosine_similarity(kept_features[i], kept_features[i + 2], dim=1)
-        for i in range(0, num_frames - 4, 4)
+        torch.nn.functional.cosine_similarity(kept_features[i], kept_features[i + 2], dim=1) for i in range(0, num_frames - 4, 4)
     ]
     for i in range(0, num_frames - 4, 4):
         keep = odd_similarities[i // 4].topk(int(merging_ratio * num_tokens_per_frame), largest=False).indices

@@ -95,3 +95,16 @@ def _pair_similarity(features: torch.Tensor, pairs: list[tuple[int, int]], mode:
     norms = torch.linalg.vector_norm(features, dim=-1)
     dots = torch.stack([torch.linalg.vecdot(features[f], features[r]) for f, r in pairs])
     return dots / (norms[current] * norms[reference]).clamp_min(1e-8)
+
+
+def random_keep_indices(features: torch.Tensor, k: float, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Table 5's "random pruning": TTM's frame plan and counts, random tokens in each pruned frame."""
+    if not 0 <= k < 1:
+        raise ValueError(f"k={k}: TTM's pruning rate must be in [0, 1)")
+    frames, tokens, _ = features.shape
+    keep = tokens_to_keep(tokens, k)
+    pieces = []
+    for frame, reference in enumerate(ttm_plan(frames, mode).reference):
+        chosen = torch.arange(tokens) if reference < 0 else torch.randperm(tokens, generator=generator)[:keep].sort().values
+        pieces.append(chosen.to(features.device) + frame * tokens)
+    return torch.cat(pieces)

@@ -1,0 +1,116 @@
+"""DyCoke: token temporal merging before the LLM, then dynamic KV-cache pruning while decoding.
+
+Stage 1 (`select_video_tokens`) keeps the TTM tokens (`ttm.py`), so the LLM's sequence is
+shorter from the start. Stage 2 (`during_generation`) routes the language model's attention
+through a function that, at each decode step, scores the newest token's attention over the
+visual tokens, lets `DynamicSelector` choose, and makes layers >= l attend to the kept subset.
+Prefill is never pruned. The pruned entries stay in the cache, so they can come back at a later
+step (the paper's "DP cache"). Only attention computation is saved; the cache itself is not
+shrunk.
+
+`mode="paper"` is the paper's algorithm; `mode="official"` reproduces the released code
+(SPEC 2.1, 2.2). The Table 5 ablations are settings of this class: `ttm_selection: random` and
+`one_shot: true` ("w/o DP").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from dycoke_eval.config import ConfigError
+from dycoke_eval.methods.base import CompressionMethod, GenerationContext
+from dycoke_eval.methods.kv_selection import DynamicSelector, attended_key_index, last_query_attention
+from dycoke_eval.methods.ttm import MODES, random_keep_indices, ttm_keep_indices, ttm_plan
+from dycoke_eval.plumbing.attention import masked_sdpa, routed_attention, subset_sdpa
+
+TTM_SELECTIONS = ("similarity", "random")
+
+
+@dataclass
+class DyCoke(CompressionMethod):
+    k: float = 0.7  # TTM pruning rate
+    l: int = 3  # first layer whose decode-time attention is pruned  # noqa: E741
+    p: float = 0.7  # decode-time pruning rate of the visual tokens
+    threshold: float = 0.9  # re-select when the visual attention's cosine to the last step is below this
+    mode: str = "paper"  # paper | official
+    ttm_selection: str = "similarity"  # similarity | random (Table 5)
+    one_shot: bool = False  # select once at the first decode step (Table 5 "w/o DP")
+    seed: int = 0  # for ttm_selection=random
+    reference_masking: bool = False  # mask instead of gather: the slow reference the fast path is tested against
+    name: str = "dycoke"
+    _selector: DynamicSelector = field(init=False, repr=False)
+    _ttm_stats: dict[str, Any] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for setting in ("k", "p"):
+            if not 0 <= getattr(self, setting) < 1:
+                raise ConfigError(f"{setting}={getattr(self, setting)}: DyCoke's pruning rates must be in [0, 1)")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
+        if self.ttm_selection not in TTM_SELECTIONS:
+            raise ConfigError(f"ttm_selection={self.ttm_selection!r}; use one of {', '.join(TTM_SELECTIONS)}")
+        if self.l < 0:
+            raise ConfigError(f"l={self.l}: the evaluation layer must be >= 0")
+        self._selector = DynamicSelector(1 - self.p, self.threshold, self.mode, self.one_shot)
+
+    def validate_for(self, model_config: Any) -> None:
+        layers = model_config.text_config.num_hidden_layers
+        if self.l >= layers:
+            raise ConfigError(f"l={self.l}: the language model has {layers} layers (0..{layers - 1}); choose l < {layers}")
+
+    def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
+        frames, tokens, dim = frame_features.shape
+        if self.ttm_selection == "random":
+            generator = torch.Generator().manual_seed(self.seed)
+            kept = random_keep_indices(frame_features, self.k, self.mode, generator)
+        else:
+            kept = ttm_keep_indices(frame_features, self.k, self.mode)
+        self._ttm_stats = {
+            "ttm_tokens_in": frames * tokens,
+            "ttm_tokens_out": int(kept.numel()),
+            "ttm_notes": list(ttm_plan(frames, self.mode).notes),
+        }
+        return frame_features.reshape(-1, dim)[kept]
+
+    @contextlib.contextmanager
+    def during_generation(self, context: GenerationContext) -> Iterator[None]:
+        selector = self._selector
+        selector.reset()
+        start = context.visual_start
+        # The released code's span leaves out the last visual token, so that one is always kept.
+        span = (start, start + context.visual_length - (1 if self.mode == "official" else 0))
+        score_layer = self.l if self.mode == "paper" else max(self.l - 1, 0)  # official scores at layer L-1
+        attend = masked_sdpa if self.reference_masking else subset_sdpa
+        step_index: list[torch.Tensor | None] = [None]
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            layer, decoding = module.layer_idx, query.shape[2] == 1 and key.shape[2] > 1
+            if decoding and layer == score_layer:
+                probabilities = last_query_attention(query, key, kwargs["scaling"], attention_mask)
+                kept = selector.step(probabilities[span[0] : span[1]])
+                step_index[0] = None if kept is None else attended_key_index(key.shape[2], span, kept)
+            if decoding and layer >= self.l and step_index[0] is not None:
+                return attend(module, query, key, value, attention_mask, step_index[0], **kwargs)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+        with routed_attention(context.model, "dycoke_sdpa", attention):
+            yield
+        context.stats.update(self._ttm_stats)
+        outside_span = context.visual_length - (span[1] - span[0])
+        attended = [count + outside_span for count in selector.attended_visual]
+        context.stats.update(
+            decode_steps=selector.steps,
+            reselections=selector.reselections,
+            attended_visual_mean=mean(attended) if attended else None,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "reference_masking"}
+        return {**settings, "paper_retained_ratio": (1 / 4 + 3 / 4 * (1 - self.k)) * (1 - self.p)}

@@ -1,0 +1,91 @@
+"""DyCoke stage 2, dynamic KV-cache pruning: which cached visual tokens a decode step attends to.
+
+Pure tensor functions plus a small state machine; the plumbing that applies the choice inside
+the attention layers lives in `dycoke_eval.plumbing.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of the last query over all keys, averaged over heads: [kv_len].
+
+    query [1, Hq, Q, d], key [1, Hkv, T, d] (grouped-query heads share keys), mask broadcastable
+    to [1, 1, Q, T], boolean (True = attend) or additive.
+    """
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+    q = query[0, :, -1].reshape(kv_heads, heads // kv_heads, dim)
+    scores = torch.einsum("hgd,htd->hgt", q.float(), key[0].float()) * scaling
+    if mask is not None:
+        row = mask[0, 0, -1, -scores.shape[-1] :]
+        scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row.float()
+    return scores.softmax(dim=-1).mean(dim=(0, 1))
+
+
+def top_visual_tokens(visual_attention: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Positions (within the visual span) of the `int(V * keep_ratio)` most attended tokens, ascending."""
+    count = int(visual_attention.shape[0] * keep_ratio)
+    return visual_attention.topk(count).indices.sort().values
+
+
+def attended_key_index(kv_length: int, span: tuple[int, int], kept_visual: torch.Tensor) -> torch.Tensor:
+    """Key positions a pruned layer attends to: every non-visual key plus the kept visual ones."""
+    start, end = span
+    device = kept_visual.device
+    return torch.cat([
+        torch.arange(start, device=device),
+        kept_visual + start,
+        torch.arange(end, kv_length, device=device),
+    ])  # fmt: skip
+
+
+@dataclass
+class DynamicSelector:
+    """Decides, at each decode step, which visual tokens layers >= L attend to.
+
+    Re-selects when this step's visual attention differs from the previous step's (cosine below
+    `threshold`). When it does not: `paper` reuses the previous kept set; `official` prunes
+    nothing at that step, as the released code does. `one_shot` selects once, at the first
+    decode step, and keeps that set (the paper's "w/o DP" ablation).
+    """
+
+    keep_ratio: float
+    threshold: float = 0.9
+    mode: str = "paper"
+    one_shot: bool = False
+    previous: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    steps: int = 0
+    reselections: int = 0
+    attended_visual: list[int] = field(default_factory=list)  # visual tokens attended per step
+
+    def reset(self) -> None:
+        """Start a new sample. The released code never resets the previous vector; official mode keeps it."""
+        if self.mode != "official":
+            self.previous = None
+        self.kept, self.steps, self.reselections, self.attended_visual = None, 0, 0, []
+
+    def step(self, visual_attention: torch.Tensor) -> torch.Tensor | None:
+        """The kept visual positions for this step, or None to attend to every visual token."""
+        self.steps += 1
+        similar = (
+            self.previous is not None
+            and self.previous.shape == visual_attention.shape
+            and torch.nn.functional.cosine_similarity(self.previous, visual_attention, dim=0) >= self.threshold
+        )
+        self.previous = visual_attention
+        if self.one_shot and self.kept is not None:
+            decision = self.kept
+        elif similar and self.kept is not None and self.mode == "paper":
+            decision = self.kept
+        elif similar and self.mode == "official":
+            decision = None
+        else:
+            self.kept = decision = top_visual_tokens(visual_attention, self.keep_ratio)
+            self.reselections += 1
+        self.attended_visual.append(int(decision.numel()) if decision is not None else int(visual_attention.numel()))
+        return decision

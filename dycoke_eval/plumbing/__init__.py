@@ -1,0 +1,1 @@
+"""Model plumbing (attention routing, hooks, caches), kept apart from the methods' maths."""

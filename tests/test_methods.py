@@ -1,0 +1,85 @@
+"""Every method, through the wrapper and `generate`, on the tiny model (a matrix over conf/method)."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from dycoke_eval.config import ConfigError, group_options, instantiate_method
+from dycoke_eval.methods.dycoke import DyCoke
+from dycoke_eval.methods.ttm import ttm_keep_indices
+from dycoke_eval.offline.videos import synthetic_frames
+from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord
+
+FRAMES = 16
+GREEDY_WITH_LOGITS = {
+    "max_new_tokens": 10,
+    "do_sample": False,
+    "eos_token_id": None,
+    "output_logits": True,
+    "return_dict_in_generate": True,
+}
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_checkpoint):
+    return LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def video():
+    return synthetic_frames("method-matrix")[:FRAMES]
+
+
+def run(lm, method, video):
+    lm.method = method
+    record = SampleRecord("t", 0)
+    output, _ = lm.run_sample(video, "What moves?", dict(GREEDY_WITH_LOGITS), record)
+    return output, record
+
+
+@pytest.mark.parametrize("name", group_options("method"))
+def test_every_method_generates_and_leaves_the_model_as_it_found_it(lm, video, name):
+    output, record = run(lm, instantiate_method(name, {"method.l": 1} if name.startswith("dycoke") else {}), video)
+    assert output.sequences.shape[1] > 0 and len(output.logits) == 10
+    assert record.visual_tokens_in <= record.visual_tokens_full == FRAMES * 16 + 1
+    assert lm.model.config.text_config._attn_implementation == "sdpa"
+    assert not any(key.startswith("dycoke") for key in AttentionInterface._global_mapping)
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+@pytest.mark.parametrize("settings", [{"l": 1}, {"l": 2, "one_shot": True}, {"l": 0, "threshold": 1.1}])
+def test_dycoke_pruned_fast_path_gives_the_masked_references_logits(lm, video, mode, settings):
+    fast, fast_record = run(lm, DyCoke(k=0.5, p=0.7, mode=mode, **settings), video)
+    reference, reference_record = run(lm, DyCoke(k=0.5, p=0.7, mode=mode, reference_masking=True, **settings), video)
+    assert fast_record.method_stats == reference_record.method_stats  # the same kept sets
+    for fast_step, reference_step in zip(fast.logits, reference.logits, strict=True):
+        torch.testing.assert_close(fast_step, reference_step, atol=1e-4, rtol=0)
+
+
+def test_dycoke_feeds_the_ttm_tokens_to_the_llm_and_prunes_decode_attention(lm, video):
+    _, record = run(lm, DyCoke(k=0.7, l=1, p=0.7, threshold=1.1), video)  # threshold > 1: re-select every step
+    ttm_count = len(ttm_keep_indices(torch.zeros(FRAMES, 16, 1), 0.7))
+    assert record.visual_tokens_in == ttm_count + 1
+    stats = record.method_stats
+    assert stats["ttm_tokens_out"] == ttm_count and stats["decode_steps"] == 9 == stats["reselections"]
+    assert stats["attended_visual_mean"] == int((ttm_count + 1) * 0.3)
+
+
+def test_dycoke_without_pruning_says_what_full_says(lm, video):
+    full, _ = run(lm, instantiate_method("full"), video)
+    unpruned, _ = run(lm, DyCoke(k=0.0, l=1, p=0.0), video)
+    assert torch.equal(full.sequences, unpruned.sequences)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"k": 1.0}, "k=1.0"), ({"p": -0.1}, "p=-0.1"), ({"mode": "exact"}, "paper, official"), ({"l": -1}, "l=-1")],
+)
+def test_bad_dycoke_settings_fail_at_config_time(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        DyCoke(**settings)
+
+
+def test_an_evaluation_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="l=4: the language model has 4 layers"):
+        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=DyCoke(l=4), device="cpu")
