@@ -56,8 +56,15 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             "visual_tokens_in_mean": mean(r["visual_tokens_in"] for r in ok) if ok else None,
             "visual_tokens_full_mean": mean(r["visual_tokens_full"] for r in ok) if ok else None,
             "seconds_mean": {stage: mean(r["seconds"][stage] for r in ok if stage in r["seconds"]) for stage in stages},
+            "method_stats_mean": _numeric_means([r["method_stats"] for r in ok]),
         }
     return summary
+
+
+def _numeric_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of every numeric per-sample method figure (None where a sample had no value)."""
+    keys = sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return {k: mean(row[k] for row in rows if isinstance(row.get(k), (int, float))) for k in keys}
 
 
 def _write_json(path: Path, payload: Any) -> None:

@@ -101,3 +101,18 @@ def test_an_unknown_task_fails_before_loading_the_model_listing_valid_names(offl
     assert "did you mean videomme" in proc.stderr and "fixture_videomme" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("run.json"))
+
+
+def test_dycoke_runs_the_offline_default_and_reports_its_token_figures(offline_dir, tmp_path):
+    proc = run_module(
+        "dycoke_eval", "method=dycoke", "method.k=0.7", "limit=1", "frames=8", f"results_dir={tmp_path}",
+        env={"DYCOKE_OFFLINE_DIR": str(offline_dir)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = tmp_path.rglob("results.json")
+    assert "__dycoke__f8__" in str(results_file)
+    summary = json.loads(results_file.read_text())["dycoke_eval"]
+    assert set(summary) == set(FIXTURE_TASK_NAMES)
+    for task in summary.values():
+        assert task["visual_tokens_in_mean"] < task["visual_tokens_full_mean"] == 8 * 16 + 1
+        assert 0 < task["method_stats_mean"]["retained_ratio"] < 1

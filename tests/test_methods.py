@@ -63,6 +63,8 @@ def test_dycoke_feeds_the_ttm_tokens_to_the_llm_and_prunes_decode_attention(lm, 
     stats = record.method_stats
     assert stats["ttm_tokens_out"] == ttm_count and stats["decode_steps"] == 9 == stats["reselections"]
     assert stats["attended_visual_mean"] == int((ttm_count + 1) * 0.3)
+    assert stats["retained_ratio"] == stats["attended_visual_mean"] / (FRAMES * 16 + 1)
+    assert stats["paper_retained_ratio"] == pytest.approx(0.1425)
 
 
 def test_dycoke_without_pruning_says_what_full_says(lm, video):

@@ -105,12 +105,20 @@ class DyCoke(CompressionMethod):
         context.stats.update(self._ttm_stats)
         outside_span = context.visual_length - (span[1] - span[0])
         attended = [count + outside_span for count in selector.attended_visual]
+        attended_mean = mean(attended) if attended else context.visual_length  # no decode step: nothing pruned
         context.stats.update(
             decode_steps=selector.steps,
             reselections=selector.reselections,
-            attended_visual_mean=mean(attended) if attended else None,
+            attended_visual_mean=attended_mean,
+            # visual tokens the layers >= l saw, over the full-token count (newline included in both)
+            retained_ratio=attended_mean / (self._ttm_stats["ttm_tokens_in"] + 1),
+            paper_retained_ratio=self.paper_retained_ratio(),
         )
+
+    def paper_retained_ratio(self) -> float:
+        """The paper's formula: (1/4 + 3/4 (1-K)) (1-P) of the visual tokens."""
+        return (1 / 4 + 3 / 4 * (1 - self.k)) * (1 - self.p)
 
     def describe(self) -> dict[str, Any]:
         settings = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "reference_masking"}
-        return {**settings, "paper_retained_ratio": (1 / 4 + 3 / 4 * (1 - self.k)) * (1 - self.p)}
+        return {**settings, "paper_retained_ratio": self.paper_retained_ratio()}
