@@ -6,11 +6,13 @@ from transformers import AttentionInterface
 
 from dycoke_eval.config import ConfigError, group_options, instantiate_method
 from dycoke_eval.methods.dycoke import DyCoke
+from dycoke_eval.methods.fastv import FastV
 from dycoke_eval.methods.ttm import ttm_keep_indices
 from dycoke_eval.offline.videos import synthetic_frames
 from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord
 
 FRAMES = 16
+BUILTIN_ATTENTION = set(AttentionInterface._global_mapping)
 GREEDY_WITH_LOGITS = {
     "max_new_tokens": 10,
     "do_sample": False,
@@ -39,11 +41,12 @@ def run(lm, method, video):
 
 @pytest.mark.parametrize("name", group_options("method"))
 def test_every_method_generates_and_leaves_the_model_as_it_found_it(lm, video, name):
-    output, record = run(lm, instantiate_method(name, {"method.l": 1} if name.startswith("dycoke") else {}), video)
+    output, record = run(lm, instantiate_method(name), video)
     assert output.sequences.shape[1] > 0 and len(output.logits) == 10
     assert record.visual_tokens_in <= record.visual_tokens_full == FRAMES * 16 + 1
     assert lm.model.config.text_config._attn_implementation == "sdpa"
-    assert not any(key.startswith("dycoke") for key in AttentionInterface._global_mapping)
+    assert set(AttentionInterface._global_mapping) == BUILTIN_ATTENTION
+    assert not any(layer._forward_pre_hooks for layer in lm.model.model.language_model.layers)
 
 
 @pytest.mark.parametrize("mode", ["paper", "official"])
@@ -83,5 +86,28 @@ def test_bad_dycoke_settings_fail_at_config_time(settings, message):
 
 
 def test_an_evaluation_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint):
-    with pytest.raises(ConfigError, match="l=4: the language model has 4 layers"):
-        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=DyCoke(l=4), device="cpu")
+    with pytest.raises(ConfigError, match="l=8: the language model has 8 layers"):
+        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=DyCoke(l=8), device="cpu")
+
+
+@pytest.mark.parametrize("settings", [{"layer": 5, "ratio": 0.35}, {"layer": 1, "ratio": 0.5}, {"layer": 7, "ratio": 0.1}])
+def test_fastv_dropping_hidden_states_gives_the_masked_references_logits(lm, video, settings):
+    fast, fast_record = run(lm, FastV(**settings), video)
+    reference, reference_record = run(lm, FastV(reference_masking=True, **settings), video)
+    assert fast_record.method_stats == reference_record.method_stats
+    assert fast_record.method_stats["visual_tokens_after_layer"] == int((FRAMES * 16 + 1) * settings["ratio"])
+    for fast_step, reference_step in zip(fast.logits, reference.logits, strict=True):
+        torch.testing.assert_close(fast_step, reference_step, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "settings, message", [({"ratio": 0.0}, "ratio=0.0"), ({"ratio": 1.5}, "ratio=1.5"), ({"layer": 0}, "K must be >= 1")]
+)
+def test_bad_fastv_settings_fail_at_config_time(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        FastV(**settings)
+
+
+def test_a_fastv_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="layer=8: the language model has 8 layers"):
+        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=FastV(layer=8), device="cpu")

@@ -18,7 +18,7 @@ PATCH_SIZE = 8
 PATCHES_PER_SIDE = IMAGE_SIZE // PATCH_SIZE
 TOKENS_PER_FRAME = math.ceil(PATCHES_PER_SIDE / 2) ** 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-BUILD_VERSION = 1  # bump when the recipe changes so cached copies are rebuilt
+BUILD_VERSION = 2  # bump when the recipe changes so cached copies are rebuilt
 
 # The Qwen-style template of the llava-hf OneVision checkpoints: media placeholders first,
 # then the text, one turn per message.
@@ -110,7 +110,7 @@ def build_tiny_checkpoint(path: str | Path) -> Path:
             vocab_size=len(tokenizer),
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=4,
+            num_hidden_layers=8,  # room for the paper defaults: DyCoke L=3, FastV K=5
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=4096,

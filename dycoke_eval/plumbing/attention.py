@@ -48,9 +48,11 @@ def subset_sdpa(module, query, key, value, attention_mask, index: torch.Tensor, 
 
 def masked_sdpa(module, query, key, value, attention_mask, index: torch.Tensor, **kwargs):
     """Reference for `subset_sdpa`: full-length SDPA with every key outside `index` masked out."""
-    allowed = torch.zeros(key.shape[2], dtype=torch.bool, device=key.device)
+    queries, keys = query.shape[2], key.shape[2]
+    allowed = torch.zeros(keys, dtype=torch.bool, device=key.device)
     allowed[index] = True
-    mask = allowed.expand(1, 1, query.shape[2], key.shape[2])
+    causal = torch.ones(queries, keys, dtype=torch.bool, device=key.device).tril(keys - queries)
+    mask = (allowed & causal)[None, None]
     if attention_mask is not None:
         mask = mask & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)

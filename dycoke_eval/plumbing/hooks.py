@@ -1,0 +1,46 @@
+"""Dropping sequence positions from the hidden states from one decoder layer on (FastV-style).
+
+Forward pre-hooks (`with_kwargs=True`) on the decoder layers >= `first_layer` slice the hidden
+states and everything positional that the decoder passes to each layer: the rotary
+`position_embeddings` (cos, sin), `position_ids` and a materialised mask. Kept tokens keep their
+original positions. The hooks act during prefill only (a decode step has one position) and are
+removed on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from dycoke_eval.plumbing.attention import language_model
+
+
+@contextmanager
+def prefill_position_pruning(model, first_layer: int, kept_positions: Callable[[], torch.Tensor | None]) -> Iterator[None]:
+    """Within the block, layers >= `first_layer` see only `kept_positions()` of the prefill sequence."""
+
+    def slice_inputs(module, args, kwargs):
+        keep, position_ids = kept_positions(), kwargs["position_ids"]
+        full = position_ids.shape[-1]
+        if keep is None or full == 1:
+            return None
+        hidden = args[0]
+        if hidden.shape[1] == full:  # the first pruned layer; later ones already get the short sequence
+            hidden = hidden.index_select(1, keep)
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (cos.index_select(-2, keep), sin.index_select(-2, keep))
+        kwargs["position_ids"] = position_ids.index_select(-1, keep)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            kwargs["attention_mask"] = mask.index_select(-2, keep).index_select(-1, keep)
+        return (hidden, *args[1:]), kwargs
+
+    layers = language_model(model).layers[first_layer:]
+    handles = [layer.register_forward_pre_hook(slice_inputs, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
