@@ -141,7 +141,7 @@ class LlavaOneVisionCompressed(lmms):
             inputs = self.processor(text=self.build_prompt(context), videos=[video], return_tensors="pt")
         model = self.model
         with torch.inference_mode():
-            with self._stage(record, "vision_encoder"):
+            with self._stage(record, "vision_encoder"), self.method.during_vision_encoding(model):
                 features = model.get_video_features(
                     inputs["pixel_values_videos"].to(self.device, model.dtype),
                     vision_feature_layer=model.config.vision_feature_layer,

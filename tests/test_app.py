@@ -82,7 +82,7 @@ def test_lmms_eval_cli_runs_the_wrapper_by_its_registered_name(tiny_checkpoint, 
     "override, expected",
     [
         ("model=llava_ov_13b", ["llava_ov_0.5b", "llava_ov_7b", "llava_ov_72b", "tiny"]),
-        ("method=dycokee", ["dycoke", "dycoke_no_dp", "dycoke_random", "fastv", "full"]),
+        ("method=dycokee", ["dycoke", "dycoke_no_dp", "dycoke_random", "fastv", "full", "prumerge"]),
         ("tasks=table9", ["fixtures", "mvbench", "table1"]),
     ],
 )

@@ -45,6 +45,7 @@ def test_every_method_generates_and_leaves_the_model_as_it_found_it(lm, video, n
     assert output.sequences.shape[1] > 0 and len(output.logits) == 10
     assert record.visual_tokens_in <= record.visual_tokens_full == FRAMES * 16 + 1
     assert lm.model.config.text_config._attn_implementation == "sdpa"
+    assert lm.model.config.vision_config._attn_implementation == "sdpa"
     assert set(AttentionInterface._global_mapping) == BUILTIN_ATTENTION
     assert not any(layer._forward_pre_hooks for layer in lm.model.model.language_model.layers)
 

@@ -5,6 +5,8 @@ only sees the two places where DyCoke-style methods act:
 
 * `select_video_tokens` before the LLM: per-frame pooled features in, the tokens to keep out
   (the trailing `image_newline` token is the wrapper's and is always kept);
+* `during_vision_encoding` around the vision encoder, for methods that score tokens with the
+  encoder's own attention (PruMerge);
 * `during_generation` around `generate`: a context manager that may install hooks, attention
   functions or a cache, and must remove them on exit so one loaded model can run several methods.
 """
@@ -37,6 +39,10 @@ class CompressionMethod:
 
     def validate_for(self, model_config: Any) -> None:
         """Raise ValueError naming the bad setting if the method cannot run on this model."""
+
+    @contextlib.contextmanager
+    def during_vision_encoding(self, model: Any) -> Iterator[None]:
+        yield
 
     def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
         """[F, N, D] pooled, projected frame features -> [V, D] tokens that enter the LLM."""

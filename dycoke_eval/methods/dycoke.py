@@ -28,7 +28,7 @@ from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
 from dycoke_eval.methods.kv_selection import DynamicSelector, attended_key_index, last_query_attention
 from dycoke_eval.methods.ttm import MODES, random_keep_indices, ttm_keep_indices, ttm_plan
-from dycoke_eval.plumbing.attention import masked_sdpa, routed_attention, subset_sdpa
+from dycoke_eval.plumbing.attention import language_model, masked_sdpa, routed_attention, subset_sdpa
 
 TTM_SELECTIONS = ("similarity", "random")
 
@@ -100,7 +100,7 @@ class DyCoke(CompressionMethod):
                 return attend(module, query, key, value, attention_mask, step_index[0], **kwargs)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-        with routed_attention(context.model, "dycoke_sdpa", attention):
+        with routed_attention(language_model(context.model), "dycoke_sdpa", attention):
             yield
         context.stats.update(self._ttm_stats)
         outside_span = context.visual_length - (span[1] - span[0])

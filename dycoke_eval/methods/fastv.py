@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
 from dycoke_eval.methods.kv_selection import attended_key_index, last_query_attention, top_visual_tokens
-from dycoke_eval.plumbing.attention import masked_sdpa, routed_attention
+from dycoke_eval.plumbing.attention import language_model, masked_sdpa, routed_attention
 from dycoke_eval.plumbing.hooks import prefill_position_pruning
 
 
@@ -61,7 +61,7 @@ class FastV(CompressionMethod):
         pruning = contextlib.nullcontext() if self.reference_masking else prefill_position_pruning(
             context.model, self.layer, lambda: kept[0]
         )  # fmt: skip
-        with routed_attention(context.model, "fastv_sdpa", attention), pruning:
+        with routed_attention(language_model(context.model), "fastv_sdpa", attention), pruning:
             yield
         visual_kept = int(kept[0].numel() - (prompt_length - context.visual_length)) if kept[0] is not None else None
         context.stats.update(visual_tokens_after_layer=visual_kept, pruned_from_layer=self.layer)

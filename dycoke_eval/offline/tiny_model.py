@@ -18,7 +18,7 @@ PATCH_SIZE = 8
 PATCHES_PER_SIDE = IMAGE_SIZE // PATCH_SIZE
 TOKENS_PER_FRAME = math.ceil(PATCHES_PER_SIDE / 2) ** 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-BUILD_VERSION = 2  # bump when the recipe changes so cached copies are rebuilt
+BUILD_VERSION = 3  # bump when the recipe changes so cached copies are rebuilt
 
 # The Qwen-style template of the llava-hf OneVision checkpoints: media placeholders first,
 # then the text, one turn per message.
@@ -72,8 +72,11 @@ def _build_tokenizer():
     return tokenizer
 
 
-def build_tiny_checkpoint(path: str | Path) -> Path:
-    """Build and save the tiny checkpoint at `path` (a processor and a model), deterministically."""
+def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Path:
+    """Build and save the tiny checkpoint at `path` (a processor and a model), deterministically.
+
+    `vision_use_head=True` keeps SigLIP's attention-pooling head, which the real checkpoints drop.
+    """
     import torch
     from transformers import (
         LlavaOnevisionConfig,
@@ -105,6 +108,7 @@ def build_tiny_checkpoint(path: str | Path) -> Path:
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
+            vision_use_head=vision_use_head,
         ),
         text_config=Qwen2Config(
             vocab_size=len(tokenizer),

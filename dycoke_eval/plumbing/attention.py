@@ -22,18 +22,22 @@ def language_model(model) -> torch.nn.Module:
     return model.model.language_model
 
 
+def vision_tower(model) -> torch.nn.Module:
+    """The SigLIP encoder of a LLaVA-OneVision model."""
+    return model.model.vision_tower
+
+
 @contextmanager
-def routed_attention(model, name: str, attention_fn: Callable) -> Iterator[None]:
-    """Within the block, every attention layer of `model`'s language model calls `attention_fn`."""
-    decoder = language_model(model)
-    previous = decoder.config._attn_implementation
+def routed_attention(module, name: str, attention_fn: Callable) -> Iterator[None]:
+    """Within the block, every attention layer of `module` (a PreTrainedModel) calls `attention_fn`."""
+    previous = module.config._attn_implementation
     AttentionInterface.register(name, attention_fn)
     AttentionMaskInterface.register(name, sdpa_mask)
     try:
-        decoder.set_attn_implementation(name)
+        module.set_attn_implementation(name)
         yield
     finally:
-        decoder.set_attn_implementation(previous)
+        module.set_attn_implementation(previous)
         del AttentionInterface._global_mapping[name]
         del AttentionMaskInterface._global_mapping[name]
 

@@ -44,3 +44,17 @@ def prefill_position_pruning(model, first_layer: int, kept_positions: Callable[[
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def captured_output(module: torch.nn.Module, into: dict[str, torch.Tensor], key: str) -> Iterator[None]:
+    """Within the block, `into[key]` receives `module`'s latest output."""
+
+    def keep(_module, _args, output):
+        into[key] = output
+
+    handle = module.register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
