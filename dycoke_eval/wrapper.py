@@ -153,19 +153,11 @@ class LlavaOneVisionCompressed(lmms):
             video_tokens = torch.cat([kept, newline], dim=0)
             record.visual_tokens_full = features.shape[0]
             record.visual_tokens_in = video_tokens.shape[0]
-            input_ids, visual_start = _with_video_placeholders(
-                inputs["input_ids"][0], model.config.video_token_id, video_tokens.shape[0]
-            )
-            input_ids = input_ids[None].to(self.device)
-            generation = GenerationContext(model, input_ids, visual_start, video_tokens.shape[0])
-            with self._stage(record, "generate"), self.method.during_generation(generation):
-                output = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    mm_encoder_outputs={"video": _as_encoder_output(video_tokens[None])},
-                    **generate_kwargs,
+            with self._stage(record, "generate"):
+                output, input_ids, stats = generate_with_video_tokens(
+                    model, self.method, inputs["input_ids"][0], video_tokens, generate_kwargs
                 )
-        record.method_stats = generation.stats
+        record.method_stats = stats
         return output, input_ids.shape[1]
 
     def build_prompt(self, context: str) -> str:
@@ -200,6 +192,26 @@ class LlavaOneVisionCompressed(lmms):
 
     def records_as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.sample_records]
+
+
+def generate_with_video_tokens(
+    model, method: CompressionMethod, prompt_ids: torch.Tensor, video_tokens: torch.Tensor, generate_kwargs: dict[str, Any]
+):
+    """`generate` with `video_tokens` [V, D] in place of the prompt's `<video>` run, inside the method's context.
+
+    Returns (generate's output, the input ids used, the method's per-sample figures).
+    """
+    input_ids, visual_start = _with_video_placeholders(prompt_ids, model.config.video_token_id, video_tokens.shape[0])
+    input_ids = input_ids[None].to(video_tokens.device)
+    generation = GenerationContext(model, input_ids, visual_start, video_tokens.shape[0])
+    with torch.inference_mode(), method.during_generation(generation):
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            mm_encoder_outputs={"video": _as_encoder_output(video_tokens[None])},
+            **generate_kwargs,
+        )
+    return output, input_ids, generation.stats
 
 
 def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, Any]) -> CompressionMethod:

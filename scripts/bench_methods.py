@@ -1,0 +1,180 @@
+"""Speed of the compression methods at LLaVA-OV-0.5B language-model dimensions, random weights.
+
+Prints the TTM time for F x 196 x 896 features, the cost of DyCoke's per-step selection against a
+full decode step, and, per method, prefill time and per-token decode time as ratios to `full`,
+beside the FLOPs ratio of eq. 8 (SPEC section 3). Nothing is downloaded: the language model is
+built from its dimensions with random weights, and the video features are random, so only the
+timings mean anything. Every method runs through the same `generate_with_video_tokens` path as
+the evaluation wrapper.
+
+PruMerge's token count is adaptive and comes from the vision encoder's attention, which random
+features do not have. It is timed here at the paper's reported 55% of the visual tokens (its
+LLM cost depends only on that count).
+
+    python scripts/bench_methods.py                 # 32 frames (use a GPU: CPU prefill is slow)
+    python scripts/bench_methods.py --frames 8      # CPU-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+import torch.utils.benchmark as benchmark
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from dycoke_eval.accounting import LLAVA_OV_DIMS, fastv_flops, uniform_flops
+from dycoke_eval.checkpoints import resolve_device, resolve_dtype
+from dycoke_eval.methods.base import CompressionMethod
+from dycoke_eval.methods.dycoke import DyCoke
+from dycoke_eval.methods.fastv import FastV
+from dycoke_eval.methods.full import Full
+from dycoke_eval.methods.kv_selection import DynamicSelector, last_query_attention
+from dycoke_eval.methods.ttm import ttm_keep_indices
+from dycoke_eval.wrapper import generate_with_video_tokens
+
+TOKENS_PER_FRAME, PROMPT_TEXT_TOKENS, VOCAB = 196, 40, 151936
+PRUMERGE_PAPER_RATIO = 0.55
+
+
+class FixedFraction(CompressionMethod):
+    """Stands in for PruMerge's token choice: an evenly spread `fraction` of the visual tokens."""
+
+    name = "prumerge@55%"
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
+        tokens = frame_features.reshape(-1, frame_features.shape[-1])
+        keep = torch.linspace(0, tokens.shape[0] - 1, int(tokens.shape[0] * self.fraction)).long()
+        return tokens[keep]
+
+
+def build_model(layers: int, device: str, dtype: torch.dtype) -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OV with Qwen2-0.5B dimensions and a token vision tower (features are fed directly)."""
+    text = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+    )  # fmt: skip
+    vision = SiglipVisionConfig(
+        image_size=384, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    config = LlavaOnevisionConfig(text_config=text, vision_config=vision, video_token_id=VOCAB - 1, image_token_id=VOCAB - 2)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+class StepClock(LogitsProcessor):
+    """Stamps the time at each generation step: prefill ends at the first stamp, each decode step between two."""
+
+    def __init__(self, device: str) -> None:
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.sync()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def time_generation(run, repeats: int, device: str) -> tuple[float, float]:
+    """Median prefill seconds and median seconds per decode step over `repeats` runs after a warm-up."""
+    prefills, steps = [], []
+    for attempt in range(repeats + 1):
+        clock = StepClock(device)
+        clock.sync()
+        start = time.perf_counter()
+        run(clock)
+        if attempt:  # the first run warms up
+            prefills.append(clock.stamps[0] - start)
+            steps += [later - earlier for earlier, later in itertools.pairwise(clock.stamps)]
+    return statistics.median(prefills), statistics.median(steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded to time a decode step")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    dims = LLAVA_OV_DIMS["0.5b"]
+    torch.manual_seed(0)
+
+    features = torch.randn(args.frames, TOKENS_PER_FRAME, dims.hidden, device=device, dtype=dtype)
+    ttm_input = torch.randn(32, TOKENS_PER_FRAME, dims.hidden, device=device)
+    ttm = benchmark.Timer("ttm(x, 0.7, 'paper')", globals={"ttm": ttm_keep_indices, "x": ttm_input}).blocked_autorange(
+        min_run_time=1
+    )
+    print(f"device={device} dtype={dtype} torch_threads={torch.get_num_threads()} frames={args.frames}")
+    print(f"TTM (paper mode, K=0.7) on 32x196x896 fp32: median {ttm.median * 1e3:.3f} ms")
+
+    model = build_model(dims.layers, device, dtype)
+    visual = args.frames * TOKENS_PER_FRAME
+    text = torch.randint(0, VOCAB - 2, (PROMPT_TEXT_TOKENS,))
+    prompt = torch.cat([text[:10], torch.tensor([model.config.video_token_id]), text[10:]])
+    newline = torch.randn(1, dims.hidden, device=device, dtype=dtype)
+    decode = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+
+    methods: list[tuple[str, CompressionMethod, float]] = [("full", Full(), uniform_flops(visual, dims))]
+    for k in (0.3, 0.5, 0.7):
+        kept = len(ttm_keep_indices(features[:, :, :1].float(), k))
+        methods.append((f"dycoke K={k}", DyCoke(k=k, l=3, p=0.7), uniform_flops(kept, dims)))
+    methods.append(("fastv K=5 R=35%", FastV(layer=5, ratio=0.35), fastv_flops(visual, 5, 0.35, dims)))
+    methods.append(("prumerge@55%", FixedFraction(PRUMERGE_PAPER_RATIO), uniform_flops(PRUMERGE_PAPER_RATIO * visual, dims)))
+
+    rows = []
+    for label, method, flops in methods:
+        tokens = torch.cat([method.select_video_tokens(features), newline])
+
+        def run(clock, method=method, tokens=tokens):
+            settings = {**decode, "max_new_tokens": 1 + args.decode_tokens, "logits_processor": LogitsProcessorList([clock])}
+            return generate_with_video_tokens(model, method, prompt, tokens, settings)
+
+        prefill, step = time_generation(run, args.repeats, device)
+        rows.append((label, tokens.shape[0], prefill, step, flops))
+        print(f"  measured {label}: {tokens.shape[0]} visual tokens, prefill {prefill:.3f} s", flush=True)
+
+    full_prefill, full_step, full_flops = rows[0][2], rows[0][3], rows[0][4]
+    row = "{:18s} {:>7} {:>10} {:>6} {:>14} {:>6} {:>11}"
+    print("\n" + row.format("method", "visual", "prefill s", "ratio", "decode ms/tok", "ratio", "FLOPs ratio"))
+    for label, tokens, prefill, step, flops in rows:
+        ratios = (prefill / full_prefill, step / full_step, flops / full_flops)
+        print(
+            row.format(
+                label, tokens, f"{prefill:.3f}", f"{ratios[0]:.2f}", f"{step * 1e3:.2f}", f"{ratios[1]:.2f}", f"{ratios[2]:.2f}"
+            )
+        )
+
+    kept = len(ttm_keep_indices(features[:, :, :1].float(), 0.7)) + 1 + PROMPT_TEXT_TOKENS
+    query = torch.randn(1, 14, 1, 64, device=device, dtype=dtype)
+    key = torch.randn(1, 2, kept, 64, device=device, dtype=dtype)
+    selector = DynamicSelector(keep_ratio=0.3, threshold=1.1)  # threshold > 1: re-select every step (worst case)
+    span = slice(11, 11 + kept - 1 - PROMPT_TEXT_TOKENS)
+    select = benchmark.Timer(
+        "s.step(attn(q, k, 0.125, None)[span])",
+        globals={"s": selector, "attn": last_query_attention, "q": query, "k": key, "span": span},
+    )
+    selection = select.blocked_autorange(min_run_time=1).median
+    print(f"\nDyCoke per-step selection (K=0.7, {kept} cached tokens, re-selecting every step): {selection * 1e3:.3f} ms "
+          f"= {selection / full_step:.1%} of a full decode step ({full_step * 1e3:.2f} ms)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
