@@ -19,18 +19,23 @@ from omegaconf import DictConfig
 from dycoke_eval.config import CONF_DIR, ConfigError, group_options
 
 
-def prepare_environment(cfg: DictConfig) -> Path | None:
-    """Set the process environment lmms-eval and HF read at import; build offline assets. Returns the fixture task dir."""
+def prepare_environment(cfg: DictConfig) -> list[Path]:
+    """Set the process environment lmms-eval and HF read at import; write task YAMLs and offline assets.
+
+    Returns the folders of our task YAMLs, for lmms-eval's TaskManager.
+    """
     if cfg.hub_offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
-    task_dir = None
+    from dycoke_eval.task_configs import write_deferred_judge_tasks
+
+    task_dirs = [write_deferred_judge_tasks(Path(cfg.offline_dir) / "tasks")]
     if cfg.tasks.local_fixtures:
         from dycoke_eval.offline.fixtures import ensure_offline_world
 
         world = ensure_offline_world(Path(cfg.offline_dir) / "world")
         os.environ["HF_HOME"] = str(world.hf_home)
-        task_dir = world.task_dir
+        task_dirs.append(world.task_dir)
     elif cfg.hf_home:
         os.environ["HF_HOME"] = str(Path(cfg.hf_home).expanduser())
     else:
@@ -39,14 +44,14 @@ def prepare_environment(cfg: DictConfig) -> Path | None:
         from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
 
         ensure_tiny_checkpoint(cfg.model.pretrained)
-    return task_dir
+    return task_dirs
 
 
-def resolve_tasks(names: list[str], include_path: Path | None):
-    """A TaskManager that knows our fixture tasks, after checking every requested name exists."""
+def resolve_tasks(names: list[str], task_dirs: list[Path]):
+    """A TaskManager that knows our task YAMLs, after checking every requested name exists."""
     from lmms_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = TaskManager(include_path=[str(path) for path in task_dirs])
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         known_sets = {opt: _task_set_names(opt) for opt in group_options("tasks")}
@@ -70,8 +75,8 @@ def run_cell(cfg: DictConfig) -> Path:
 
     from dycoke_eval.results import cell_directory, write_cell
 
-    task_dir = prepare_environment(cfg)
-    task_manager = resolve_tasks(list(cfg.tasks.names), task_dir)
+    task_dirs = prepare_environment(cfg)
+    task_manager = resolve_tasks(list(cfg.tasks.names), task_dirs)
     method = instantiate(cfg.method)
 
     from lmms_eval.evaluator import simple_evaluate
@@ -102,7 +107,22 @@ def run_cell(cfg: DictConfig) -> Path:
         return Path()
     cell_dir = cell_directory(cfg)
     write_cell(cell_dir, cfg, output, records, method)
+    judge_saved_cell(cell_dir, instantiate(cfg.judge))
     return cell_dir
+
+
+def judge_saved_cell(cell_dir: Path, settings) -> None:
+    """Judge the cell's GPT-judged tasks now if a judge is configured; otherwise say how to later."""
+    from dycoke_eval.judge.cells import format_judge_summary, judge_cell
+    from dycoke_eval.judge.client import Judge
+
+    if not settings.enabled():
+        print(f"judge: not configured (no ${settings.api_key_env}, no judge.base_url); judged metrics stay 'not judged'.")
+        print(f"  judge later with: python -m dycoke_eval.judge {cell_dir}")
+        return
+    summary = judge_cell(cell_dir, Judge(settings))
+    if summary:
+        print(f"judge ({settings.model}):\n{format_judge_summary(summary)}")
 
 
 def _gather_records(lm) -> list[dict[str, Any]]:

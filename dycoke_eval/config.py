@@ -12,6 +12,13 @@ from typing import Any
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def lmms_eval_tasks_dir() -> Path:
+    """lmms-eval's built-in task folder, located without importing it (that import takes seconds)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("lmms_eval").origin).parent / "tasks"
+
+
 class ConfigError(ValueError):
     """A bad setting, reported at start with the bad value and the fix (no traceback)."""
 
@@ -21,18 +28,22 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def instantiate_method(name: str, overrides: dict[str, Any] | None = None):
-    """Build the method `name` from `conf/method/<name>.yaml`, with `method.<key>` overrides."""
+def compose_option(group: str, name: str, overrides: dict[str, Any] | None = None):
+    """The config of option `name` of `group`, with `<group>.<key>` overrides, outside or inside a Hydra app."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    if name not in group_options(group):
+        raise ConfigError(f"unknown {group} {name!r}; valid {group} options: {', '.join(group_options(group))}")
+    override_list = [f"+{group}={name}", *(f"{key}={value}" for key, value in (overrides or {}).items())]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose without re-initialising
+        return compose(overrides=override_list)[group]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(overrides=override_list)[group]
+
+
+def instantiate_method(name: str, overrides: dict[str, Any] | None = None):
+    """Build the method `name` from `conf/method/<name>.yaml`, with `method.<key>` overrides."""
     from hydra.utils import instantiate
 
-    if name not in group_options("method"):
-        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(group_options('method'))}")
-    override_list = [f"+method={name}", *(f"{key}={value}" for key, value in (overrides or {}).items())]
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose without re-initialising
-        cfg = compose(overrides=override_list)
-    else:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(overrides=override_list)
-    return instantiate(cfg.method)
+    return instantiate(compose_option("method", name, overrides))

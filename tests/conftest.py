@@ -37,7 +37,6 @@ def world(offline_dir):
 
 
 def run_module(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    """Run `python -m <args>` in a fresh interpreter, as a user would from a shell."""
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
-    )
+    """Run `python -m <args>` in a fresh interpreter, as a user would from a shell (never with a real judge key)."""
+    environment = {**os.environ, "OPENAI_API_KEY": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=600)

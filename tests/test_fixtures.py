@@ -62,3 +62,25 @@ def test_synthetic_video_decodes_to_the_requested_frame_count_and_moves(tmp_path
     assert not np.array_equal(frames[0], frames[-1])
     assert np.array_equal(synthetic_frames("clip"), synthetic_frames("clip"))
     assert len(read_video(str(path), num_frm=1000)) == FRAME_COUNT
+
+
+def test_every_task_set_names_tasks_lmms_eval_knows(world, tmp_path):
+    from dycoke_eval.app import _task_set_names, resolve_tasks
+    from dycoke_eval.config import group_options
+    from dycoke_eval.task_configs import write_deferred_judge_tasks
+
+    task_dirs = [write_deferred_judge_tasks(tmp_path / "tasks"), world.task_dir]
+    names = [name for option in group_options("tasks") for name in _task_set_names(option)]
+    assert "activitynetqa_deferred" in names and "mvbench" in names
+    resolve_tasks(names, task_dirs)  # raises ConfigError naming any unknown task
+
+
+def test_deferred_tasks_keep_the_builtin_task_and_only_defer_judging(tmp_path):
+    from dycoke_eval.task_configs import write_deferred_judge_tasks
+
+    text = (write_deferred_judge_tasks(tmp_path) / "activitynetqa_deferred.yaml").read_text()
+    config = yaml.safe_load(text.replace("!function", ""))
+    assert Path(config["include"]) == BUILTIN_TASKS / "activitynetqa/activitynetqa_generation.yaml"
+    assert "dataset_path" not in config  # the real dataset, as lmms-eval downloads it
+    assert config["process_results"].strip() == "dycoke_eval.judging.record_unjudged_qa"
+    assert [m["metric"] for m in config["metric_list"]] == ["gpt_eval_score", "gpt_eval_accuracy"]

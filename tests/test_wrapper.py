@@ -98,7 +98,7 @@ def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "dycokee"}, "valid methods: dycoke, dycoke_no_dp, dycoke_random, fastv, full, prumerge"),
+        ({"method": "dycokee"}, "valid method options: dycoke, dycoke_no_dp, dycoke_random, fastv, full, prumerge"),
         ({"frames": 0}, "frames=0"),
         ({"batch_size": 4}, "batch_size=4"),
         ({"colour": "red"}, "unknown model_args ['colour']"),

@@ -7,7 +7,7 @@ aggregation do the work. Videos are written where the built-in utils look for th
 where lmms-eval is installed, so the task YAMLs are written at build time, never committed.
 
 The GPT-judged tasks (ActivityNet-QA, VideoDC) keep their prompts and documents but record
-predictions as "not judged" instead of calling a judge; judging is a separate step.
+predictions for `dycoke_eval.judge` instead of calling lmms-eval's inline judge (see task_configs.py).
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from dycoke_eval.config import lmms_eval_tasks_dir
 from dycoke_eval.offline.videos import write_video
+from dycoke_eval.task_configs import task_yaml
 
-WORLD_VERSION = 3  # bump when documents or layout change so cached worlds are rebuilt
-
-# `!function` tags cannot be produced by yaml.safe_dump, so the judged-task override is text.
-_UNJUDGED_PROCESS_RESULTS = "process_results: !function dycoke_eval.judging.{function}\nmetric_list:\n"
-_UNJUDGED_METRIC = "  - metric: {metric}\n    aggregation: !function dycoke_eval.judging.not_judged\n    higher_is_better: true\n"
+WORLD_VERSION = 4  # bump when documents or layout change so cached worlds are rebuilt
 
 
 @dataclass(frozen=True)
@@ -36,8 +32,6 @@ class FixtureTask:
     video_dir: str  # relative to HF_HOME: where the built-in utils look for videos
     video_file: Callable[[dict], str]
     docs: tuple[dict, ...]
-    judged_metrics: tuple[str, ...] = ()  # metrics that need the GPT judge
-    unjudged_process_results: str = ""  # dycoke_eval.judging function recording predictions for a judge
 
 
 def _activitynet_docs():
@@ -137,8 +131,6 @@ FIXTURE_TASKS: tuple[FixtureTask, ...] = (
         "activitynetqa/all_test",
         lambda d: f"v_{d['video_name']}.mp4",
         _activitynet_docs(),
-        ("gpt_eval_score", "gpt_eval_accuracy"),
-        "record_unjudged_qa",
     ),
     FixtureTask(
         "fixture_videomme", "videomme/videomme.yaml", "test", "videomme/data", lambda d: f"{d['videoID']}.mp4", _videomme_docs()
@@ -174,8 +166,6 @@ FIXTURE_TASKS: tuple[FixtureTask, ...] = (
         "videochatgpt/Test_Videos",
         lambda d: f"{d['video_name']}.mp4",
         _videodc_docs(),
-        ("gpt_eval_score",),
-        "record_unjudged_description",
     ),
     FixtureTask(
         "fixture_mvbench_action_antonym",
@@ -213,32 +203,10 @@ class OfflineWorld:
         return self.hf_home / task.video_dir / task.video_file(doc)
 
 
-def _lmms_eval_task_root() -> Path:
-    import lmms_eval.tasks
-
-    return Path(lmms_eval.tasks.__file__).resolve().parent
-
-
-def _task_yaml(task: FixtureTask, data_file: Path, task_root: Path) -> str:
-    config = {
-        "include": str(task_root / task.builtin_yaml),
-        "task": task.name,
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {task.split: str(data_file)}},
-    }
-    text = yaml.safe_dump(config, sort_keys=False)
-    if task.judged_metrics:
-        text += _UNJUDGED_PROCESS_RESULTS.format(function=task.unjudged_process_results) + "".join(
-            _UNJUDGED_METRIC.format(metric=m) for m in task.judged_metrics
-        )
-    return text
-
-
 def ensure_offline_world(root: str | Path) -> OfflineWorld:
     """Build the fixture world under `root` unless an up-to-date one is already there."""
     world = OfflineWorld(Path(root))
-    task_root = _lmms_eval_task_root()
+    task_root = lmms_eval_tasks_dir().resolve()
     stamp = {"world_version": WORLD_VERSION, "lmms_eval_tasks": str(task_root)}
     marker = world.root / "world.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
@@ -248,7 +216,7 @@ def ensure_offline_world(root: str | Path) -> OfflineWorld:
     for task in FIXTURE_TASKS:
         data_file = world.root / "data" / f"{task.name}.jsonl"
         data_file.write_text("".join(json.dumps(doc) + "\n" for doc in task.docs))
-        (world.task_dir / f"{task.name}.yaml").write_text(_task_yaml(task, data_file, task_root))
+        (world.task_dir / f"{task.name}.yaml").write_text(task_yaml(task.name, task.builtin_yaml, {task.split: str(data_file)}))
         for doc in task.docs:
             write_video(world.video_path(task, doc))
     marker.write_text(json.dumps(stamp))

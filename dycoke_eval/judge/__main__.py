@@ -1,0 +1,53 @@
+"""Judge or re-judge saved results without loading any model.
+
+    python -m dycoke_eval.judge RESULTS_DIR [judge.model=...] [judge.base_url=...] [judge.concurrency=...]
+
+Every cell folder below RESULTS_DIR (a folder holding results.json) is judged with the settings
+of `conf/judge/` (default gpt4o_mini) and updated in place. Cached replies cost nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dycoke_eval.config import ConfigError, compose_option
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dycoke_eval.judge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results_dir", type=Path)
+    parser.add_argument("overrides", nargs="*", help="judge.<key>=<value>, or judge=<option> to pick another config")
+    args = parser.parse_args(argv)
+    from hydra.utils import instantiate
+
+    from dycoke_eval.judge.cells import format_judge_summary, judge_cell
+    from dycoke_eval.judge.client import Judge
+
+    option = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("judge=")), "gpt4o_mini")
+    overrides = dict(o.split("=", 1) for o in args.overrides if o.startswith("judge."))
+    try:
+        settings = instantiate(compose_option("judge", option, overrides))
+    except ConfigError as error:
+        print(f"dycoke_eval.judge: {error}", file=sys.stderr)
+        return 2
+    if not settings.enabled():
+        print(f"dycoke_eval.judge: no judge configured: set ${settings.api_key_env} or judge.base_url=...", file=sys.stderr)
+        return 2
+    cells = sorted(path.parent for path in args.results_dir.rglob("results.json"))
+    if not cells:
+        print(f"dycoke_eval.judge: no results.json below {args.results_dir}", file=sys.stderr)
+        return 2
+    judge = Judge(settings)
+    for cell in cells:
+        summary = judge_cell(cell, judge)
+        if summary:
+            print(f"{cell}:\n{format_judge_summary(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

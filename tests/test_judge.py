@@ -1,0 +1,188 @@
+"""The judge against a real local chat-completions server on 127.0.0.1, faults included."""
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import lmms_eval.tasks
+import pytest
+from conftest import run_module
+
+from dycoke_eval.judge.cells import aggregate, judge_cell
+from dycoke_eval.judge.client import Judge, JudgeRequest, JudgeSettings
+from dycoke_eval.judge.prompts import MalformedReply, build_messages, parse_reply
+from dycoke_eval.offline.judge_server import running_judge_server
+
+SECRET = "sk-test-never-written-anywhere"
+
+
+@pytest.fixture
+def server():
+    with running_judge_server(slow_seconds=2.5) as running:
+        yield running
+
+
+@pytest.fixture
+def settings(server, tmp_path):
+    url, _ = server
+    return JudgeSettings(base_url=url, timeout=1.0, max_retries=3, concurrency=8, cache_path=str(tmp_path / "cache.sqlite"))
+
+
+def load_lmms_eval_task_utils(relative: str, api_url: str):
+    """A fresh copy of an lmms-eval task's utils module, pointed at our server (it reads the URL at import)."""
+    os.environ["OPENAI_API_URL"] = api_url
+    path = Path(lmms_eval.tasks.__file__).parent / relative
+    spec = importlib.util.spec_from_file_location(f"lmms_utils_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind, relative, function", [
+    ("qa", "activitynetqa/utils.py", "get_eval"),
+    ("description", "video_detail_description/utils.py", "get_eval_generic"),
+])  # fmt: skip
+def test_prompts_are_exactly_what_lmms_eval_itself_sends(offline_dir, server, kind, relative, function):
+    url, state = server
+    utils = load_lmms_eval_task_utils(relative, f"{url}/chat/completions")
+    review, _ = getattr(utils, function)("what is moving", "a red square", "a square", 64)
+    (sent,) = [json.loads(body) for body in state.attempts]
+    assert sent["messages"] == build_messages(kind, "what is moving", "a red square", "a square")
+    assert parse_reply(kind, review)  # and our parser reads the reply lmms-eval got
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{'pred': 'yes', 'score': 4.8}", {"pred": "yes", "score": 4}),
+    ("Here: {'pred': 'No', 'score': 0} done", {"pred": "no", "score": 0}),
+])  # fmt: skip
+def test_qa_replies_parse_as_lmms_eval_parses_them(text, expected):
+    assert parse_reply("qa", text) == expected
+
+
+@pytest.mark.parametrize("kind, text", [
+    ("qa", "The answer is right."), ("qa", "{'pred': 'maybe', 'score': 3}"), ("qa", "{'pred': 'yes', 'score': 9}"),
+    ("description", "{'score': 'high'}"), ("description", "{'grade': 3}"), ("description", "{'score': 3"),
+])  # fmt: skip
+def test_a_reply_without_a_valid_verdict_is_malformed_not_zero(kind, text):
+    with pytest.raises(MalformedReply):
+        parse_reply(kind, text)
+
+
+FAULTS = ["[429]", "[500]", "[slow]", "[flaky-reply]", "[malformed-body]", "[not-dict]", "[bad-score]"]
+RECOVERABLE = {"[429]", "[500]", "[slow]", "[flaky-reply]"}
+
+
+def test_every_sample_ends_judged_or_failed_with_a_reason_under_injected_faults(settings):
+    requests = [JudgeRequest("qa", "q", "a cat", "a cat"), JudgeRequest("qa", "q", "a cat", "a dog")]
+    requests += [JudgeRequest("qa", "q", "a cat", f"x {fault}") for fault in FAULTS]
+    outcomes = Judge(settings).judge_all(requests)
+    assert len(outcomes) == len(requests)
+    assert [o.verdict for o in outcomes[:2]] == [{"pred": "yes", "score": 5}, {"pred": "no", "score": 1}]
+    for fault, outcome in zip(FAULTS, outcomes[2:], strict=True):
+        if fault in RECOVERABLE:
+            assert outcome.status == "judged" and outcome.verdict == {"pred": "no", "score": 1}, fault
+        else:
+            assert outcome.status == "failed" and outcome.verdict is None and outcome.error, fault
+
+
+def test_retry_after_is_honoured(settings):
+    start = time.perf_counter()
+    (outcome,) = Judge(settings).judge_all([JudgeRequest("description", "q", "a", "x [429]")])
+    assert outcome.status == "judged" and time.perf_counter() - start >= 1.0
+
+
+def test_an_unreachable_judge_fails_every_sample_without_crashing(tmp_path):
+    settings = JudgeSettings(base_url="http://127.0.0.1:9/v1", timeout=0.5, max_retries=0, cache_path=str(tmp_path / "c.sqlite"))
+    outcomes = Judge(settings).judge_all([JudgeRequest("qa", "q", "a", "b")] * 3)
+    assert all(o.status == "failed" and "Connection" in o.error for o in outcomes)
+
+
+def test_a_second_run_is_served_from_the_cache_with_the_same_verdicts(server, settings):
+    _, state = server
+    requests = [JudgeRequest("qa", "q", "a cat", pred) for pred in ("a cat", "a dog", "x [500]")]
+    first = Judge(settings).judge_all(requests)
+    sent = state.requests
+    second = Judge(settings).judge_all(requests)
+    assert state.requests == sent
+    assert [o.verdict for o in first] == [o.verdict for o in second] and all(o.cached for o in second)
+
+
+def test_a_different_judge_model_is_not_served_another_models_cached_replies(server, settings):
+    _, state = server
+    Judge(settings).judge_all([JudgeRequest("qa", "q", "a", "a")])
+    settings.model = "gpt-4o-2024-11-20"
+    sent = state.requests
+    Judge(settings).judge_all([JudgeRequest("qa", "q", "a", "a")])
+    assert state.requests == sent + 1
+
+
+def test_metrics_match_lmms_eval_aggregations_over_the_same_verdicts(offline_dir, server):
+    url, _ = server
+    verdicts = [{"pred": "yes", "score": 5}, {"pred": "no", "score": 1}, {"pred": "yes", "score": 4}]
+    items = [{"Correctness": v["pred"], "score": v["score"]} for v in verdicts]
+    anet = load_lmms_eval_task_utils("activitynetqa/utils.py", url)
+    vdc = load_lmms_eval_task_utils("video_detail_description/utils.py", url)
+    assert aggregate("qa", verdicts) == {
+        "gpt_eval_score": anet.activitynetqa_aggregate_score(items, None),
+        "gpt_eval_accuracy": anet.activitynetqa_aggregate_accuracy(items, None),
+    }
+    assert aggregate("description", verdicts)["gpt_eval_score"] == vdc.video_detail_description_aggregate_score(items, None)
+
+
+JUDGED_TASKS = "tasks.names=[fixture_activitynetqa,fixture_video_dc499]"
+
+
+def test_the_offline_default_reports_judged_metrics_from_a_local_judge_and_never_writes_the_key(offline_dir, server, tmp_path):
+    url, _ = server
+    env = {"DYCOKE_OFFLINE_DIR": str(offline_dir), "OPENAI_API_KEY": SECRET, "HOME": str(tmp_path)}
+    proc = run_module(
+        "dycoke_eval", JUDGED_TASKS, "frames=4", f"results_dir={tmp_path / 'results'}", f"judge.base_url={url}", env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "results").rglob("results.json")
+    results = json.loads(results_file.read_text())
+    anet, vdc = results["results"]["fixture_activitynetqa"], results["results"]["fixture_video_dc499"]
+    assert all(isinstance(value, (int, float)) for value in (anet["gpt_eval_accuracy,none"], vdc["gpt_eval_score,none"]))
+    assert anet["judged"] == vdc["judged"] == 3 and anet["judge_failed"] == 0
+    assert results["dycoke_eval"]["fixture_activitynetqa"]["judge"]["prompt_tokens"] > 0
+    assert "judged 3, failed 0" in proc.stdout
+    for path in (tmp_path / "results").rglob("*"):
+        assert not path.is_file() or SECRET not in path.read_text(errors="ignore"), path
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_saved_results_are_judged_later_without_a_model(offline_dir, server, tmp_path):
+    url, state = server
+    results_dir = tmp_path / "results"
+    env = {"DYCOKE_OFFLINE_DIR": str(offline_dir), "OPENAI_API_KEY": "", "HOME": str(tmp_path)}
+    generated = run_module("dycoke_eval", JUDGED_TASKS, "frames=4", "limit=2", f"results_dir={results_dir}", env=env)
+    assert generated.returncode == 0 and "judge later with: python -m dycoke_eval.judge" in generated.stdout
+    (results_file,) = results_dir.rglob("results.json")
+    assert json.loads(results_file.read_text())["results"]["fixture_video_dc499"]["gpt_eval_score,none"] == "not judged"
+    assert state.requests == 0
+
+    no_judge = run_module("dycoke_eval.judge", str(results_dir), env=env)
+    assert no_judge.returncode == 2 and "no judge configured" in no_judge.stderr
+    judged = run_module("dycoke_eval.judge", str(results_dir), f"judge.base_url={url}", env=env)
+    assert judged.returncode == 0, judged.stderr[-2000:]
+    metrics = json.loads(results_file.read_text())["results"]["fixture_video_dc499"]
+    assert isinstance(metrics["gpt_eval_score,none"], (int, float)) and metrics["judged"] == 2
+
+
+def test_judge_failures_are_counted_per_task_and_excluded_from_the_metric(tmp_path, settings):
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    item = {"question": "q", "answer": "a cat", "judge_kind": "qa", "judged": False}
+    preds = ["a cat", "a dog", "x [bad-score]"]
+    samples = [{"doc_id": i, "gpt_eval_score": {**item, "pred": p}} for i, p in enumerate(preds)]
+    (cell / "samples_anet.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (cell / "results.json").write_text(json.dumps({"results": {"anet": {}}}))
+    summary = judge_cell(cell, Judge(settings))["anet"]
+    assert (summary["judged"], summary["failed"]) == (2, 1) and summary["failures"][0]["doc_id"] == 2
+    metrics = json.loads((cell / "results.json").read_text())["results"]["anet"]
+    assert metrics["gpt_eval_accuracy,none"] == 50.0 and metrics["gpt_eval_score,none"] == 3
+    assert (metrics["judged"], metrics["judge_failed"]) == (2, 1)
+    verdicts = [json.loads(line) for line in (cell / "judgements_anet.jsonl").read_text().splitlines()]
+    assert [v["status"] for v in verdicts] == ["judged", "judged", "failed"]
