@@ -105,4 +105,6 @@ def format_judge_summary(summaries: dict[str, dict[str, Any]]) -> str:
             f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ~${s['estimated_cost_usd']:.4f} with {s['judge_model']}"
         )
         lines += [f"    failed doc {f['doc_id']}: {f['error']}" for f in s["failures"][:3]]
+        if s["failed"] and not s["judged"]:
+            lines.append("    no sample could be judged: check judge.base_url and the key, then run python -m dycoke_eval.judge")
     return "\n".join(lines)
