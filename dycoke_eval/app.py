@@ -73,8 +73,18 @@ def run_cell(cfg: DictConfig) -> Path:
     """Evaluate one cell and write its folder; returns the folder."""
     from hydra.utils import instantiate
 
-    from dycoke_eval.results import cell_directory, write_cell
+    from dycoke_eval import checkpoints
+    from dycoke_eval.encoder_cache import ENCODER_CACHE
+    from dycoke_eval.results import cell_directory, is_complete, write_cell
 
+    cell_dir = cell_directory(cfg)
+    if is_complete(cell_dir, cfg) and not cfg.force:
+        print(f"cell {cell_dir.name}: complete, skipped (force=true reruns it)")
+        if (settings := instantiate(cfg.judge)).enabled():
+            judge_saved_cell(cell_dir, settings)  # finishes judging a run that died while judging; cached replies are free
+        return cell_dir
+    if cfg.force:
+        (cell_dir / "journal.jsonl").unlink(missing_ok=True)
     task_dirs = prepare_environment(cfg)
     task_manager = resolve_tasks(list(cfg.tasks.names), task_dirs)
     method = instantiate(cfg.method)
@@ -90,7 +100,11 @@ def run_cell(cfg: DictConfig) -> Path:
         device=cfg.model.device,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
+        max_new_tokens=cfg.max_new_tokens,
+        journal=str(cell_dir / "journal.jsonl"),
     )
+    ENCODER_CACHE.capacity_bytes = int(cfg.encoder_cache_mb * 2**20)
+    cache_before = (ENCODER_CACHE.hits, ENCODER_CACHE.seconds_saved)
     output = simple_evaluate(
         model=lm,
         tasks=list(cfg.tasks.names),
@@ -105,8 +119,13 @@ def run_cell(cfg: DictConfig) -> Path:
     records = _gather_records(lm)
     if lm.rank != 0:
         return Path()
-    cell_dir = cell_directory(cfg)
     write_cell(cell_dir, cfg, output, records, method)
+    resumed = sum(record["from_journal"] for record in records)
+    hits, saved = ENCODER_CACHE.hits - cache_before[0], ENCODER_CACHE.seconds_saved - cache_before[1]
+    print(
+        f"cell {cell_dir.name}: {len(records) - resumed} samples generated, {resumed} resumed from its journal, "
+        f"{hits} encoder-cache hits ({saved:.1f} s saved); checkpoint loads in this process: {checkpoints.LOAD_COUNT}"
+    )
     judge_saved_cell(cell_dir, instantiate(cfg.judge))
     return cell_dir
 

@@ -1,10 +1,11 @@
 """One folder per run cell: lmms-eval's results and samples, our per-sample records, and run.json.
 
-Layout of `${results_dir}/${run_name}/<cell>/`:
+Layout of `${results_dir}/cells/<cell>/` (cells are shared by every sweep that lists them):
   results.json            lmms-eval's results (metrics, configs, versions) plus a `dycoke_eval` summary
   samples_<task>.jsonl    lmms-eval's logged samples
   sample_records.jsonl    per sample: visual tokens entering the LLM, stage seconds, failures
   run.json                resolved config, method settings, versions, git commit, hardware, timings
+  journal.jsonl           finished samples, written as they finish, so a killed cell resumes
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dycoke_eval.provenance import git_state, hardware, package_versions
 
-CELL_KEYS = ("model", "method", "frames", "tasks", "limit", "seed")  # what makes two cells the same
+CELL_KEYS = ("model", "method", "frames", "tasks", "limit", "seed", "max_new_tokens")  # what makes two cells the same
 
 
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
@@ -35,7 +36,16 @@ def cell_directory(cfg: DictConfig) -> Path:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
     method = cfg.method.get("name") or str(cfg.method._target_).rsplit(".", 1)[-1].lower()
     name = f"{cfg.model.name}__{method}__f{cfg.frames}__{cfg.tasks.name}__{digest}"
-    return Path(cfg.results_dir) / cfg.run_name / name
+    return Path(cfg.results_dir) / "cells" / name
+
+
+def is_complete(cell_dir: Path, cfg: DictConfig) -> bool:
+    """A finished cell made from this very config (not merely a folder of the same name)."""
+    run_file = cell_dir / "run.json"
+    if not run_file.exists():
+        return False
+    run = json.loads(run_file.read_text())
+    return bool(run.get("complete")) and run.get("cell") == json.loads(json.dumps(cell_config(cfg), default=str))
 
 
 def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -57,6 +67,8 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             "visual_tokens_full_mean": mean(r["visual_tokens_full"] for r in ok) if ok else None,
             "seconds_mean": {stage: mean(r["seconds"][stage] for r in ok if stage in r["seconds"]) for stage in stages},
             "method_stats_mean": _numeric_means([r["method_stats"] for r in ok]),
+            "resumed_from_journal": sum(r.get("from_journal", False) for r in rows),
+            "encoder_cache_hits": sum(r.get("encoder_cache_hit", False) for r in rows),
         }
     return summary
 
@@ -99,6 +111,7 @@ def write_cell(cell_dir: Path, cfg: DictConfig, output: dict[str, Any], records:
             "hardware": hardware(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tasks": summary,
+            "complete": True,  # written last: a cell without it is redone (its journal keeps finished samples)
         },
     )
     print(format_summary(cell_dir, output.get("results", {}), summary))

@@ -11,10 +11,14 @@ in `sample_records`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +27,7 @@ from tqdm import tqdm
 
 from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
 from dycoke_eval.config import ConfigError
+from dycoke_eval.encoder_cache import ENCODER_CACHE, EncodedVideo, EncoderCache
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
 
 
@@ -43,6 +48,8 @@ class SampleRecord:
     output_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     method_stats: dict[str, Any] = field(default_factory=dict)
+    encoder_cache_hit: bool = False  # decode and encoder skipped: features reused from an earlier cell
+    from_journal: bool = False  # answered by an earlier, interrupted run of this cell
 
 
 class LlavaOneVisionCompressed(lmms):
@@ -56,6 +63,8 @@ class LlavaOneVisionCompressed(lmms):
         attn_implementation: str = "sdpa",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
+        max_new_tokens: int | None = None,
+        journal: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -65,6 +74,8 @@ class LlavaOneVisionCompressed(lmms):
         if self.frames < 1:
             raise ConfigError(f"frames={frames}: sample at least one frame per video")
         self.method = _resolve_method(method, kwargs)
+        self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None  # caps the task's own setting
+        self.journal = SampleJournal(journal) if journal else None
 
         from accelerate import Accelerator
 
@@ -114,11 +125,17 @@ class LlavaOneVisionCompressed(lmms):
         progress = tqdm(requests, disable=self.rank != 0, desc=f"Generating ({self.method.name})")
         for request in progress:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
-            try:
-                answer = self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split, record)
-            except VideoUnavailable as error:
-                record.status, record.error, answer = "failed", str(error), ""
+            key = SampleJournal.key(task, doc_id, context, gen_kwargs)
+            if self.journal is not None and (done := self.journal.get(key)) is not None:
+                answer, record = done
+            else:
+                record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
+                try:
+                    answer = self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split, record)
+                except VideoUnavailable as error:
+                    record.status, record.error, answer = "failed", str(error), ""
+                if self.journal is not None:
+                    self.journal.add(key, answer, record)
             self.sample_records.append(record)
             answers.append(answer)
         return answers
@@ -126,9 +143,19 @@ class LlavaOneVisionCompressed(lmms):
     def _answer(self, context, gen_kwargs, doc_to_visual, doc_id, task, split, record: SampleRecord) -> str:
         doc = self.task_dict[task][split][doc_id]
         record.video_path = video_path = _resolve_video_path(doc_to_visual, doc)
-        with self._stage(record, "video_decode"):
-            video = _decode_video(video_path, self.frames)
-        output, prompt_length = self.run_sample(video, context, self._generation_kwargs(gen_kwargs), record)
+        cache_key = EncoderCache.key(self.pretrained, video_path, self.frames) if Path(video_path).is_file() else None
+        cached = ENCODER_CACHE.get(cache_key) if cache_key and self.method.reuses_encoder_outputs else None
+        if cached is not None:
+            record.encoder_cache_hit, record.frames, features = True, cached.frames, cached.features
+        else:
+            with self._stage(record, "video_decode"):
+                video = _decode_video(video_path, self.frames)
+            features = self.encode_video(video, record)
+            if cache_key and self.method.reuses_encoder_outputs:
+                spent = sum(record.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
+                ENCODER_CACHE.put(cache_key, EncodedVideo(features, record.frames, spent))
+        prompt_ids = self.tokenizer(self.build_prompt(context), return_tensors="pt")["input_ids"][0]
+        output, prompt_length = self.generate_from_features(features, prompt_ids, self._generation_kwargs(gen_kwargs), record)
         new_tokens = output[0, prompt_length:]
         record.output_tokens = int(new_tokens.shape[0])
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -136,17 +163,29 @@ class LlavaOneVisionCompressed(lmms):
 
     def run_sample(self, video, context: str, generate_kwargs: dict[str, Any], record: SampleRecord):
         """Decoded frames [T, H, W, 3] and a question -> (`generate`'s output, prompt length in tokens)."""
+        features = self.encode_video(video, record)
+        prompt_ids = self.tokenizer(self.build_prompt(context), return_tensors="pt")["input_ids"][0]
+        return self.generate_from_features(features, prompt_ids, generate_kwargs, record)
+
+    def encode_video(self, video, record: SampleRecord) -> torch.Tensor:
+        """Frames [T, H, W, 3] -> pooled, projected features [T*N + 1, D] (newline last)."""
         record.frames = int(video.shape[0])
-        with self._stage(record, "preprocess"):
-            inputs = self.processor(text=self.build_prompt(context), videos=[video], return_tensors="pt")
         model = self.model
         with torch.inference_mode():
+            with self._stage(record, "preprocess"):
+                pixels = self.processor.video_processor(videos=[video], return_tensors="pt")["pixel_values_videos"]
             with self._stage(record, "vision_encoder"), self.method.during_vision_encoding(model):
-                features = model.get_video_features(
-                    inputs["pixel_values_videos"].to(self.device, model.dtype),
+                return model.get_video_features(
+                    pixels.to(self.device, model.dtype),
                     vision_feature_layer=model.config.vision_feature_layer,
                     vision_feature_select_strategy=model.config.vision_feature_select_strategy,
                 ).pooler_output[0]
+
+    def generate_from_features(
+        self, features: torch.Tensor, prompt_ids: torch.Tensor, generate_kwargs: dict[str, Any], record: SampleRecord
+    ):
+        """Let the method pick the video tokens, then generate; returns (output, prompt length)."""
+        with torch.inference_mode():
             frame_tokens, newline = features[:-1].view(record.frames, -1, features.shape[-1]), features[-1:]
             with self._stage(record, "compress"):
                 kept = self.method.select_video_tokens(frame_tokens)
@@ -155,7 +194,7 @@ class LlavaOneVisionCompressed(lmms):
             record.visual_tokens_in = video_tokens.shape[0]
             with self._stage(record, "generate"):
                 output, input_ids, stats = generate_with_video_tokens(
-                    model, self.method, inputs["input_ids"][0], video_tokens, generate_kwargs
+                    self.model, self.method, prompt_ids, video_tokens, generate_kwargs
                 )
         record.method_stats = stats
         return output, input_ids.shape[1]
@@ -168,8 +207,9 @@ class LlavaOneVisionCompressed(lmms):
     def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         temperature = float(gen_kwargs.get("temperature") or 0)
         sampling = temperature > 0
+        max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))
         kwargs = {
-            "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 1024)),
+            "max_new_tokens": min(max_new_tokens, self.max_new_tokens) if self.max_new_tokens else max_new_tokens,
             "num_beams": int(gen_kwargs.get("num_beams") or 1),
             "do_sample": sampling,
             "eos_token_id": self.tokenizer.eos_token_id,
@@ -192,6 +232,38 @@ class LlavaOneVisionCompressed(lmms):
 
     def records_as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.sample_records]
+
+
+class SampleJournal:
+    """Finished samples of one cell, appended and synced one by one, so a killed run resumes where it stopped."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._done: dict[str, tuple[str, SampleRecord]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                self._done[entry["key"]] = (entry["answer"], SampleRecord(**{**entry["record"], "from_journal": True}))
+        self.resumed = len(self._done)
+
+    @staticmethod
+    def key(task: str, doc_id: int, context: str, gen_kwargs: dict) -> str:
+        payload = json.dumps([task, int(doc_id), context, gen_kwargs], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def get(self, key: str) -> tuple[str, SampleRecord] | None:
+        return self._done.get(key)
+
+    def add(self, key: str, answer: str, record: SampleRecord) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as journal:
+            journal.write(json.dumps({"key": key, "answer": answer, "record": asdict(record)}, default=str) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+        self._done[key] = (answer, record)
 
 
 def generate_with_video_tokens(

@@ -25,7 +25,7 @@ def damaged_run(offline_dir, tmp_path_factory):
         yaml_file.write_text(yaml_file.read_text().replace(str(offline_dir), str(root)))
     proc = run_module("dycoke_eval", f"results_dir={results}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (cell,) = [p for p in (results / "default").iterdir() if not p.name.startswith(".")]  # .hydra holds Hydra's logs
+    (cell,) = (results / "cells").iterdir()
     return cell, proc
 
 

@@ -36,6 +36,7 @@ class CompressionMethod:
     """Base class: the identity method. Subclasses are dataclasses configured from `conf/method/`."""
 
     name: str = "base"
+    reuses_encoder_outputs: bool = True  # False for methods that need the encoder's internals (PruMerge)
 
     def validate_for(self, model_config: Any) -> None:
         """Raise ValueError naming the bad setting if the method cannot run on this model."""

@@ -78,6 +78,7 @@ class PruMerge(CompressionMethod):
     score_source: str = "mean_received"  # mean_received | pooling_head
     neighbours: int = 32
     name: str = "prumerge"
+    reuses_encoder_outputs: bool = False  # its scores come from the encoder's attention, captured while it runs
     _captured: dict[str, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
     _stats: dict[str, Any] = field(init=False, repr=False, default_factory=dict)
 

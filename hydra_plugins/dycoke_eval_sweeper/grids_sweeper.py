@@ -1,0 +1,99 @@
+"""`hydra/sweeper=grids`: Hydra's basic sweeper over a union of grids instead of one product.
+
+A paper table is not one Cartesian product (72B has no K=0.3 and uses FastV at 45%), so a sweep
+lists several grids. `params` applies to every grid, and each grid's cells are the product of
+its own values. Command-line overrides *narrow* the sweep: for a key that a grid sets, only the
+cells with a matching value are kept (`model=llava_ov_0.5b` drops the 7B and 72B cells); other
+overrides apply to every cell (`limit=50`). Cells are ordered by model and frame count, so the
+basic launcher, which runs jobs in one process, loads each checkpoint once. Launching is left to
+the configured launcher (basic, joblib, submitit_slurm, ...).
+"""
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional  # noqa: UP035 - the dataclass needs typing types for OmegaConf
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+GROUPING_KEYS = ("model", "frames")  # cells sharing these run next to each other
+
+
+@dataclass
+class GridsSweeperConf:
+    _target_: str = "hydra_plugins.dycoke_eval_sweeper.grids_sweeper.GridsSweeper"
+    max_batch_size: Optional[int] = None  # noqa: UP045
+    params: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
+    grids: List[Any] = field(default_factory=list)  # noqa: UP006
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="dycoke_eval")
+
+
+def _choices(parser: OverridesParser, assignments: list[str]) -> dict[str, list[str]]:
+    """{key: [value strings]} for `key=a,b` style assignments (sweeps expanded, plain values kept)."""
+    choices: dict[str, list[str]] = {}
+    for override in parser.parse_overrides(assignments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            choices[key] = list(override.sweep_string_iterator())
+        else:
+            choices[key] = [override.get_value_element_as_str()]
+    return choices
+
+
+def expand_grids(
+    parser: OverridesParser, params: dict[str, Any] | None, grids: list[dict[str, Any]], arguments: list[str]
+) -> list[list[str]]:
+    """Every cell of the sweep as a list of `key=value` overrides, narrowed by `arguments`, grouped by model."""
+    common = [f"{k}={v}" for k, v in (params or {}).items()]
+    narrowing = _choices(parser, arguments)
+    cells: list[list[str]] = []
+    for grid in grids:
+        values = _choices(parser, common + [f"{k}={v}" for k, v in grid.items()])
+        for key, allowed in narrowing.items():
+            if key in values:
+                values[key] = [value for value in values[key] if value in allowed]
+            else:
+                values[key] = allowed
+        for combination in itertools.product(*values.values()):
+            cell = [f"{key}={value}" for key, value in zip(values, combination, strict=True)]
+            if cell not in cells:
+                cells.append(cell)
+
+    def grouping(cell: list[str]) -> tuple[str, ...]:
+        settings = dict(assignment.split("=", 1) for assignment in cell)
+        return tuple(settings.get(key, "") for key in GROUPING_KEYS)
+
+    return sorted(cells, key=grouping)  # stable: the grid order is kept within a group
+
+
+class GridsSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None, grids: list | None = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.grids = [dict(grid) for grid in OmegaConf.to_container(grids)] if grids is not None else [{}]
+
+    def sweep(self, arguments: list[str]) -> Any:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        cells = expand_grids(parser, self.params, self.grids, arguments)
+        self.overrides = list(self.split_overrides_to_chunks(cells, self.max_batch_size))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        print(f"sweep: {len(cells)} cells")
+        returns, initial_job_idx = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            tic = time.perf_counter()
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            for result in results:
+                _ = result.return_value  # raise if a job failed
+            initial_job_idx += len(batch)
+            returns.append(results)
+            print(f"sweep: batch of {len(batch)} cells done in {time.perf_counter() - tic:.1f} s")
+        return returns
