@@ -2,7 +2,10 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install smoke test
+TABLES := 1 2 3 4 5 6 7
+REPRODUCE := $(addprefix reproduce-table,$(TABLES))
+
+.PHONY: install smoke test $(REPRODUCE)
 
 install:  ## create $(VENV) and install the package with its test extra
 	python3 -m venv $(VENV)
@@ -14,3 +17,6 @@ smoke:  ## the offline default: tiny model, fixture tasks, results under results
 
 test:  ## the test suite (offline, CPU)
 	$(PYTHON) -m pytest -q
+
+$(REPRODUCE): reproduce-table%:  ## a paper table's sweep (GPUs and benchmark data; README "Reproducing the tables"); ARGS= narrows it
+	$(PYTHON) -m dycoke_eval +sweep=table$* $(ARGS)

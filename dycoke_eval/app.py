@@ -100,6 +100,7 @@ def run_cell(cfg: DictConfig) -> Path:
         device=cfg.model.device,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
+        device_map=cfg.model.get("device_map"),
         max_new_tokens=cfg.max_new_tokens,
         journal=str(cell_dir / "journal.jsonl"),
     )

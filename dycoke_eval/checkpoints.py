@@ -23,6 +23,7 @@ class CheckpointKey:
     device: str
     dtype: str
     attn_implementation: str
+    device_map: str | None = None
 
 
 @dataclass
@@ -57,12 +58,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return resolved
 
 
-def load_checkpoint(pretrained: str, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa") -> LoadedCheckpoint:
-    """Load (or reuse) a checkpoint; only one is kept so that switching models frees memory."""
+def load_checkpoint(
+    pretrained: str, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map: str | None = None
+) -> LoadedCheckpoint:
+    """Load (or reuse) a checkpoint; only one is kept so that switching models frees memory.
+
+    `device_map` (e.g. "auto") spreads a model too large for one GPU over all visible GPUs.
+    """
     global _loaded, LOAD_COUNT
     from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-    key = CheckpointKey(str(pretrained), device, str(dtype), attn_implementation)
+    key = CheckpointKey(str(pretrained), device, str(dtype), attn_implementation, device_map)
     if _loaded is not None and _loaded.key == key:
         return _loaded
     _loaded = None
@@ -73,9 +79,11 @@ def load_checkpoint(pretrained: str, device: str, dtype: torch.dtype, attn_imple
             "LLaVA-OneVision checkpoints such as llava-hf/llava-onevision-qwen2-7b-ov-hf"
         )
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        pretrained, dtype=dtype, attn_implementation=attn_implementation
+        pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
     )
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     processor = AutoProcessor.from_pretrained(pretrained)
     LOAD_COUNT += 1
     _loaded = LoadedCheckpoint(key=key, model=model, processor=processor)

@@ -65,6 +65,7 @@ class LlavaOneVisionCompressed(lmms):
         max_batch_size: int | None = None,
         max_new_tokens: int | None = None,
         journal: str | None = None,
+        device_map: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -87,8 +88,11 @@ class LlavaOneVisionCompressed(lmms):
             self._world_size = self.accelerator.num_processes
             if device.startswith("cuda"):
                 device = f"cuda:{self.accelerator.local_process_index}"
-        self._device = torch.device(device)
-        self.checkpoint: LoadedCheckpoint = load_checkpoint(pretrained, device, resolve_dtype(dtype, device), attn_implementation)
+        self.checkpoint: LoadedCheckpoint = load_checkpoint(
+            pretrained, device, resolve_dtype(dtype, device), attn_implementation, device_map or None
+        )
+        # With a device map the inputs go where the model's first layers are.
+        self._device = self.checkpoint.model.device if device_map else torch.device(device)
         self.method.validate_for(self.checkpoint.model.config)
         self.pretrained = pretrained
         self.sample_records: list[SampleRecord] = []
