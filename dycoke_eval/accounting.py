@@ -1,4 +1,4 @@
-"""FLOPs by the DyCoke supplementary's eq. 8, counted over the visual tokens (as Table 1 does).
+"""FLOPs by the DyCoke supplementary's eq. 8, counted over the visual tokens (as Table 1 does), and run plans.
 
 Per layer with n tokens, hidden d and FFN width m: prefill 4nd^2 + 2n^2d + 2ndm; decoding R
 tokens: R((4d^2 + 2dm) + 2(dn + d(R+1)/2)). A method is described by the number of visual
@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
 
 DECODED_TOKENS = 100  # R in eq. 8
+PLAN_COLUMNS = ("model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio")
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,42 @@ def fastv_flops(tokens: float, layer: int, ratio: float, dims: LanguageModelDims
     """Layers before `layer` see all tokens in prefill; the rest, and decoding, see `ratio` of them."""
     prefill = [tokens] * layer + [tokens * ratio] * (dims.layers - layer)
     return total_flops(prefill, [tokens * ratio] * dims.layers, dims)
+
+
+def plan_row(cfg) -> dict[str, object]:
+    """One row of a sweep's plan: the cell's settings, retained ratio, TFLOPs and FLOPs ratio to full.
+
+    Methods say how many visual tokens each layer sees (`planned_visual_tokens`); this function
+    turns that into eq. 8 FLOPs, so every method is counted the same way.
+    """
+    from hydra.utils import instantiate
+
+    method = instantiate(cfg.method)
+    dims = LanguageModelDims(**cfg.model.accounting)
+    prefill, decode = method.planned_visual_tokens(cfg.frames, cfg.model.tokens_per_frame, dims.layers)
+    flops = total_flops(prefill, decode, dims)
+    full = uniform_flops(cfg.frames * cfg.model.tokens_per_frame, dims)
+    settings = {k: v for k, v in method.describe().items() if k not in ("name", "paper_retained_ratio")}
+    return {
+        "model": cfg.model.name,
+        "method": method.name,
+        "k": settings.pop("k", None),
+        "l": settings.pop("l", None),
+        "p": settings.pop("p", None),
+        "frames": cfg.frames,
+        "retained_ratio": method.planned_retained_ratio(),
+        "tflops": flops / 1e12,
+        "flops_ratio": flops / full,
+        **settings,
+    }
+
+
+def write_plan(configs: list, path: Path) -> pd.DataFrame:
+    """Print the plan of these cells as a table and write it to `path` (CSV); returns it."""
+    plan = pd.DataFrame([plan_row(cfg) for cfg in configs])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.to_csv(path, index=False)
+    shown = plan.drop(columns=[c for c in plan.columns if plan[c].nunique(dropna=False) <= 1 and c not in PLAN_COLUMNS])
+    print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"plan: {path}")
+    return plan

@@ -157,6 +157,11 @@ def _gather_records(lm) -> list[dict[str, Any]]:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        run_cell(cfg)
+        if cfg.dry_run:  # a single cell's plan; sweeps plan all their cells in the grids sweeper
+            from dycoke_eval.accounting import write_plan
+
+            write_plan([cfg], Path(cfg.results_dir) / cfg.run_name / "plan.csv")
+        else:
+            run_cell(cfg)
     except ConfigError as error:
         sys.exit(f"dycoke_eval: configuration error:\n{error}")

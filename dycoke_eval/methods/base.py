@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+IMPLEMENTATION_FLAGS = {"reference_masking"}  # how a method computes, not what it does: not recorded as a setting
 
 
 @dataclass
@@ -36,7 +38,7 @@ class CompressionMethod:
     """Base class: the identity method. Subclasses are dataclasses configured from `conf/method/`."""
 
     name: str = "base"
-    reuses_encoder_outputs: bool = True  # False for methods that need the encoder's internals (PruMerge)
+    reuses_encoder_outputs: ClassVar[bool] = True  # False for methods that need the encoder's internals (PruMerge)
 
     def validate_for(self, model_config: Any) -> None:
         """Raise ValueError naming the bad setting if the method cannot run on this model."""
@@ -53,7 +55,16 @@ class CompressionMethod:
     def during_generation(self, context: GenerationContext) -> Iterator[None]:
         yield
 
+    def planned_visual_tokens(self, frames: int, tokens_per_frame: int, layers: int) -> tuple[list[float], list[float]]:
+        """Visual tokens each LLM layer sees in prefill and in decoding, for FLOPs accounting before a run."""
+        visual = float(frames * tokens_per_frame)
+        return [visual] * layers, [visual] * layers
+
+    def planned_retained_ratio(self) -> float:
+        """The fraction of visual tokens the method keeps, as the paper reports it."""
+        return 1.0
+
     def describe(self) -> dict[str, Any]:
         """The method's settings, recorded with every result."""
-        settings = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in IMPLEMENTATION_FLAGS}
         return {"name": self.name, **settings}

@@ -115,10 +115,17 @@ class DyCoke(CompressionMethod):
             paper_retained_ratio=self.paper_retained_ratio(),
         )
 
+    def planned_visual_tokens(self, frames: int, tokens_per_frame: int, layers: int) -> tuple[list[float], list[float]]:
+        """As the paper's Table 1 counts it: every layer sees the TTM output (decode-time pruning is not counted)."""
+        kept = float(ttm_keep_indices(torch.zeros(frames, tokens_per_frame, 1), self.k, self.mode).numel())
+        return [kept] * layers, [kept] * layers
+
+    def planned_retained_ratio(self) -> float:
+        return self.paper_retained_ratio()
+
     def paper_retained_ratio(self) -> float:
         """The paper's formula: (1/4 + 3/4 (1-K)) (1-P) of the visual tokens."""
         return (1 / 4 + 3 / 4 * (1 - self.k)) * (1 - self.p)
 
     def describe(self) -> dict[str, Any]:
-        settings = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "reference_masking"}
-        return {**settings, "paper_retained_ratio": self.paper_retained_ratio()}
+        return {**super().describe(), "paper_retained_ratio": self.paper_retained_ratio()}

@@ -42,6 +42,14 @@ class FastV(CompressionMethod):
         if self.layer >= layers:
             raise ConfigError(f"layer={self.layer}: the language model has {layers} layers; choose 1 <= layer < {layers}")
 
+    def planned_visual_tokens(self, frames: int, tokens_per_frame: int, layers: int) -> tuple[list[float], list[float]]:
+        visual = float(frames * tokens_per_frame)
+        kept = visual * self.ratio
+        return [visual] * self.layer + [kept] * (layers - self.layer), [kept] * layers
+
+    def planned_retained_ratio(self) -> float:
+        return self.ratio
+
     @contextlib.contextmanager
     def during_generation(self, context: GenerationContext) -> Iterator[None]:
         span = (context.visual_start, context.visual_start + context.visual_length)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -77,8 +77,9 @@ class PruMerge(CompressionMethod):
     variant: str = "base"  # base | plus
     score_source: str = "mean_received"  # mean_received | pooling_head
     neighbours: int = 32
+    planned_ratio: float = 0.55  # for plans before a run: the paper's reported ratio (the real one is adaptive)
     name: str = "prumerge"
-    reuses_encoder_outputs: bool = False  # its scores come from the encoder's attention, captured while it runs
+    reuses_encoder_outputs: ClassVar[bool] = False  # its scores come from the encoder's attention, captured while it runs
     _captured: dict[str, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
     _stats: dict[str, Any] = field(init=False, repr=False, default_factory=dict)
 
@@ -94,6 +95,13 @@ class PruMerge(CompressionMethod):
                 "score_source=pooling_head needs SigLIP's attention-pooling head, which this checkpoint's vision "
                 "tower does not have (vision_use_head=false); use score_source=mean_received"
             )
+
+    def planned_visual_tokens(self, frames: int, tokens_per_frame: int, layers: int) -> tuple[list[float], list[float]]:
+        kept = float(frames * tokens_per_frame) * self.planned_ratio
+        return [kept] * layers, [kept] * layers
+
+    def planned_retained_ratio(self) -> float:
+        return self.planned_ratio
 
     @contextlib.contextmanager
     def during_vision_encoding(self, model: Any) -> Iterator[None]:

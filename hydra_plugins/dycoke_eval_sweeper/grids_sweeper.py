@@ -77,6 +77,14 @@ class GridsSweeper(BasicSweeper):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(grid) for grid in OmegaConf.to_container(grids)] if grids is not None else [{}]
 
+    def _write_plan(self, cells: list[list[str]]) -> list:
+        """dry_run=true: each cell's plan row (dycoke_eval.accounting), as a table and a CSV; nothing is launched."""
+        from dycoke_eval.accounting import write_plan
+
+        configs = [self.hydra_context.config_loader.load_sweep_config(self.config, cell) for cell in cells]
+        write_plan(configs, Path(self.config.results_dir) / self.config.run_name / "plan.csv")
+        return []
+
     def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         cells = expand_grids(parser, self.params, self.grids, arguments)
@@ -85,6 +93,8 @@ class GridsSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         print(f"sweep: {len(cells)} cells")
+        if self.config.get("dry_run"):
+            return self._write_plan(cells)
         returns, initial_job_idx = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
