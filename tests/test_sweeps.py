@@ -113,6 +113,8 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_matches_an_uninterrupted_ru
     lines = status_lines(whole_output)
     assert len(lines) == 2 and all(line.endswith("checkpoint loads in this process: 1") for line in lines)
     assert "0 encoder-cache hits" not in lines[1]  # the second method reuses the first one's encoded videos
+    for table in (1, 2):  # the sweep ends by rendering the paper tables it has data for
+        assert "| tiny" in (tmp_path / "whole" / "report" / f"table{table}.md").read_text()
 
     interrupted = sweep_process(tmp_path / "resumed", offline_dir)
     deadline = time.time() + 300

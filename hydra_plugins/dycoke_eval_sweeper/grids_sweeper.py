@@ -106,4 +106,13 @@ class GridsSweeper(BasicSweeper):
             initial_job_idx += len(batch)
             returns.append(results)
             print(f"sweep: batch of {len(batch)} cells done in {time.perf_counter() - tic:.1f} s")
+        self._render_report()
         return returns
+
+    def _render_report(self) -> None:
+        """A paper table's sweep renders that table; other sweeps render every table they have data for."""
+        from dycoke_eval.report import render_report
+
+        name = str(self.config.run_name)
+        tables = [int(name.removeprefix("table"))] if name.removeprefix("table").isdigit() else None
+        render_report(Path(self.config.results_dir), tables)

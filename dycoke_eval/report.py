@@ -1,0 +1,200 @@
+"""Our results in the paper's table layout, our value beside the paper's and the difference.
+
+    python -m dycoke_eval.report RESULTS_DIR [--tables 1 2]
+
+Reads every cell under RESULTS_DIR/cells and the paper's numbers in results/paper/, and writes
+RESULTS_DIR/report/tableN.{md,tex,csv} for every table it has data for. Rows follow the paper
+(model groups, then methods); a model the paper does not have (the tiny offline model) gets
+its own group. Columns are the table's metrics, each as ours / paper / difference. Best and
+second-best among the pruning methods (every row but full tokens) are marked per model and
+metric, bold and underlined as in the paper; a value we do not have is a dash. FLOPs columns
+come from `accounting.plan_row`, so ours are the eq. 8 cost of the cell that was run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from dycoke_eval.accounting import plan_row
+
+PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
+SETTINGS = ("model", "method", "k", "l", "p", "frames")
+PLANNED = {"retained_ratio", "tflops", "flops_ratio"}  # from accounting.plan_row, not measured
+MVBENCH_CODES = {
+    "action_sequence": "AS", "action_prediction": "AP", "action_antonym": "AA", "fine_grained_action": "FA",
+    "unexpected_action": "UA", "object_existence": "OE", "object_interaction": "OI", "object_shuffle": "OS",
+    "moving_direction": "MD", "action_localization": "AL", "scene_transition": "ST", "action_count": "AC",
+    "moving_count": "MC", "moving_attribute": "MA", "state_change": "SC", "fine_grained_pose": "FP",
+    "character_order": "CO", "egocentric_navigation": "EN", "episodic_reasoning": "ER", "counterfactual_inference": "CI",
+}  # fmt: skip
+TASK_METRICS = {  # task (fixture_ prefix and _deferred suffix dropped) -> [(lmms-eval metric, column, scale)]
+    "activitynetqa": [("gpt_eval_accuracy", "activitynetqa_acc", 1), ("gpt_eval_score", "activitynetqa_score", 1)],
+    "nextqa_mc_test": [("exact_match", "nextqa_mc", 100)],
+    "perceptiontest_val_mc": [("accuracy", "perceptiontest_val", 100)],
+    "video_dc499": [("gpt_eval_score", "videodc", 1)],
+    "videomme": [("videomme_perception_score", "videomme_wo_sub", 1)],
+    "videomme_w_subtitle": [("videomme_perception_score", "videomme_w_sub", 1)],
+    **{f"mvbench_{name}": [("mvbench_accuracy", code, 1)] for name, code in MVBENCH_CODES.items()},
+}
+LOWER_IS_BETTER = {"tflops", "flops_ratio", "retained_ratio", "total_latency_s", "gpu_memory_gb", "latency_per_example_s",
+                   "decode_ms_per_token", "params", "accuracy_std"}  # fmt: skip
+NOT_RANKED = {"retained_ratio", "flops_ratio", "tflops", "params", "accuracy_std", "speedup"}
+
+
+def cell_rows(results_dir: Path) -> pd.DataFrame:
+    """One row per finished cell: its settings, its plan figures and its metrics in the paper's columns."""
+    rows = []
+    for run_file in sorted((results_dir / "cells").glob("*/run.json")):
+        run = json.loads(run_file.read_text())
+        if not run.get("complete"):
+            continue
+        config = OmegaConf.create(run["config"])
+        if "accounting" not in config.model:
+            print(f"report: skipped {run_file.parent.name}: written before FLOPs accounting existed (re-run it with force=true)")
+            continue
+        plan = plan_row(config)
+        row = {key: plan[key] for key in ("model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio")}
+        results = json.loads((run_file.parent / "results.json").read_text())["results"]
+        for task, metrics in results.items():
+            for metric, column, scale in TASK_METRICS.get(task.removeprefix("fixture_").removesuffix("_deferred"), []):
+                value = metrics.get(f"{metric},none")
+                row[column] = value * scale if isinstance(value, (int, float)) else math.nan
+        codes = [code for code in MVBENCH_CODES.values() if code in row]
+        if len(codes) == len(MVBENCH_CODES):  # the paper's average is over all 20 subtasks
+            row["avg"] = sum(row[code] for code in codes) / len(codes)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _key(frame: pd.DataFrame) -> pd.Series:
+    def one(row) -> tuple:
+        return tuple(
+            None if pd.isna(row.get(s)) else (round(float(row[s]), 4) if s in ("k", "l", "p") else row[s]) for s in SETTINGS
+        )
+
+    return frame.apply(one, axis=1)
+
+
+def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR) -> pd.DataFrame | None:
+    """The table as numbers: rows in the paper's order, columns (metric, ours|paper|diff); None without data."""
+    paper = pd.read_csv(paper_dir / f"table{table}.csv")
+    metrics = [c for c in paper.columns if c not in (*SETTINGS, "table", "row")]
+    measured = set(metrics) - PLANNED  # plan figures exist for every cell; a table needs one of its measured metrics
+    if ours.empty or not measured & set(ours.columns) or ours[list(measured & set(ours.columns))].isna().all().all():
+        return None
+    paper_models = list(dict.fromkeys(paper.model))
+    paper["key"], ours = _key(paper), ours.assign(key=_key(ours))
+    extra = ours[~ours.model.isin(paper_models)]  # models the paper does not have, e.g. the tiny offline model
+    template = paper[paper.model == paper_models[0]]
+    rows = []
+    for model in paper_models + list(dict.fromkeys(extra.model)):
+        group = (
+            paper[paper.model == model]
+            if model in paper_models
+            else template.assign(model=model, **dict.fromkeys(metrics, math.nan))
+        )
+        for _, paper_row in group.iterrows():
+            if model in paper_models:
+                match = ours[ours.key.map(lambda key, wanted=paper_row.key: key == wanted)]
+            else:  # same method and settings (method, k, l, p), any frame count
+                match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:5] == wanted[1:5])]
+            our_row = match.iloc[-1] if len(match) else pd.Series(dtype=object)
+            row = {("", "model"): model, ("", "method"): paper_row["row"]}
+            for metric in metrics:
+                mine, theirs = our_row.get(metric, math.nan), paper_row.get(metric, math.nan)
+                row[(metric, "ours")], row[(metric, "paper")] = mine, theirs
+                row[(metric, "diff")] = (
+                    mine - theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) else math.nan
+                )
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    return frame
+
+
+def marks(frame: pd.DataFrame) -> dict[tuple[int, tuple[str, str]], str]:
+    """{(row, column): 'best' | 'second'} among pruning methods, per model and metric, for ours and the paper's values."""
+    found = {}
+    pruning = ~frame[("", "method")].str.startswith("Full")
+    for _, group in frame[pruning].groupby(frame[("", "model")]):
+        for metric, source in [c for c in frame.columns if c[1] in ("ours", "paper") and c[0] not in NOT_RANKED]:
+            values = group[(metric, source)].dropna()
+            ranked = values.sort_values(ascending=metric in LOWER_IS_BETTER).drop_duplicates()
+            for place, label in zip(ranked.index[:2], ("best", "second"), strict=False):
+                for row in values[values == ranked[place]].index:
+                    found[(row, (metric, source))] = label
+    return found
+
+
+def _format(metric: str, value: float, signed: bool) -> str:
+    sign = "+" if signed else ""
+    if metric.endswith("ratio"):
+        return f"{value * 100:{sign}.2f}%"
+    if metric == "tflops":
+        return f"{value:{sign}.4g}"
+    return f"{value:{sign}.2f}"
+
+
+def render(frame: pd.DataFrame, style: str) -> pd.DataFrame:
+    """Numbers as text: a dash where missing, best bold and second underlined ('md' or 'tex')."""
+    found = marks(frame)
+    wrap = {"md": {"best": "**{}**", "second": "<u>{}</u>"}, "tex": {"best": r"\textbf{{{}}}", "second": r"\underline{{{}}}"}}[
+        style
+    ]
+    text = frame.astype(object).copy()
+    for column in frame.columns:
+        if column[0] == "":
+            continue
+        for row, value in frame[column].items():
+            if not isinstance(value, (int, float)) or math.isnan(value):
+                text.loc[row, column] = "-"
+                continue
+            shown = _format(column[0], value, signed=column[1] == "diff")
+            text.loc[row, column] = wrap[found[(row, column)]].format(shown) if (row, column) in found else shown
+    return text
+
+
+def write_table(table: int, frame: pd.DataFrame, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flat = [" ".join(part for part in column if part) for column in frame.columns]
+    markdown = render(frame, "md").set_axis(flat, axis=1).to_markdown(index=False)
+    (out_dir / f"table{table}.md").write_text(f"# Table {table}\n\n{markdown}\n")
+    (out_dir / f"table{table}.tex").write_text(render(frame, "tex").set_axis(flat, axis=1).to_latex(index=False))
+    frame.set_axis(flat, axis=1).to_csv(out_dir / f"table{table}.csv", index=False, na_rep="-")
+    return markdown
+
+
+def render_report(results_dir: Path, tables: list[int] | None = None, paper_dir: Path = PAPER_DIR) -> dict[int, pd.DataFrame]:
+    """Write every table with data under results_dir/report; returns the tables written."""
+    ours = cell_rows(results_dir)
+    written = {}
+    for table in tables or sorted(int(p.stem.removeprefix("table")) for p in paper_dir.glob("table*.csv")):
+        frame = build_table(table, ours, paper_dir)
+        if frame is not None:
+            markdown = write_table(table, frame, results_dir / "report")
+            print(f"\nTable {table} ({results_dir / 'report' / f'table{table}.md'}):\n{markdown}")
+            written[table] = frame
+    if not written:
+        print(f"report: no finished cell under {results_dir / 'cells'} has a metric of any paper table")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dycoke_eval.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results_dir", type=Path)
+    parser.add_argument("--tables", type=int, nargs="*", help="only these tables (default: every table with data)")
+    args = parser.parse_args(argv)
+    render_report(args.results_dir, args.tables)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

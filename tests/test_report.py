@@ -1,0 +1,76 @@
+"""The report: the paper's layout, our values beside the paper's, marks and dashes, from hand-made cells."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dycoke_eval.config import CONF_DIR
+from dycoke_eval.report import render, render_report
+
+QA = {"activitynetqa_deferred": {"gpt_eval_accuracy,none": 50.0, "gpt_eval_score,none": 2.8},
+      "nextqa_mc_test": {"exact_match,none": 0.78}, "videomme": {"videomme_perception_score,none": 58.0}}  # fmt: skip
+
+
+def write_cell(results_dir, name, overrides, metrics):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["tasks=table1", *overrides])
+    cell = results_dir / "cells" / name
+    cell.mkdir(parents=True)
+    (cell / "run.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "complete": True}))
+    (cell / "results.json").write_text(json.dumps({"results": metrics}))
+
+
+@pytest.fixture
+def report(tmp_path):
+    write_cell(tmp_path, "full", ["model=llava_ov_7b", "method=full"], QA)
+    nextqa = lambda v: {**QA, "nextqa_mc_test": {"exact_match,none": v}}  # noqa: E731
+    write_cell(tmp_path, "fastv", ["model=llava_ov_7b", "method=fastv"], nextqa(0.70))
+    write_cell(tmp_path, "dycoke", ["model=llava_ov_7b", "method=dycoke", "method.k=0.7"], nextqa(0.75))
+    write_cell(tmp_path, "prumerge", ["model=llava_ov_7b", "method=prumerge"], nextqa(0.60))
+    write_cell(tmp_path, "unfinished", ["model=llava_ov_7b", "method=dycoke", "method.k=0.5"], nextqa(0.99))
+    (tmp_path / "cells" / "unfinished" / "run.json").write_text(json.dumps({"complete": False}))
+    return tmp_path, render_report(tmp_path)
+
+
+def rows(frame, model):
+    return frame[frame[("", "model")] == model].set_index(("", "method"))
+
+
+def test_tables_with_data_are_rendered_in_the_papers_row_order(report):
+    _, tables = report
+    assert 1 in tables and 5 in tables and 2 not in tables  # no MVBench cell, so no Table 2
+    table1 = tables[1]
+    assert list(dict.fromkeys(table1[("", "model")])) == ["llava_ov_0.5b", "llava_ov_7b", "llava_ov_72b"]
+    assert list(rows(table1, "llava_ov_7b").index) == ["Full Tokens", "FastV", "PruMerge", "Ours ($K=0.3, L=3, P=0.7$)",
+                                                       "Ours ($K=0.5, L=3, P=0.7$)", "Ours ($K=0.7, L=3, P=0.7$)"]  # fmt: skip
+
+
+def test_each_metric_shows_ours_the_papers_and_the_difference(report):
+    seven = rows(report[1][1], "llava_ov_7b")
+    dycoke = seven.loc["Ours ($K=0.7, L=3, P=0.7$)"]
+    assert dycoke[("nextqa_mc", "ours")] == pytest.approx(75.0) and dycoke[("nextqa_mc", "paper")] == 78.2
+    assert dycoke[("nextqa_mc", "diff")] == pytest.approx(75.0 - 78.2)
+    assert dycoke[("tflops", "ours")] == pytest.approx(17.86, abs=0.01)
+    assert dycoke[("retained_ratio", "ours")] == pytest.approx(0.1425)
+
+
+def test_best_and_second_best_among_pruning_methods_are_marked_and_missing_values_are_dashes(report):
+    text = render(report[1][1], "md")
+    seven = text[text[("", "model")] == "llava_ov_7b"].set_index(("", "method"))
+    assert seven.loc["Ours ($K=0.7, L=3, P=0.7$)", ("nextqa_mc", "ours")] == "**75.00**"
+    assert seven.loc["FastV", ("nextqa_mc", "ours")] == "<u>70.00</u>"
+    assert seven.loc["PruMerge", ("nextqa_mc", "ours")] == "60.00"
+    assert seven.loc["Full Tokens", ("nextqa_mc", "ours")] == "78.00"  # full tokens is never ranked
+    assert seven.loc["Ours ($K=0.5, L=3, P=0.7$)", ("nextqa_mc", "ours")] == "-"  # its cell never finished
+    assert seven.loc["FastV", ("videodc", "ours")] == "-"
+
+
+def test_markdown_latex_and_csv_are_written(report):
+    results_dir, _ = report
+    out = results_dir / "report"
+    assert "| llava_ov_7b" in (out / "table1.md").read_text()
+    assert r"\textbf{75.00}" in (out / "table1.tex").read_text()
+    csv = (out / "table1.csv").read_text().splitlines()
+    assert csv[0].startswith("model,method,retained_ratio ours,retained_ratio paper") and ",-," in csv[1]
