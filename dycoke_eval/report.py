@@ -3,7 +3,8 @@
     python -m dycoke_eval.report RESULTS_DIR [--tables 1 2]
 
 Reads every cell under RESULTS_DIR/cells and the paper's numbers in results/paper/, and writes
-RESULTS_DIR/report/tableN.{md,tex,csv} for every table it has data for. Rows follow the paper
+RESULTS_DIR/report/tableN.{md,tex,csv} for every table it has data for, and a PNG per model of
+accuracy against TFLOPs with its data (`plots.py`). Rows follow the paper
 (model groups, then methods); a model the paper does not have (the tiny offline model) gets
 its own group. Columns are the table's metrics, each as ours / paper / difference. Best and
 second-best among the pruning methods (every row but full tokens) are marked per model and
@@ -22,6 +23,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from dycoke_eval.accounting import plan_row
+from dycoke_eval.plots import plot_accuracy_vs_flops
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 SETTINGS = ("model", "method", "k", "l", "p", "frames")
@@ -81,10 +83,15 @@ def _key(frame: pd.DataFrame) -> pd.Series:
     return frame.apply(one, axis=1)
 
 
-def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR) -> pd.DataFrame | None:
-    """The table as numbers: rows in the paper's order, columns (metric, ours|paper|diff); None without data."""
+def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, with_tflops: bool = False) -> pd.DataFrame | None:
+    """The table as numbers: rows in the paper's order, columns (metric, ours|paper|diff); None without data.
+
+    `with_tflops` adds our planned TFLOPs where the paper's layout has none (for plots).
+    """
     paper = pd.read_csv(paper_dir / f"table{table}.csv")
     metrics = [c for c in paper.columns if c not in (*SETTINGS, "table", "row")]
+    if with_tflops and "tflops" not in metrics:
+        metrics.insert(0, "tflops")
     measured = set(metrics) - PLANNED  # plan figures exist for every cell; a table needs one of its measured metrics
     if ours.empty or not measured & set(ours.columns) or ours[list(measured & set(ours.columns))].isna().all().all():
         return None
@@ -178,6 +185,7 @@ def render_report(results_dir: Path, tables: list[int] | None = None, paper_dir:
         frame = build_table(table, ours, paper_dir)
         if frame is not None:
             markdown = write_table(table, frame, results_dir / "report")
+            plot_accuracy_vs_flops(table, build_table(table, ours, paper_dir, with_tflops=True), results_dir / "report")
             print(f"\nTable {table} ({results_dir / 'report' / f'table{table}.md'}):\n{markdown}")
             written[table] = frame
     if not written:

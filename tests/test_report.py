@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -74,3 +75,14 @@ def test_markdown_latex_and_csv_are_written(report):
     assert r"\textbf{75.00}" in (out / "table1.tex").read_text()
     csv = (out / "table1.csv").read_text().splitlines()
     assert csv[0].startswith("model,method,retained_ratio ours,retained_ratio paper") and ",-," in csv[1]
+
+
+def test_accuracy_against_tflops_is_plotted_per_model_with_its_data(report):
+    results_dir, _ = report
+    png = results_dir / "report" / "table1_llava_ov_7b_accuracy_vs_tflops.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = pd.read_csv(png.with_suffix(".csv"))
+    ours = points[points.source == "ours"].set_index("method")
+    assert set(ours.index) == {"Full Tokens", "FastV", "PruMerge", "Ours ($K=0.7, L=3, P=0.7$)"}
+    assert ours.loc["FastV", "accuracy"] == pytest.approx((50.0 + 70.0 + 58.0) / 3)  # ActNet acc, NExT-QA, VideoMME
+    assert len(points[points.source == "paper"]) == 6
