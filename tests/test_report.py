@@ -30,6 +30,9 @@ def report(tmp_path):
     write_cell(tmp_path, "fastv", ["model=llava_ov_7b", "method=fastv"], nextqa(0.70))
     write_cell(tmp_path, "dycoke", ["model=llava_ov_7b", "method=dycoke", "method.k=0.7"], nextqa(0.75))
     write_cell(tmp_path, "prumerge", ["model=llava_ov_7b", "method=prumerge"], nextqa(0.60))
+    measured = {"nextqa_mc_test": {"method_stats_mean": {"retained_ratio": 0.31}}, "videomme": {"method_stats_mean": {}}}
+    results_file = tmp_path / "cells" / "prumerge" / "results.json"
+    results_file.write_text(json.dumps({**json.loads(results_file.read_text()), "dycoke_eval": measured}))
     write_cell(tmp_path, "unfinished", ["model=llava_ov_7b", "method=dycoke", "method.k=0.5"], nextqa(0.99))
     (tmp_path / "cells" / "unfinished" / "run.json").write_text(json.dumps({"complete": False}))
     return tmp_path, render_report(tmp_path)
@@ -54,7 +57,8 @@ def test_each_metric_shows_ours_the_papers_and_the_difference(report):
     assert dycoke[("nextqa_mc", "ours")] == pytest.approx(75.0) and dycoke[("nextqa_mc", "paper")] == 78.2
     assert dycoke[("nextqa_mc", "diff")] == pytest.approx(75.0 - 78.2)
     assert dycoke[("tflops", "ours")] == pytest.approx(17.86, abs=0.01)
-    assert dycoke[("retained_ratio", "ours")] == pytest.approx(0.1425)
+    assert dycoke[("retained_ratio", "ours")] == pytest.approx(0.1425)  # planned: no measured ratio recorded
+    assert seven.loc["PruMerge", ("retained_ratio", "ours")] == pytest.approx(0.31)  # measured, not the planned 55%
 
 
 def test_best_and_second_best_among_pruning_methods_are_marked_and_missing_values_are_dashes(report):
