@@ -1,0 +1,159 @@
+"""Nightly regression: compare a run's cells with a committed baseline, per method and metric.
+
+    python -m dycoke_eval.nightly compare RESULTS_DIR [--baseline results/baselines/nightly.json] [--run-name nightly]
+    python -m dycoke_eval.nightly refresh RESULTS_DIR [--baseline ...] [--run-name nightly]
+
+A method is identified by its name (full, dycoke, fastv, ...), so a change to its settings or code
+shows up as a moved number. Quality metrics must stay within an absolute band around the
+baseline. Efficiency figures (the share of visual tokens entering the LLM, the achieved retained
+ratio, generate time relative to full in the same run) must stay within their bands too.
+GPT-judged metrics are compared only when a judge is configured; the report says when they are
+skipped. `compare` prints a table of everything that moved and exits 1 on a regression.
+`refresh` writes the baseline from a run and records where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import pandas as pd
+
+from dycoke_eval.provenance import git_state, package_versions
+
+DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "results" / "baselines" / "nightly.json"
+JUDGED_METRICS = ("gpt_eval_score", "gpt_eval_accuracy")
+DEFAULT_BANDS = {  # absolute tolerance by kind of figure
+    "percent": 1.0,  # accuracy in percent points
+    "fraction": 0.01,  # accuracy as a fraction of 1
+    "score": 0.05,  # 0-5 judge scores
+    "visual_token_share": 0.02,
+    "retained_ratio": 0.02,
+    "generate_time_vs_full": 0.25,  # timings are noisy: a wide band
+}
+
+
+def _band_kind(name: str, value: float) -> str:
+    if name in DEFAULT_BANDS:
+        return name
+    if "gpt_eval_score" in name:
+        return "score"
+    return "percent" if abs(value) > 1 else "fraction"
+
+
+def collect(results_dir: Path, run_name: str) -> dict[str, dict[str, float]]:
+    """{method: {figure: value}} over the complete cells of `run_name` under results_dir/cells."""
+    figures: dict[str, dict[str, float]] = {}
+    generate_seconds: dict[str, float] = {}
+    for run_file in sorted((results_dir / "cells").glob("*/run.json")):
+        run = json.loads(run_file.read_text())
+        if not run.get("complete") or run["config"].get("run_name") != run_name:
+            continue
+        method = run["method"]["name"]
+        results = json.loads((run_file.parent / "results.json").read_text())
+        row = {
+            f"{task}/{metric.split(',')[0]}": value
+            for task, metrics in results["results"].items()
+            for metric, value in metrics.items()
+            if isinstance(value, (int, float)) and "_stderr" not in metric and metric not in ("judged", "judge_failed")
+        }
+        summaries = [s for s in results.get("dycoke_eval", {}).values() if s.get("visual_tokens_full_mean")]
+        if summaries:
+            row["visual_token_share"] = mean(s["visual_tokens_in_mean"] / s["visual_tokens_full_mean"] for s in summaries)
+            achieved = [
+                s["method_stats_mean"]["retained_ratio"] for s in summaries if "retained_ratio" in s.get("method_stats_mean", {})
+            ]
+            row["retained_ratio"] = mean(achieved) if achieved else row["visual_token_share"]
+            generate_seconds[method] = mean(s["seconds_mean"].get("generate", 0.0) for s in summaries)
+        figures[method] = row
+    if "full" in generate_seconds and generate_seconds["full"] > 0:
+        for method, seconds in generate_seconds.items():
+            figures[method]["generate_time_vs_full"] = seconds / generate_seconds["full"]
+    return figures
+
+
+def compare(current: dict[str, dict[str, float]], baseline: dict[str, Any], judged: bool) -> tuple[pd.DataFrame, list[str]]:
+    """A row per compared figure (with whether it regressed) and notes on what was not compared."""
+    bands = {**DEFAULT_BANDS, **baseline.get("bands", {})}
+    rows, notes = [], []
+    for method, expected in baseline["methods"].items():
+        if method not in current:
+            rows.append({"method": method, "figure": "(all)", "baseline": None, "now": None, "change": None, "band": None,
+                         "regressed": True})  # fmt: skip
+            continue
+        for figure, before in expected.items():
+            if any(judged_metric in figure for judged_metric in JUDGED_METRICS) and not judged:
+                notes.append(f"{method} {figure}: not compared, no judge configured")
+                continue
+            now = current[method].get(figure)
+            band = bands[_band_kind(figure, before)]
+            change = None if now is None else now - before
+            regressed = now is None or abs(change) > band
+            rows.append({"method": method, "figure": figure, "baseline": before, "now": now, "change": change,
+                         "band": band, "regressed": regressed})  # fmt: skip
+    return pd.DataFrame(rows), notes
+
+
+def refresh(results_dir: Path, run_name: str, path: Path) -> dict[str, Any]:
+    current = collect(results_dir, run_name)
+    if not current:
+        raise SystemExit(f"dycoke_eval.nightly: no complete cell of run {run_name!r} under {results_dir / 'cells'}")
+    baseline = {
+        "source": {
+            "results_dir": str(results_dir),
+            "run_name": run_name,
+            "git": git_state(),
+            "versions": package_versions(),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },  # fmt: skip
+        "bands": DEFAULT_BANDS,
+        "methods": current,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(baseline, indent=2, sort_keys=True))
+    print(f"baseline: {path} ({len(current)} methods, from {results_dir}, commit {baseline['source']['git']['commit']})")
+    return baseline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dycoke_eval.nightly", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=("compare", "refresh"))
+    parser.add_argument("results_dir", type=Path)
+    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    parser.add_argument("--run-name", default="nightly")
+    parser.add_argument("--judged", action=argparse.BooleanOptionalAction, default=bool(os.environ.get("OPENAI_API_KEY")),
+                        help="compare GPT-judged metrics (default: when OPENAI_API_KEY is set)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.command == "refresh":
+        refresh(args.results_dir, args.run_name, args.baseline)
+        return 0
+    if not args.baseline.exists():
+        print(f"dycoke_eval.nightly: no baseline at {args.baseline}; create one with `refresh`", file=sys.stderr)
+        return 2
+    table, notes = compare(collect(args.results_dir, args.run_name), json.loads(args.baseline.read_text()), args.judged)
+    moved = table[table.regressed]
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}") if not table.empty else "nothing to compare")
+    for note in notes:
+        print(f"note: {note}")
+    if len(moved):
+        print(f"\nREGRESSION: {len(moved)} figure(s) moved outside their band:")
+        print(
+            moved[["method", "figure", "baseline", "now", "change", "band"]].to_string(
+                index=False, float_format=lambda x: f"{x:+.4g}"
+            )
+        )
+        return 1
+    print(f"\nno regression: {len(table)} figures within their bands")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
