@@ -32,6 +32,16 @@ def video():
     return synthetic_frames("method-matrix")[:FRAMES]
 
 
+def assert_fast_path_matches_masked_reference(lm, video, method_class, **settings):
+    """Same kept sets, same logits at every step (fp32, 1e-4); returns the fast path's record."""
+    fast, fast_record = run(lm, method_class(**settings), video)
+    reference, reference_record = run(lm, method_class(reference_masking=True, **settings), video)
+    assert fast_record.method_stats == reference_record.method_stats
+    for fast_step, reference_step in zip(fast.logits, reference.logits, strict=True):
+        torch.testing.assert_close(fast_step, reference_step, atol=1e-4, rtol=0)
+    return fast_record
+
+
 def run(lm, method, video):
     lm.method = method
     record = SampleRecord("t", 0)
@@ -53,11 +63,7 @@ def test_every_method_generates_and_leaves_the_model_as_it_found_it(lm, video, n
 @pytest.mark.parametrize("mode", ["paper", "official"])
 @pytest.mark.parametrize("settings", [{"l": 1}, {"l": 2, "one_shot": True}, {"l": 0, "threshold": 1.1}])
 def test_dycoke_pruned_fast_path_gives_the_masked_references_logits(lm, video, mode, settings):
-    fast, fast_record = run(lm, DyCoke(k=0.5, p=0.7, mode=mode, **settings), video)
-    reference, reference_record = run(lm, DyCoke(k=0.5, p=0.7, mode=mode, reference_masking=True, **settings), video)
-    assert fast_record.method_stats == reference_record.method_stats  # the same kept sets
-    for fast_step, reference_step in zip(fast.logits, reference.logits, strict=True):
-        torch.testing.assert_close(fast_step, reference_step, atol=1e-4, rtol=0)
+    assert_fast_path_matches_masked_reference(lm, video, DyCoke, k=0.5, p=0.7, mode=mode, **settings)
 
 
 def test_dycoke_feeds_the_ttm_tokens_to_the_llm_and_prunes_decode_attention(lm, video):
@@ -93,12 +99,8 @@ def test_an_evaluation_layer_beyond_the_model_fails_when_the_model_is_known(tiny
 
 @pytest.mark.parametrize("settings", [{"layer": 5, "ratio": 0.35}, {"layer": 1, "ratio": 0.5}, {"layer": 7, "ratio": 0.1}])
 def test_fastv_dropping_hidden_states_gives_the_masked_references_logits(lm, video, settings):
-    fast, fast_record = run(lm, FastV(**settings), video)
-    reference, reference_record = run(lm, FastV(reference_masking=True, **settings), video)
-    assert fast_record.method_stats == reference_record.method_stats
-    assert fast_record.method_stats["visual_tokens_after_layer"] == int((FRAMES * 16 + 1) * settings["ratio"])
-    for fast_step, reference_step in zip(fast.logits, reference.logits, strict=True):
-        torch.testing.assert_close(fast_step, reference_step, atol=1e-4, rtol=0)
+    record = assert_fast_path_matches_masked_reference(lm, video, FastV, **settings)
+    assert record.method_stats["visual_tokens_after_layer"] == int((FRAMES * 16 + 1) * settings["ratio"])
 
 
 @pytest.mark.parametrize(
