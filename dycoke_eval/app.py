@@ -75,7 +75,7 @@ def run_cell(cfg: DictConfig) -> Path:
 
     from dycoke_eval import checkpoints
     from dycoke_eval.encoder_cache import ENCODER_CACHE
-    from dycoke_eval.results import cell_directory, is_complete, write_cell
+    from dycoke_eval.results import cell_directory, format_efficiency, is_complete, write_cell
 
     cell_dir = cell_directory(cfg)
     if is_complete(cell_dir, cfg) and not cfg.force:
@@ -101,10 +101,18 @@ def run_cell(cfg: DictConfig) -> Path:
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
         device_map=cfg.model.get("device_map"),
+        measure=cfg.measure,
+        random_weights_architecture=cfg.model.architecture if cfg.model.get("random_weights") else None,
         max_new_tokens=cfg.max_new_tokens,
         journal=str(cell_dir / "journal.jsonl"),
     )
-    ENCODER_CACHE.capacity_bytes = int(cfg.encoder_cache_mb * 2**20)
+    if cfg.model.get("random_weights"):
+        print(f"model: {cfg.model.name} with RANDOM weights at real dimensions: latency and memory only, accuracy is meaningless")
+    if cfg.measure:
+        lm.warm_up(cfg.warmup)
+        ENCODER_CACHE.capacity_bytes = 0  # measured cells pay for their own video decode and encoder
+    else:
+        ENCODER_CACHE.capacity_bytes = int(cfg.encoder_cache_mb * 2**20)
     cache_before = (ENCODER_CACHE.hits, ENCODER_CACHE.seconds_saved)
     output = simple_evaluate(
         model=lm,
@@ -121,6 +129,8 @@ def run_cell(cfg: DictConfig) -> Path:
     if lm.rank != 0:
         return Path()
     write_cell(cell_dir, cfg, output, records, method)
+    if cfg.measure:
+        print(format_efficiency(cell_dir.name, records))
     resumed = sum(record["from_journal"] for record in records)
     hits, saved = ENCODER_CACHE.hits - cache_before[0], ENCODER_CACHE.seconds_saved - cache_before[1]
     print(

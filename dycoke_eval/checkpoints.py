@@ -24,6 +24,7 @@ class CheckpointKey:
     dtype: str
     attn_implementation: str
     device_map: str | None = None
+    random_architecture: str | None = None
 
 
 @dataclass
@@ -59,19 +60,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_checkpoint(
-    pretrained: str, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map: str | None = None
+    pretrained: str,
+    device: str,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    device_map: str | None = None,
+    random_architecture: str | None = None,
 ) -> LoadedCheckpoint:
     """Load (or reuse) a checkpoint; only one is kept so that switching models frees memory.
 
     `device_map` (e.g. "auto") spreads a model too large for one GPU over all visible GPUs.
+    `random_architecture` ("0.5b", "7b", "72b") builds that real architecture with random weights
+    instead, without any download: for latency and memory only.
     """
     global _loaded, LOAD_COUNT
     from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-    key = CheckpointKey(str(pretrained), device, str(dtype), attn_implementation, device_map)
+    key = CheckpointKey(str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture)
     if _loaded is not None and _loaded.key == key:
         return _loaded
     _loaded = None
+    if random_architecture:
+        from dycoke_eval.offline.architectures import build_random_llava_onevision
+
+        model, processor = build_random_llava_onevision(random_architecture, dtype, device, attn_implementation)
+        LOAD_COUNT += 1
+        _loaded = LoadedCheckpoint(key=key, model=model, processor=processor)
+        return _loaded
     config = AutoConfig.from_pretrained(pretrained)
     if config.model_type != "llava_onevision":
         raise ConfigError(

@@ -78,9 +78,34 @@ def cell_rows(results_dir: Path) -> pd.DataFrame:
                 row[column] = value * scale if isinstance(value, (int, float)) else math.nan
         codes = [code for code in MVBENCH_CODES.values() if code in row]
         if len(codes) == len(MVBENCH_CODES):  # the paper's average is over all 20 subtasks
-            row["avg"] = sum(row[code] for code in codes) / len(codes)
+            row["avg"] = row["accuracy"] = sum(row[code] for code in codes) / len(codes)
+        row.update(_efficiency_columns(saved.get("dycoke_eval", {})))
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if "latency_per_example_s" in frame:  # speed-up against full tokens of the same model and frames, in this run
+        full = frame[frame.method == "full"].set_index(["model", "frames"]).latency_per_example_s
+        frame["speedup"] = [
+            full.get((m, f), math.nan) / latency
+            for m, f, latency in zip(frame.model, frame.frames, frame.latency_per_example_s, strict=True)
+        ]
+    return frame
+
+
+def _efficiency_columns(summaries: dict) -> dict[str, float]:
+    """Tables 3 and 4: latency, peak memory (GPU reserved, or RSS on CPU) and decode ms/token of a measured cell."""
+    measured = [s for s in summaries.values() if "latency_total_s" in s]
+    if not measured:
+        return {}
+    samples = sum(s["samples"] - s["failed"] for s in measured)
+    memory = [s["memory_peak_gb"].get("peak_reserved_gb", s["memory_peak_gb"].get("peak_rss_gb", math.nan)) for s in measured]
+    decode = [s["seconds_mean"]["decode_per_token"] for s in measured if "decode_per_token" in s["seconds_mean"]]
+    total = sum(s["latency_total_s"] for s in measured)
+    return {
+        "total_latency_s": total,
+        "latency_per_example_s": total / samples if samples else math.nan,
+        "gpu_memory_gb": max(memory),
+        **({"decode_ms_per_token": 1e3 * sum(decode) / len(decode)} if decode else {}),
+    }
 
 
 def _key(frame: pd.DataFrame) -> pd.Series:
@@ -107,7 +132,8 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
     paper_models = list(dict.fromkeys(paper.model))
     paper["key"], ours = _key(paper), ours.assign(key=_key(ours))
     extra = ours[~ours.model.isin(paper_models)]  # models the paper does not have, e.g. the tiny offline model
-    template = paper[paper.model == paper_models[0]]
+    # Rows for models the paper lacks: the first model's rows, once per method and settings (any frame count).
+    template = paper[paper.model == paper_models[0]].drop_duplicates(subset=["method", "k", "l", "p"])
     rows = []
     for model in paper_models + list(dict.fromkeys(extra.model)):
         group = (

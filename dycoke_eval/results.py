@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dycoke_eval.provenance import git_state, hardware, package_versions
 
+PIPELINE_STAGES = ("video_decode", "preprocess", "vision_encoder", "compress", "generate")  # one sample's wall time
 CELL_KEYS = ("model", "method", "frames", "tasks", "limit", "seed", "max_new_tokens")  # what makes two cells the same
 
 
@@ -68,9 +69,25 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             "seconds_mean": {stage: mean(r["seconds"][stage] for r in ok if stage in r["seconds"]) for stage in stages},
             "method_stats_mean": _numeric_means([r["method_stats"] for r in ok]),
             "resumed_from_journal": sum(r.get("from_journal", False) for r in rows),
+            **_efficiency(ok),
             "encoder_cache_hits": sum(r.get("encoder_cache_hit", False) for r in rows),
         }
     return summary
+
+
+def _efficiency(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latency per example (the pipeline stages summed), peak memory and KV-cache bytes, for measured samples."""
+    measured = [r for r in rows if r.get("memory")]
+    if not measured:
+        return {}
+    latencies = [sum(r["seconds"].get(stage, 0.0) for stage in PIPELINE_STAGES) for r in measured]
+    keys = sorted({k for r in measured for k in r["memory"]})
+    return {
+        "latency_mean_s": mean(latencies),
+        "latency_total_s": sum(latencies),
+        "memory_peak_gb": {k: max(r["memory"].get(k, 0.0) for r in measured) for k in keys},
+        "kv_cache_bytes_mean": mean(r.get("kv_cache_bytes", 0) for r in measured),
+    }
 
 
 def _numeric_means(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -133,3 +150,19 @@ def format_summary(cell_dir: Path, metrics: dict[str, dict[str, Any]], summary: 
         )
         lines.append(f"  {task}: {shown}{failed}")
     return "\n".join(lines)
+
+
+def format_efficiency(cell: str, records: list[dict[str, Any]]) -> str:
+    """One line of what the efficiency protocol measured for a cell."""
+    figures = _efficiency([r for r in records if r["status"] == "ok"])
+    if not figures:
+        return f"cell {cell}: no measured sample"
+    ok = [r for r in records if r["status"] == "ok" and r.get("memory")]
+    prefill = mean(r["seconds"].get("prefill", 0.0) for r in ok)
+    steps = [r["seconds"]["decode_per_token"] for r in ok if "decode_per_token" in r["seconds"]]
+    decode = f", decode {mean(steps) * 1e3:.1f} ms/token" if steps else ""
+    memory = ", ".join(f"{k} {v:.2f}" for k, v in figures["memory_peak_gb"].items())
+    return (
+        f"cell {cell}: {figures['latency_mean_s']:.3f} s per example ({figures['latency_total_s']:.1f} s in all), "
+        f"prefill {prefill:.3f} s{decode}; {memory}; KV cache {figures['kv_cache_bytes_mean'] / 2**20:.1f} MiB"
+    )

@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
+from transformers import LogitsProcessorList
 
 from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
 from dycoke_eval.config import ConfigError
 from dycoke_eval.encoder_cache import ENCODER_CACHE, EncodedVideo, EncoderCache
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
+from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
 
 
 class VideoUnavailable(Exception):
@@ -49,6 +51,8 @@ class SampleRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     method_stats: dict[str, Any] = field(default_factory=dict)
     encoder_cache_hit: bool = False  # decode and encoder skipped: features reused from an earlier cell
+    memory: dict[str, float] = field(default_factory=dict)  # measure mode: peak memory (GB)
+    kv_cache_bytes: int = 0  # measure mode: the cache's keys and values after generation
     from_journal: bool = False  # answered by an earlier, interrupted run of this cell
 
 
@@ -66,6 +70,8 @@ class LlavaOneVisionCompressed(lmms):
         max_new_tokens: int | None = None,
         journal: str | None = None,
         device_map: str | None = None,
+        measure: bool = False,
+        random_weights_architecture: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -89,8 +95,9 @@ class LlavaOneVisionCompressed(lmms):
             if device.startswith("cuda"):
                 device = f"cuda:{self.accelerator.local_process_index}"
         self.checkpoint: LoadedCheckpoint = load_checkpoint(
-            pretrained, device, resolve_dtype(dtype, device), attn_implementation, device_map or None
+            pretrained, device, resolve_dtype(dtype, device), attn_implementation, device_map or None, random_weights_architecture
         )
+        self.measure = bool(measure)  # the efficiency protocol: prefill and decode steps, memory, KV-cache bytes
         # With a device map the inputs go where the model's first layers are.
         self._device = self.checkpoint.model.device if device_map else torch.device(device)
         self.method.validate_for(self.checkpoint.model.config)
@@ -145,6 +152,9 @@ class LlavaOneVisionCompressed(lmms):
         return answers
 
     def _answer(self, context, gen_kwargs, doc_to_visual, doc_id, task, split, record: SampleRecord) -> str:
+        if self.measure:
+            reset_peak_memory(self.device)
+            cpu_start = time.process_time()
         doc = self.task_dict[task][split][doc_id]
         record.video_path = video_path = _resolve_video_path(doc_to_visual, doc)
         cache_key = EncoderCache.key(self.pretrained, video_path, self.frames) if Path(video_path).is_file() else None
@@ -162,8 +172,23 @@ class LlavaOneVisionCompressed(lmms):
         output, prompt_length = self.generate_from_features(features, prompt_ids, self._generation_kwargs(gen_kwargs), record)
         new_tokens = output[0, prompt_length:]
         record.output_tokens = int(new_tokens.shape[0])
+        if self.measure:
+            record.memory = peak_memory(self.device)
+            record.seconds["cpu_time"] = time.process_time() - cpu_start
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
         return _truncate_at_stop_strings(text, gen_kwargs.get("until"))
+
+    def warm_up(self, passes: int) -> None:
+        """Untimed passes over a synthetic video, so the first measured sample pays no start-up costs."""
+        from dycoke_eval.offline.videos import synthetic_frames
+
+        for _ in range(passes):
+            self.run_sample(
+                synthetic_frames("warm-up")[: self.frames],
+                "Warm up.",
+                self._generation_kwargs({"max_new_tokens": 4}),
+                SampleRecord("warm-up", -1),
+            )
 
     def run_sample(self, video, context: str, generate_kwargs: dict[str, Any], record: SampleRecord):
         """Decoded frames [T, H, W, 3] and a question -> (`generate`'s output, prompt length in tokens)."""
@@ -196,10 +221,24 @@ class LlavaOneVisionCompressed(lmms):
             video_tokens = torch.cat([kept, newline], dim=0)
             record.visual_tokens_full = features.shape[0]
             record.visual_tokens_in = video_tokens.shape[0]
+            clock = StepClock(self.device) if self.measure else None
+            if clock is not None:
+                generate_kwargs = {
+                    **generate_kwargs,
+                    "logits_processor": LogitsProcessorList([clock]),
+                    "return_dict_in_generate": True,
+                }
             with self._stage(record, "generate"):
+                started = time.perf_counter()
                 output, input_ids, stats = generate_with_video_tokens(
                     self.model, self.method, prompt_ids, video_tokens, generate_kwargs
                 )
+        if clock is not None:
+            record.seconds["prefill"] = clock.stamps[0] - started  # time to the first token
+            if steps := clock.decode_steps():
+                record.seconds["decode_per_token"] = sum(steps) / len(steps)
+            record.kv_cache_bytes = cache_bytes(output.past_key_values)
+            output = output.sequences
         record.method_stats = stats
         return output, input_ids.shape[1]
 

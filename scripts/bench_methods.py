@@ -18,7 +18,6 @@ LLM cost depends only on that count).
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import time
 
@@ -27,7 +26,6 @@ import torch.utils.benchmark as benchmark
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    LogitsProcessor,
     LogitsProcessorList,
     Qwen2Config,
     SiglipVisionConfig,
@@ -41,6 +39,7 @@ from dycoke_eval.methods.fastv import FastV
 from dycoke_eval.methods.full import Full
 from dycoke_eval.methods.kv_selection import DynamicSelector, last_query_attention
 from dycoke_eval.methods.ttm import ttm_keep_indices
+from dycoke_eval.timing import StepClock
 from dycoke_eval.wrapper import generate_with_video_tokens
 
 TOKENS_PER_FRAME, PROMPT_TEXT_TOKENS, VOCAB = 196, 40, 151936
@@ -77,19 +76,6 @@ def build_model(layers: int, device: str, dtype: torch.dtype) -> LlavaOnevisionF
     return model.to(dtype).eval()
 
 
-class StepClock(LogitsProcessor):
-    """Stamps the time at each generation step: prefill ends at the first stamp, each decode step between two."""
-
-    def __init__(self, device: str) -> None:
-        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.sync()
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 def time_generation(run, repeats: int, device: str) -> tuple[float, float]:
     """Median prefill seconds and median seconds per decode step over `repeats` runs after a warm-up."""
     prefills, steps = [], []
@@ -100,7 +86,7 @@ def time_generation(run, repeats: int, device: str) -> tuple[float, float]:
         run(clock)
         if attempt:  # the first run warms up
             prefills.append(clock.stamps[0] - start)
-            steps += [later - earlier for earlier, later in itertools.pairwise(clock.stamps)]
+            steps += clock.decode_steps()
     return statistics.median(prefills), statistics.median(steps)
 
 

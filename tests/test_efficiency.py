@@ -1,0 +1,79 @@
+"""The efficiency protocol on the tiny model, and the real architectures with random weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_module
+
+from dycoke_eval.offline.architectures import build_random_llava_onevision
+from dycoke_eval.report import render_report
+
+MEASURED = ["tasks.names=[fixture_mvbench_action_antonym,fixture_mvbench_object_shuffle]", "frames=8", "limit=2",
+            "measure=true", "max_new_tokens=3", "run_name=table3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def measured(offline_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("measured")
+    outputs = {}
+    for method in ("full", "dycoke"):
+        proc = run_module(
+            "dycoke_eval", *MEASURED, f"method={method}", f"results_dir={results}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)}
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[method] = proc.stdout
+    return results, outputs
+
+
+def records(results, method):
+    (path,) = results.glob(f"cells/tiny__{method}__*/sample_records.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["full", "dycoke"])
+def test_every_stage_is_timed_and_memory_and_cache_are_reported(measured, method):
+    results, outputs = measured
+    for record in records(results, method):
+        stages = (
+            "video_decode",
+            "preprocess",
+            "vision_encoder",
+            "compress",
+            "generate",
+            "prefill",
+            "decode_per_token",
+            "cpu_time",
+        )
+        assert all(record["seconds"][stage] > 0 for stage in stages), record["seconds"]
+        assert record["seconds"]["prefill"] < record["seconds"]["generate"]
+        assert record["memory"]["peak_rss_gb"] > 0 and record["kv_cache_bytes"] > 0
+        assert not record["encoder_cache_hit"]  # a measured cell pays for its own encoder
+    assert "s per example" in outputs[method] and "ms/token" in outputs[method] and "KV cache" in outputs[method]
+
+
+def test_dycoke_holds_a_smaller_kv_cache_than_full(measured):
+    results, _ = measured
+    full, dycoke = (np.mean([r["kv_cache_bytes"] for r in records(results, m)]) for m in ("full", "dycoke"))
+    assert dycoke < full  # TTM shortened the sequence the cache holds
+
+
+def test_table3_speedup_is_against_full_tokens_in_the_same_run(measured):
+    results, _ = measured
+    table = render_report(results, tables=[3])[3]
+    tiny = table[table[("", "model")] == "tiny"].set_index(("", "method"))
+    full, dycoke = tiny.loc["Full Tokens"], tiny.loc["Ours ($K = 0.7$)"]
+    assert full[("speedup", "ours")] == pytest.approx(1.0)
+    expected = full[("latency_per_example_s", "ours")] / dycoke[("latency_per_example_s", "ours")]
+    assert dycoke[("speedup", "ours")] == pytest.approx(expected)
+    assert dycoke[("gpu_memory_gb", "ours")] > 0 and dycoke[("total_latency_s", "ours")] > 0
+
+
+@pytest.mark.parametrize("size, parameters", [("0.5b", 894e6), ("7b", 8.03e9), ("72b", 73.2e9)])
+def test_random_weights_build_the_real_architecture_without_a_download(size, parameters):
+    model, processor = build_random_llava_onevision(size, torch.bfloat16, "meta")  # shapes only: no memory, no time
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=0.01)
+    video = np.zeros((2, 64, 80, 3), dtype=np.uint8)
+    inputs = processor(text="<video>\nhi", videos=[video], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 2 * 196 + 1
