@@ -128,7 +128,14 @@ def run_cell(cfg: DictConfig) -> Path:
     records = _gather_records(lm)
     if lm.rank != 0:
         return Path()
-    write_cell(cell_dir, cfg, output, records, method)
+    runtime = {
+        "device": str(lm.device),
+        "dtype": str(lm.model.dtype),
+        "attn_implementation": lm.model.config.text_config._attn_implementation,
+        "random_weights": bool(cfg.model.get("random_weights")),
+        "measured": bool(cfg.measure),
+    }
+    write_cell(cell_dir, cfg, output, records, method, runtime)
     if cfg.measure:
         print(format_efficiency(cell_dir.name, records))
     resumed = sum(record["from_journal"] for record in records)

@@ -108,7 +108,10 @@ def _write_jsonl(path: Path, rows: list[Any]) -> None:
     tmp.replace(path)
 
 
-def write_cell(cell_dir: Path, cfg: DictConfig, output: dict[str, Any], records: list[dict[str, Any]], method) -> None:
+def write_cell(
+    cell_dir: Path, cfg: DictConfig, output: dict[str, Any], records: list[dict[str, Any]], method, runtime: dict[str, Any]
+) -> None:
+    """`runtime`: what the loaded model actually ran with (device, dtype, attention implementation)."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise_records(records)
     for task, samples in (output.get("samples") or {}).items():
@@ -126,6 +129,7 @@ def write_cell(cell_dir: Path, cfg: DictConfig, output: dict[str, Any], records:
             "versions": package_versions(),
             "git": git_state(),
             "hardware": hardware(),
+            "runtime": runtime,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tasks": summary,
             "complete": True,  # written last: a cell without it is redone (its journal keeps finished samples)

@@ -59,6 +59,8 @@ def test_the_cell_folder_records_how_it_was_made(damaged_run):
     assert run["cell"]["frames"] == 8 and run["method"] == {"name": "full"}
     assert run["versions"]["lmms-eval"] == "0.7.3" and run["versions"]["transformers"].startswith("5.")
     assert {"commit", "dirty"} <= set(run["git"]) and "cpu_count" in run["hardware"]
+    assert run["runtime"] == {"device": "cpu", "dtype": "torch.float32", "attn_implementation": "sdpa",
+                              "random_weights": False, "measured": False}  # fmt: skip
     for task in FIXTURE_TASK_NAMES:
         assert (cell / f"samples_{task}.jsonl").stat().st_size > 0
     records = [json.loads(line) for line in (cell / "sample_records.jsonl").read_text().splitlines()]
