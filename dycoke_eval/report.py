@@ -212,8 +212,50 @@ def write_table(table: int, frame: pd.DataFrame, out_dir: Path) -> str:
     return markdown
 
 
+def efficiency_summary(results_dir: Path) -> pd.DataFrame:
+    """Measured cells against full tokens of the same model and frames: speed, memory and KV-cache ratios."""
+    rows = []
+    for run_file in sorted((results_dir / "cells").glob("*/run.json")):
+        run = json.loads(run_file.read_text())
+        summaries = [s for s in json.loads((run_file.parent / "results.json").read_text()).get("dycoke_eval", {}).values()
+                     if "latency_total_s" in s]  # fmt: skip
+        if not run.get("complete") or not summaries:
+            continue
+        samples = sum(s["samples"] - s["failed"] for s in summaries)
+        memory = [s["memory_peak_gb"].get("peak_reserved_gb", s["memory_peak_gb"].get("peak_rss_gb")) for s in summaries]
+        steps = [s["decode_step_mean_s"] for s in summaries if s.get("decode_step_mean_s")]
+        rows.append({
+            "model": run["config"]["model"]["name"], "frames": run["config"]["frames"], "method": run["method"]["name"],
+            "k": run["method"].get("k"), "samples": samples, "device": run.get("runtime", {}).get("device"),
+            "latency_per_example_s": sum(s["latency_total_s"] for s in summaries) / samples,
+            "prefill_s": sum(s.get("prefill_mean_s", math.nan) * (s["samples"] - s["failed"]) for s in summaries) / samples,
+            "decode_ms_per_token": 1e3 * sum(steps) / len(steps) if steps else math.nan,
+            "peak_memory_gb": max(memory),
+            "kv_cache_mib": sum(s["kv_cache_bytes_mean"] for s in summaries) / len(summaries) / 2**20,
+        })  # fmt: skip
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    full = frame[frame.method == "full"].set_index(["model", "frames"])
+    for column, ratio in (
+        ("latency_per_example_s", "speedup"),
+        ("peak_memory_gb", "memory_ratio"),
+        ("kv_cache_mib", "kv_cache_ratio"),
+    ):
+        baseline = [full[column].get((m, f), math.nan) for m, f in zip(frame.model, frame.frames, strict=True)]
+        frame[ratio] = [b / v if ratio == "speedup" else v / b for b, v in zip(baseline, frame[column], strict=True)]
+    return frame
+
+
 def render_report(results_dir: Path, tables: list[int] | None = None, paper_dir: Path = PAPER_DIR) -> dict[int, pd.DataFrame]:
     """Write every table with data under results_dir/report; returns the tables written."""
+    efficiency = efficiency_summary(results_dir)
+    if not efficiency.empty:
+        (results_dir / "report").mkdir(parents=True, exist_ok=True)
+        efficiency.to_csv(results_dir / "report" / "efficiency.csv", index=False)
+        markdown = efficiency.to_markdown(index=False, floatfmt=".3f")
+        (results_dir / "report" / "efficiency.md").write_text(f"# Efficiency against full tokens (same run)\n\n{markdown}\n")
+        print(f"\nEfficiency ({results_dir / 'report' / 'efficiency.md'}):\n{markdown}")
     ours = cell_rows(results_dir)
     written = {}
     for table in tables or sorted(int(p.stem.removeprefix("table")) for p in paper_dir.glob("table*.csv")):

@@ -82,9 +82,12 @@ def _efficiency(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     latencies = [sum(r["seconds"].get(stage, 0.0) for stage in PIPELINE_STAGES) for r in measured]
     keys = sorted({k for r in measured for k in r["memory"]})
+    steps = [step for r in measured for step in r.get("decode_step_seconds", [])]
     return {
         "latency_mean_s": mean(latencies),
         "latency_total_s": sum(latencies),
+        "prefill_mean_s": mean(r["seconds"].get("prefill", 0.0) for r in measured),
+        "decode_step_mean_s": mean(steps) if steps else None,
         "memory_peak_gb": {k: max(r["memory"].get(k, 0.0) for r in measured) for k in keys},
         "kv_cache_bytes_mean": mean(r.get("kv_cache_bytes", 0) for r in measured),
     }

@@ -53,6 +53,7 @@ class SampleRecord:
     encoder_cache_hit: bool = False  # decode and encoder skipped: features reused from an earlier cell
     memory: dict[str, float] = field(default_factory=dict)  # measure mode: peak memory (GB)
     kv_cache_bytes: int = 0  # measure mode: the cache's keys and values after generation
+    decode_step_seconds: list[float] = field(default_factory=list)  # measure mode: every decode step
     from_journal: bool = False  # answered by an earlier, interrupted run of this cell
 
 
@@ -237,6 +238,7 @@ class LlavaOneVisionCompressed(lmms):
             record.seconds["prefill"] = clock.stamps[0] - started  # time to the first token
             if steps := clock.decode_steps():
                 record.seconds["decode_per_token"] = sum(steps) / len(steps)
+                record.decode_step_seconds = steps
             record.kv_cache_bytes = cache_bytes(output.past_key_values)
             output = output.sequences
         record.method_stats = stats

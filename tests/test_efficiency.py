@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import run_module
@@ -77,3 +78,15 @@ def test_random_weights_build_the_real_architecture_without_a_download(size, par
     video = np.zeros((2, 64, 80, 3), dtype=np.uint8)
     inputs = processor(text="<video>\nhi", videos=[video], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 2 * 196 + 1
+
+
+def test_the_efficiency_summary_gives_speed_memory_and_cache_ratios_against_full(measured):
+    results, _ = measured
+    render_report(results, tables=[3])
+    summary = pd.read_csv(results / "report" / "efficiency.csv").set_index("method")
+    assert summary.loc["full", ["speedup", "memory_ratio", "kv_cache_ratio"]].tolist() == [1.0, 1.0, 1.0]
+    dycoke = summary.loc["dycoke"]
+    assert dycoke.speedup == pytest.approx(summary.loc["full"].latency_per_example_s / dycoke.latency_per_example_s)
+    assert dycoke.kv_cache_ratio < 1 and dycoke.decode_ms_per_token > 0 and dycoke.samples == 4
+    for record in records(results, "dycoke"):
+        assert len(record["decode_step_seconds"]) == 2  # max_new_tokens=3: the first token comes from prefill
