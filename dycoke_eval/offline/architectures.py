@@ -36,42 +36,23 @@ QWEN2 = {
 
 def build_random_llava_onevision(size: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa"):
     """(model, processor) for LLaVA-OV-`size` with random weights, initialised directly on `device`."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-    from dycoke_eval.offline.tiny_model import CHAT_TEMPLATE, _build_tokenizer
+    from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer, llava_onevision_config
 
     if size not in QWEN2:
         raise ValueError(f"random_weights architecture {size!r}; use one of {', '.join(QWEN2)}")
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     shape = QWEN2[size]
-    config = LlavaOnevisionConfig(
+    config = llava_onevision_config(
+        tokenizer,
         vision_config=SiglipVisionConfig(**SIGLIP_SO400M),
         text_config=Qwen2Config(**vars(shape), max_position_embeddings=32768),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
         tie_word_embeddings=shape.tie_word_embeddings,
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
-    pixels = {"height": 384, "width": 384}
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=pixels),
-        video_processor=LlavaOnevisionVideoProcessor(size=pixels),
-        tokenizer=tokenizer,
-        num_image_tokens=(384 // 14) ** 2,
-        vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = build_processor(tokenizer, SIGLIP_SO400M["image_size"], SIGLIP_SO400M["patch_size"])
     return model, processor

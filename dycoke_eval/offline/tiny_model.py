@@ -46,7 +46,8 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer():
+def build_tokenizer():
+    """The offline byte-level BPE tokenizer with the special tokens and chat template the processor needs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -72,35 +73,51 @@ def _build_tokenizer():
     return tokenizer
 
 
+def build_processor(tokenizer, image_size: int, patch_size: int, image_grid_pinpoints: list | None = None):
+    """A LLaVA-OneVision processor for a SigLIP of this input size, around `tokenizer`."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    size = {"height": image_size, "width": image_size}
+    grid = {"image_grid_pinpoints": image_grid_pinpoints} if image_grid_pinpoints else {}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, **grid),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def llava_onevision_config(tokenizer, vision_config, text_config, **kwargs):
+    """LLaVA-OneVision wiring as the llava-hf checkpoints have it: last-layer features, all patches, our token ids."""
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        **kwargs,
+    )
+
+
 def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Path:
     """Build and save the tiny checkpoint at `path` (a processor and a model), deterministically.
 
     `vision_use_head=True` keeps SigLIP's attention-pooling head, which the real checkpoints drop.
     """
     import torch
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     path = Path(path)
-    tokenizer = _build_tokenizer()
-    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    tokenizer = build_tokenizer()
     pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
-        video_processor=LlavaOnevisionVideoProcessor(size=size),
-        tokenizer=tokenizer,
-        num_image_tokens=PATCHES_PER_SIDE**2,
-        vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-    )
-    config = LlavaOnevisionConfig(
+    processor = build_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE, pinpoints)
+    config = llava_onevision_config(
+        tokenizer,
         vision_config=SiglipVisionConfig(
             image_size=IMAGE_SIZE,
             patch_size=PATCH_SIZE,
@@ -122,10 +139,6 @@ def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Pa
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
         image_grid_pinpoints=pinpoints,
         tie_word_embeddings=True,
     )
