@@ -7,9 +7,10 @@ from transformers import AttentionInterface
 from dycoke_eval.config import ConfigError, group_options, instantiate_method
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.fastv import FastV
+from dycoke_eval.methods.prumerge import PruMerge, iqr_outlier_count
 from dycoke_eval.methods.ttm import ttm_keep_indices
 from dycoke_eval.offline.videos import synthetic_frames
-from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord
+from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord, _with_video_placeholders
 
 FRAMES = 16
 BUILTIN_ATTENTION = set(AttentionInterface._global_mapping)
@@ -114,3 +115,52 @@ def test_bad_fastv_settings_fail_at_config_time(settings, message):
 def test_a_fastv_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint):
     with pytest.raises(ConfigError, match="layer=8: the language model has 8 layers"):
         LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=FastV(layer=8), device="cpu")
+
+
+def kept_positions(method, frame_features):
+    """Flat positions (into F*N) of the tokens a pre-LLM method keeps, from its own pure functions, ascending."""
+    if isinstance(method, DyCoke):
+        return ttm_keep_indices(frame_features, method.k, method.mode).sort().values
+    tokens = frame_features.shape[1]
+    scores = method._captured["scores"]  # what the encoder's attention gave this video
+    return torch.cat([s.topk(iqr_outlier_count(s)).indices.sort().values + f * tokens for f, s in enumerate(scores)])
+
+
+@pytest.mark.parametrize("method", [DyCoke(k=0.7, mode="paper"), PruMerge(variant="base")], ids=["ttm", "prumerge"])
+def test_shortening_before_the_llm_gives_the_masked_full_sequences_logits(lm, video, method):
+    """Dropping tokens before the LLM equals keeping them all but masking the dropped ones out at every layer."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from dycoke_eval.plumbing.attention import language_model, masked_sdpa, routed_attention
+
+    lm.method = method
+    features = lm.encode_video(video, SampleRecord("t", 0))
+    frame_features, newline = features[:-1].view(FRAMES, -1, features.shape[-1]), features[-1:]
+    kept_tokens = method.select_video_tokens(frame_features)  # in spatial order for both methods
+    positions = kept_positions(method, frame_features)
+    prompt = lm.tokenizer(lm.build_prompt("What moves?"), return_tensors="pt")["input_ids"][0]
+
+    def last_logits(video_tokens, **kwargs):
+        ids, _ = _with_video_placeholders(prompt, lm.model.config.video_token_id, video_tokens.shape[0])
+        encoded = {"video": BaseModelOutputWithPooling(pooler_output=video_tokens[None])}
+        with torch.inference_mode():
+            return lm.model(input_ids=ids[None], mm_encoder_outputs=encoded, **kwargs).logits[0, -1]
+
+    fast = last_logits(torch.cat([kept_tokens, newline]))
+
+    full_tokens = features.clone()  # every visual token present, the kept ones holding the method's features
+    full_tokens[positions] = kept_tokens
+    ids, start = _with_video_placeholders(prompt, lm.model.config.video_token_id, full_tokens.shape[0])
+    alive = torch.ones(ids.shape[0], dtype=torch.bool)
+    alive[start : start + FRAMES * 16] = False
+    alive[start + positions] = True
+    index = alive.nonzero().flatten()
+    position_ids = (alive.cumsum(0) - 1)[None]  # the kept tokens get the positions the shortened sequence gives them
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return masked_sdpa(module, query, key, value, attention_mask, index, **kwargs)
+
+    with routed_attention(language_model(lm.model), "reference_mask", attention):
+        reference = last_logits(full_tokens, position_ids=position_ids)
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=0)
+    assert not torch.allclose(fast, last_logits(full_tokens), atol=1e-4)  # without the mask the dropped tokens would count
