@@ -320,13 +320,13 @@ def generate_with_video_tokens(
     """
     input_ids, visual_start = _with_video_placeholders(prompt_ids, model.config.video_token_id, video_tokens.shape[0])
     input_ids = input_ids[None].to(video_tokens.device)
-    generation = GenerationContext(model, input_ids, visual_start, video_tokens.shape[0])
+    generation = GenerationContext(model, input_ids, visual_start, video_tokens.shape[0], generate_kwargs=dict(generate_kwargs))
     with torch.inference_mode(), method.during_generation(generation):
         output = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             mm_encoder_outputs={"video": _as_encoder_output(video_tokens[None])},
-            **generate_kwargs,
+            **generation.generate_kwargs,
         )
     return output, input_ids, generation.stats
 

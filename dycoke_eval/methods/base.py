@@ -20,7 +20,10 @@ from typing import Any, ClassVar
 
 import torch
 
-IMPLEMENTATION_FLAGS = {"reference_masking"}  # how a method computes, not what it does: not recorded as a setting
+IMPLEMENTATION_FLAGS = {
+    "reference_masking",
+    "offload_pruned",
+}  # how a method computes, not what it does: not recorded as a setting
 
 
 @dataclass
@@ -32,6 +35,7 @@ class GenerationContext:
     visual_start: int  # index of the first visual token in `input_ids`
     visual_length: int  # number of visual tokens entering the LLM (newline included)
     stats: dict[str, Any] = field(default_factory=dict)  # per-sample figures the method reports
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)  # what `generate` is called with; a method may add a cache
 
 
 class CompressionMethod:

@@ -4,9 +4,11 @@ Stage 1 (`select_video_tokens`) keeps the TTM tokens (`ttm.py`), so the LLM's se
 shorter from the start. Stage 2 (`during_generation`) routes the language model's attention
 through a function that, at each decode step, scores the newest token's attention over the
 visual tokens, lets `DynamicSelector` choose, and makes layers >= l attend to the kept subset.
-Prefill is never pruned. The pruned entries stay in the cache, so they can come back at a later
-step (the paper's "DP cache"). Only attention computation is saved; the cache itself is not
-shrunk.
+Prefill is never pruned. Pruned entries are not lost (the paper's "DP cache"): the layers above
+the scoring layer hold them aside in a `PrunableLayer` cache, on the CPU with `offload_pruned`,
+and a later re-selection brings them back; those layers then attend to their kept entries
+directly. The scoring layer keeps every key (it must score them all) and attends through a
+gather.
 
 `mode="paper"` is the paper's algorithm; `mode="official"` reproduces the released code
 (SPEC 2.1, 2.2). The Table 5 ablations are settings of this class: `ttm_selection: random` and
@@ -22,6 +24,7 @@ from statistics import mean
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke_eval.config import ConfigError
@@ -29,6 +32,7 @@ from dycoke_eval.methods.base import CompressionMethod, GenerationContext
 from dycoke_eval.methods.kv_selection import DynamicSelector, attended_key_index, last_query_attention
 from dycoke_eval.methods.ttm import MODES, random_keep_indices, ttm_keep_indices, ttm_plan
 from dycoke_eval.plumbing.attention import language_model, masked_sdpa, routed_attention, subset_sdpa
+from dycoke_eval.plumbing.cache import PrunableLayer
 
 TTM_SELECTIONS = ("similarity", "random")
 
@@ -43,6 +47,7 @@ class DyCoke(CompressionMethod):
     ttm_selection: str = "similarity"  # similarity | random (Table 5)
     one_shot: bool = False  # select once at the first decode step (Table 5 "w/o DP")
     seed: int = 0  # for ttm_selection=random
+    offload_pruned: bool = True  # pruned cache entries of the layers above L wait on the CPU (frees accelerator memory)
     reference_masking: bool = False  # mask instead of gather: the slow reference the fast path is tested against
     name: str = "dycoke"
     _selector: DynamicSelector = field(init=False, repr=False)
@@ -88,20 +93,40 @@ class DyCoke(CompressionMethod):
         span = (start, start + context.visual_length - (1 if self.mode == "official" else 0))
         score_layer = self.l if self.mode == "paper" else max(self.l - 1, 0)  # official scores at layer L-1
         attend = masked_sdpa if self.reference_masking else subset_sdpa
-        step_index: list[torch.Tensor | None] = [None]
+        # Layers above the scoring layer hold their pruned entries aside (the scoring layer needs every key).
+        layers = context.model.config.text_config.num_hidden_layers
+        aside = [] if self.reference_masking else [i for i in range(layers) if i > score_layer and i >= self.l]
+        cache = Cache(
+            layers=[
+                PrunableLayer("cpu" if self.offload_pruned else None) if i in aside else DynamicLayer() for i in range(layers)
+            ]
+        )
+        if aside:
+            context.generate_kwargs["past_key_values"] = cache
+        step: dict[str, Any] = {"index": None, "applied": None}  # applied: the kept set the held-aside layers hold
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             layer, decoding = module.layer_idx, query.shape[2] == 1 and key.shape[2] > 1
             if decoding and layer == score_layer:
                 probabilities = last_query_attention(query, key, kwargs["scaling"], attention_mask)
                 kept = selector.step(probabilities[span[0] : span[1]])
-                step_index[0] = None if kept is None else attended_key_index(key.shape[2], span, kept)
-            if decoding and layer >= self.l and step_index[0] is not None:
-                return attend(module, query, key, value, attention_mask, step_index[0], **kwargs)
+                step["index"] = None if kept is None else attended_key_index(key.shape[2], span, kept)
+                if aside and kept is not step["applied"]:  # re-partition only when the kept set changes
+                    hot = step["index"] if kept is not None else torch.arange(key.shape[2], device=key.device)
+                    for i in aside:
+                        cache.layers[i].keep_hot(hot)
+                    step["applied"] = kept
+            if decoding and layer in aside:  # its cache returned only the kept entries and the new token
+                if attention_mask is not None:
+                    attention_mask = attention_mask.index_select(-1, cache.layers[layer].hot_positions)
+                return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            if decoding and layer >= self.l and step["index"] is not None:
+                return attend(module, query, key, value, attention_mask, step["index"], **kwargs)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
         with routed_attention(language_model(context.model), "dycoke_sdpa", attention):
             yield
+        context.stats["kv_held_aside_bytes"] = sum(cache.layers[i].cold_bytes() for i in aside)
         context.stats.update(self._ttm_stats)
         outside_span = context.visual_length - (span[1] - span[0])
         attended = [count + outside_span for count in selector.attended_visual]
