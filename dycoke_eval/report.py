@@ -83,12 +83,15 @@ def cell_rows(results_dir: Path) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows)
     if "latency_per_example_s" in frame:  # speed-up against full tokens of the same model and frames, in this run
-        full = frame[frame.method == "full"].set_index(["model", "frames"]).latency_per_example_s
-        frame["speedup"] = [
-            full.get((m, f), math.nan) / latency
-            for m, f, latency in zip(frame.model, frame.frames, frame.latency_per_example_s, strict=True)
-        ]
+        frame["speedup"] = 1 / _to_full(frame, "latency_per_example_s")
     return frame
+
+
+def _to_full(frame: pd.DataFrame, column: str) -> pd.Series:
+    """`column` divided by the value of full tokens for the same model and frames (NaN without a full cell)."""
+    full = frame[frame.method == "full"].set_index(["model", "frames"])[column]
+    baseline = [full.get((m, f), math.nan) for m, f in zip(frame.model, frame.frames, strict=True)]
+    return frame[column] / pd.Series(baseline, index=frame.index)
 
 
 def _efficiency_columns(summaries: dict) -> dict[str, float]:
@@ -217,33 +220,27 @@ def efficiency_summary(results_dir: Path) -> pd.DataFrame:
     rows = []
     for run_file in sorted((results_dir / "cells").glob("*/run.json")):
         run = json.loads(run_file.read_text())
-        summaries = [s for s in json.loads((run_file.parent / "results.json").read_text()).get("dycoke_eval", {}).values()
-                     if "latency_total_s" in s]  # fmt: skip
+        per_task = json.loads((run_file.parent / "results.json").read_text()).get("dycoke_eval", {})
+        summaries = [s for s in per_task.values() if "latency_total_s" in s]
         if not run.get("complete") or not summaries:
             continue
+        shared = _efficiency_columns(per_task)
         samples = sum(s["samples"] - s["failed"] for s in summaries)
-        memory = [s["memory_peak_gb"].get("peak_reserved_gb", s["memory_peak_gb"].get("peak_rss_gb")) for s in summaries]
-        steps = [s["decode_step_mean_s"] for s in summaries if s.get("decode_step_mean_s")]
         rows.append({
             "model": run["config"]["model"]["name"], "frames": run["config"]["frames"], "method": run["method"]["name"],
             "k": run["method"].get("k"), "samples": samples, "device": run.get("runtime", {}).get("device"),
-            "latency_per_example_s": sum(s["latency_total_s"] for s in summaries) / samples,
+            "latency_per_example_s": shared["latency_per_example_s"],
             "prefill_s": sum(s.get("prefill_mean_s", math.nan) * (s["samples"] - s["failed"]) for s in summaries) / samples,
-            "decode_ms_per_token": 1e3 * sum(steps) / len(steps) if steps else math.nan,
-            "peak_memory_gb": max(memory),
+            "decode_ms_per_token": shared.get("decode_ms_per_token", math.nan),
+            "peak_memory_gb": shared["gpu_memory_gb"],
             "kv_cache_mib": sum(s["kv_cache_bytes_mean"] for s in summaries) / len(summaries) / 2**20,
         })  # fmt: skip
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    full = frame[frame.method == "full"].set_index(["model", "frames"])
-    for column, ratio in (
-        ("latency_per_example_s", "speedup"),
-        ("peak_memory_gb", "memory_ratio"),
-        ("kv_cache_mib", "kv_cache_ratio"),
-    ):
-        baseline = [full[column].get((m, f), math.nan) for m, f in zip(frame.model, frame.frames, strict=True)]
-        frame[ratio] = [b / v if ratio == "speedup" else v / b for b, v in zip(baseline, frame[column], strict=True)]
+    frame["speedup"] = 1 / _to_full(frame, "latency_per_example_s")
+    frame["memory_ratio"] = _to_full(frame, "peak_memory_gb")
+    frame["kv_cache_ratio"] = _to_full(frame, "kv_cache_mib")
     return frame
 
 
