@@ -24,13 +24,6 @@ class LanguageModelDims:
     layers: int  # T
 
 
-LLAVA_OV_DIMS = {
-    "0.5b": LanguageModelDims(896, 4864, 24),
-    "7b": LanguageModelDims(3584, 18944, 28),
-    "72b": LanguageModelDims(8192, 29568, 80),
-}
-
-
 def prefill_flops(n: float, dims: LanguageModelDims) -> float:
     d, m = dims.hidden, dims.ffn
     return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m

@@ -31,18 +31,20 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from dycoke_eval.accounting import LLAVA_OV_DIMS, fastv_flops, uniform_flops
+from dycoke_eval.accounting import LanguageModelDims, fastv_flops, uniform_flops
 from dycoke_eval.checkpoints import resolve_device, resolve_dtype
+from dycoke_eval.config import compose_option
 from dycoke_eval.methods.base import CompressionMethod
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.fastv import FastV
 from dycoke_eval.methods.full import Full
 from dycoke_eval.methods.kv_selection import DynamicSelector, last_query_attention
 from dycoke_eval.methods.ttm import ttm_keep_indices
+from dycoke_eval.offline.architectures import QWEN2
 from dycoke_eval.timing import StepClock
 from dycoke_eval.wrapper import generate_with_video_tokens
 
-TOKENS_PER_FRAME, PROMPT_TEXT_TOKENS, VOCAB = 196, 40, 151936
+TOKENS_PER_FRAME, PROMPT_TEXT_TOKENS = 196, 40
 PRUMERGE_PAPER_RATIO = 0.55
 
 
@@ -60,16 +62,15 @@ class FixedFraction(CompressionMethod):
         return tokens[keep]
 
 
-def build_model(layers: int, device: str, dtype: torch.dtype) -> LlavaOnevisionForConditionalGeneration:
+def build_model(device: str, dtype: torch.dtype) -> LlavaOnevisionForConditionalGeneration:
     """LLaVA-OV with Qwen2-0.5B dimensions and a token vision tower (features are fed directly)."""
-    text = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
-    )  # fmt: skip
+    text = Qwen2Config(**vars(QWEN2["0.5b"]), max_position_embeddings=32768)
     vision = SiglipVisionConfig(
         image_size=384, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
     )
-    config = LlavaOnevisionConfig(text_config=text, vision_config=vision, video_token_id=VOCAB - 1, image_token_id=VOCAB - 2)
+    config = LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, video_token_id=text.vocab_size - 1, image_token_id=text.vocab_size - 2
+    )
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlavaOnevisionForConditionalGeneration(config)
@@ -100,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    dims = LLAVA_OV_DIMS["0.5b"]
+    dims = LanguageModelDims(**compose_option("model", "llava_ov_0.5b").accounting)
     torch.manual_seed(0)
 
     features = torch.randn(args.frames, TOKENS_PER_FRAME, dims.hidden, device=device, dtype=dtype)
@@ -111,9 +112,9 @@ def main() -> None:
     print(f"device={device} dtype={dtype} torch_threads={torch.get_num_threads()} frames={args.frames}")
     print(f"TTM (paper mode, K=0.7) on 32x196x896 fp32: median {ttm.median * 1e3:.3f} ms")
 
-    model = build_model(dims.layers, device, dtype)
+    model = build_model(device, dtype)
     visual = args.frames * TOKENS_PER_FRAME
-    text = torch.randint(0, VOCAB - 2, (PROMPT_TEXT_TOKENS,))
+    text = torch.randint(0, model.config.text_config.vocab_size - 2, (PROMPT_TEXT_TOKENS,))
     prompt = torch.cat([text[:10], torch.tensor([model.config.video_token_id]), text[10:]])
     newline = torch.randn(1, dims.hidden, device=device, dtype=dtype)
     decode = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
