@@ -1,5 +1,9 @@
 """Every method, through the wrapper and `generate`, on the tiny model (a matrix over conf/method)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -91,11 +95,29 @@ def test_dycoke_without_pruning_says_what_full_says(lm, video):
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"k": 1.0}, "k=1.0"), ({"p": -0.1}, "p=-0.1"), ({"mode": "exact"}, "paper, official"), ({"l": -1}, "l=-1")],
+    [
+        ({"k": 1.0}, "k=1.0"),
+        ({"p": -0.1}, "p=-0.1"),
+        ({"mode": "exact"}, "paper, official"),
+        ({"l": -1}, "l=-1"),
+        ({"mode": "official", "compile_ttm": True}, "compile_ttm=true applies to mode=paper"),
+    ],
 )
 def test_bad_dycoke_settings_fail_at_config_time(settings, message):
     with pytest.raises(ConfigError, match=message):
         DyCoke(**settings)
+
+
+def test_compiled_ttm_without_a_cxx_compiler_says_how_to_run_without_it(tmp_path):
+    script = (
+        "import torch; from dycoke_eval.methods.dycoke import DyCoke; "
+        "DyCoke(compile_ttm=True).select_video_tokens(torch.randn(8, 16, 8))"
+    )
+    environment = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ConfigError: compile_ttm=true: torch.compile failed" in result.stderr
+    assert "set method.compile_ttm=false" in result.stderr
 
 
 def test_an_evaluation_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint):

@@ -68,15 +68,19 @@ def test_paper_mode_keeps_one_whole_frame_and_three_pruned_frames_per_window(fra
     assert len(kept) / (frames * N) == pytest.approx(1 / 4 + 3 / 4 * (1 - k), abs=1 / N)
 
 
-def test_paper_mode_keeps_the_least_similar_tokens_in_spatial_order():
-    x = features(8, tokens=16, dim=8)
+@pytest.mark.parametrize("frames", [7, 8, 10])
+def test_paper_mode_keeps_the_least_similar_tokens_against_the_planned_reference_in_spatial_order(frames):
+    x = features(frames, tokens=16, dim=8)
     kept = ttm_keep_indices(x, 0.5, "paper")
-    per_frame = {f: sorted(int(i) % 16 for i in kept if int(i) // 16 == f) for f in range(8)}
-    assert per_frame[0] == per_frame[4] == list(range(16))  # window starts stay whole
+    per_frame = {f: sorted(int(i) % 16 for i in kept if int(i) // 16 == f) for f in range(frames)}
+    reference = ttm_plan(frames, "paper").reference
     cosine = torch.nn.functional.cosine_similarity(x.double()[:, None], x.double()[None], dim=-1)  # [F, F, N]
-    for frame, reference in [(1, 0), (2, 0), (3, 2), (5, 4), (6, 4), (7, 6)]:
-        least_similar = cosine[frame, reference].argsort()[:8].sort().values.tolist()
-        assert per_frame[frame] == least_similar
+    for frame in range(frames):
+        if reference[frame] < 0:
+            assert per_frame[frame] == list(range(16))
+        else:
+            least_similar = cosine[frame, reference[frame]].argsort()[:8].sort().values.tolist()
+            assert per_frame[frame] == least_similar
     assert kept.tolist() == sorted(kept.tolist())  # frame order, then spatial order
 
 
@@ -93,6 +97,21 @@ def test_any_frame_count_gives_unique_in_range_indices_without_dropping_a_frame(
     kept = ttm_keep_indices(features(frames, tokens=16), 0.5, mode)
     assert len(set(kept.tolist())) == len(kept) and 0 <= kept.min() and kept.max() < frames * 16
     assert {int(i) // 16 for i in kept} == set(range(frames))
+
+
+def test_paper_mode_prunes_every_window_including_a_short_last_one():
+    assert ttm_plan(7, "paper").reference == (-1, 0, 0, 2, -1, 4, 4)
+    assert ttm_plan(10, "paper").reference == (-1, 0, 0, 2, -1, 4, 4, 6, -1, 8)
+
+
+def test_compiled_similarity_selects_what_the_eager_one_selects():
+    x = features(32, dim=64)
+    assert torch.equal(ttm_keep_indices(x, 0.7, "paper", compiled=True), ttm_keep_indices(x, 0.7, "paper"))
+
+
+def test_compiling_official_mode_is_refused():
+    with pytest.raises(ValueError, match="compiled=True applies to mode='paper'"):
+        ttm_keep_indices(features(4), 0.5, "official", compiled=True)
 
 
 def test_official_mode_says_where_it_departs_from_the_released_code():

@@ -24,6 +24,7 @@ from statistics import mean
 from typing import Any
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -47,6 +48,7 @@ class DyCoke(CompressionMethod):
     ttm_selection: str = "similarity"  # similarity | random (Table 5)
     one_shot: bool = False  # select once at the first decode step (Table 5 "w/o DP")
     seed: int = 0  # for ttm_selection=random
+    compile_ttm: bool = False  # paper mode: TTM's similarity as one torch.compile'd kernel (the first sample compiles)
     offload_pruned: bool = True  # pruned cache entries of the layers above L wait on the CPU (frees accelerator memory)
     reference_masking: bool = False  # mask instead of gather: the slow reference the fast path is tested against
     name: str = "dycoke"
@@ -59,6 +61,8 @@ class DyCoke(CompressionMethod):
                 raise ConfigError(f"{setting}={getattr(self, setting)}: DyCoke's pruning rates must be in [0, 1)")
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
+        if self.compile_ttm and self.mode != "paper":
+            raise ConfigError(f"compile_ttm=true applies to mode=paper; mode={self.mode} keeps the released code's exact ops")
         if self.ttm_selection not in TTM_SELECTIONS:
             raise ConfigError(f"ttm_selection={self.ttm_selection!r}; use one of {', '.join(TTM_SELECTIONS)}")
         if self.l < 0:
@@ -76,13 +80,20 @@ class DyCoke(CompressionMethod):
             generator = torch.Generator().manual_seed(self.seed)
             kept = random_keep_indices(frame_features, self.k, self.mode, generator)
         else:
-            kept = ttm_keep_indices(frame_features, self.k, self.mode)
+            kept = self._ttm_keep_indices(frame_features)
         self._ttm_stats = {
             "ttm_tokens_in": frames * tokens,
             "ttm_tokens_out": int(kept.numel()),
             "ttm_notes": list(ttm_plan(frames, self.mode).notes),
         }
         return frame_features.reshape(-1, dim)[kept]
+
+    def _ttm_keep_indices(self, frame_features: torch.Tensor) -> torch.Tensor:
+        try:
+            return ttm_keep_indices(frame_features, self.k, self.mode, compiled=self.compile_ttm)
+        except BackendCompilerFailed as error:  # raised only with compile_ttm: a missing C++ compiler, say
+            reason = str(error).strip().splitlines()[0]
+            raise ConfigError(f"compile_ttm=true: torch.compile failed ({reason}); set method.compile_ttm=false") from None
 
     @contextlib.contextmanager
     def during_generation(self, context: GenerationContext) -> Iterator[None]:

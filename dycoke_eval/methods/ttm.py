@@ -16,6 +16,8 @@ stays whole, and `ttm_plan` says so.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,45 +64,73 @@ def tokens_to_keep(tokens_per_frame: int, k: float) -> int:
     return int((1 - k) * tokens_per_frame)
 
 
-def ttm_keep_indices(features: torch.Tensor, k: float, mode: str = "paper") -> torch.Tensor:
-    """[F, N, D] frame features -> flat indices into F*N of the kept tokens, in emitted order."""
-    if not 0 <= k < 1:
-        raise ValueError(f"k={k}: TTM's pruning rate must be in [0, 1)")
+def ttm_keep_indices(features: torch.Tensor, k: float, mode: str = "paper", *, compiled: bool = False) -> torch.Tensor:
+    """[F, N, D] frame features -> flat indices into F*N of the kept tokens, in emitted order.
+
+    `compiled=True` (paper mode) computes the similarities with `paper_similarity` compiled by
+    torch.compile into one fused pass over the features; the first call per process compiles.
+    """
+    _check_rate(k)
+    if compiled and mode != "paper":
+        raise ValueError(f"compiled=True applies to mode='paper'; mode={mode!r} keeps the released code's exact ops")
     frames, tokens, _ = features.shape
     plan = ttm_plan(frames, mode)
-    flat = torch.arange(frames * tokens, device=features.device).view(frames, tokens)
-    pairs = [(frame, ref) for frame, ref in enumerate(plan.reference) if ref >= 0]
-    if not pairs:
-        return flat.flatten()
-    similarity = _pair_similarity(features, pairs, mode)
-    selected = similarity.topk(tokens_to_keep(tokens, k), dim=-1, largest=False).indices  # ascending similarity
+    whole = [frame for frame, reference in enumerate(plan.reference) if reference < 0]
+    if len(whole) == frames:
+        return torch.arange(frames * tokens, device=features.device)
+    keep = tokens_to_keep(tokens, k)
     if mode == "paper":
-        selected = selected.sort(dim=-1).values  # spatial order
-    pruned_rows = dict(zip((frame for frame, _ in pairs), selected + flat[[f for f, _ in pairs], :1], strict=True))
-    return torch.cat([pruned_rows.get(frame, flat[frame]) for frame in range(frames)])
+        similarity = (_compiled_paper_similarity() if compiled else paper_similarity)(features)
+        selected = similarity.topk(keep, dim=-1, largest=False).indices  # the rows of whole frames go unused
+        kept = torch.zeros(frames, tokens, dtype=torch.bool, device=features.device).scatter_(1, selected, True)
+        kept[whole] = True
+        return kept.flatten().nonzero().squeeze(1)  # frame order, then spatial order
+    # The released code emits a pruned frame's tokens in ascending similarity.
+    selected = iter(_official_similarity(features, plan).topk(keep, dim=-1, largest=False).indices)
+    rows = [torch.arange(tokens, device=features.device) if reference < 0 else next(selected) for reference in plan.reference]
+    return torch.cat([row + frame * tokens for frame, row in enumerate(rows)])
 
 
-def _pair_similarity(features: torch.Tensor, pairs: list[tuple[int, int]], mode: str) -> torch.Tensor:
-    """[len(pairs), N] cosine similarity of each pruned frame with its reference, token by token."""
-    current = [frame for frame, _ in pairs]
-    reference = [ref for _, ref in pairs]
-    if mode == "official":  # the released code's exact ops: L2-normalised rows in the pairwise step only
-        normalize, cosine = torch.nn.functional.normalize, torch.nn.functional.cosine_similarity
-        return torch.stack([
-            cosine(normalize(features[f], dim=-1), normalize(features[r], dim=-1), dim=-1) if f % 2
-            else cosine(features[f], features[r], dim=-1)
-            for f, r in pairs
-        ])  # fmt: skip
-    # Memory-bound: one pass for the norms, then per-frame dot products that stay in cache.
+def paper_similarity(features: torch.Tensor) -> torch.Tensor:
+    """[F, N] cosine similarity of each frame with its paper-mode reference, token by token.
+
+    Odd frames are compared with the frame before, frames 2 mod 4 with their window's first
+    frame (`ttm_plan`); rows of frames kept whole are NaN. Strided views rather than gathered
+    copies: the features are read a few times, never copied.
+    """
+    frames, tokens, _ = features.shape
     norms = torch.linalg.vector_norm(features, dim=-1)
-    dots = torch.stack([torch.linalg.vecdot(features[f], features[r]) for f, r in pairs])
-    return dots / (norms[current] * norms[reference]).clamp_min(1e-8)
+    similarity = features.new_full((frames, tokens), float("nan"))
+    for offset, frames_compared in ((1, slice(1, None, 2)), (2, slice(2, None, 4))):
+        references = slice(0, max(frames - offset, 0), frames_compared.step)
+        dots = torch.linalg.vecdot(features[frames_compared], features[references])
+        similarity[frames_compared] = dots / (norms[frames_compared] * norms[references]).clamp_min(1e-8)
+    return similarity
+
+
+@functools.cache
+def _compiled_paper_similarity() -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.compile(paper_similarity)
+
+
+def _official_similarity(features: torch.Tensor, plan: TTMPlan) -> torch.Tensor:
+    """[pruned frames, N]: the released code's exact ops, L2-normalised rows in the pairwise step only."""
+    normalize, cosine = torch.nn.functional.normalize, torch.nn.functional.cosine_similarity
+    return torch.stack([
+        cosine(normalize(features[frame], dim=-1), normalize(features[reference], dim=-1), dim=-1) if frame % 2
+        else cosine(features[frame], features[reference], dim=-1)
+        for frame, reference in enumerate(plan.reference) if reference >= 0
+    ])  # fmt: skip
+
+
+def _check_rate(k: float) -> None:
+    if not 0 <= k < 1:
+        raise ValueError(f"k={k}: TTM's pruning rate must be in [0, 1)")
 
 
 def random_keep_indices(features: torch.Tensor, k: float, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Table 5's "random pruning": TTM's frame plan and counts, random tokens in each pruned frame."""
-    if not 0 <= k < 1:
-        raise ValueError(f"k={k}: TTM's pruning rate must be in [0, 1)")
+    _check_rate(k)
     frames, tokens, _ = features.shape
     keep = tokens_to_keep(tokens, k)
     pieces = []
