@@ -13,6 +13,7 @@ LLM cost depends only on that count).
 
     python scripts/bench_methods.py                 # 32 frames (use a GPU: CPU prefill is slow)
     python scripts/bench_methods.py --frames 8      # CPU-sized
+    python scripts/bench_methods.py --ttm-only      # TTM alone, eager and torch.compile'd
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def time_generation(run, repeats: int, device: str) -> tuple[float, float]:
     return statistics.median(prefills), statistics.median(steps)
 
 
+def median_seconds(statement: str, **names) -> float:
+    """Median time of `statement` with torch's usual thread count (torch's Timer defaults to one thread)."""
+    timer = benchmark.Timer(statement, globals=names, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=1).median
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=32)
@@ -98,20 +105,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--ttm-only", action="store_true", help="print the TTM figures and stop")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     dims = LanguageModelDims(**compose_option("model", "llava_ov_0.5b").accounting)
     torch.manual_seed(0)
 
-    features = torch.randn(args.frames, TOKENS_PER_FRAME, dims.hidden, device=device, dtype=dtype)
-    ttm_input = torch.randn(32, TOKENS_PER_FRAME, dims.hidden, device=device)
-    ttm = benchmark.Timer("ttm(x, 0.7, 'paper')", globals={"ttm": ttm_keep_indices, "x": ttm_input}).blocked_autorange(
-        min_run_time=1
-    )
     print(f"device={device} dtype={dtype} torch_threads={torch.get_num_threads()} frames={args.frames}")
-    print(f"TTM (paper mode, K=0.7) on 32x196x896 fp32: median {ttm.median * 1e3:.3f} ms")
+    ttm_input = torch.randn(32, TOKENS_PER_FRAME, dims.hidden, device=device)
+    for compiled in (False, True):
+        start = time.perf_counter()
+        ttm_keep_indices(ttm_input, 0.7, compiled=compiled)
+        first = time.perf_counter() - start
+        ttm = median_seconds("ttm(x, 0.7, compiled=compiled)", ttm=ttm_keep_indices, x=ttm_input, compiled=compiled)
+        print(f"TTM (paper mode, K=0.7, compiled={compiled}) on 32x196x896 fp32: median {ttm * 1e3:.3f} ms "
+              f"(first call {first:.2f} s)")  # fmt: skip
+    if args.ttm_only:
+        return
 
+    features = torch.randn(args.frames, TOKENS_PER_FRAME, dims.hidden, device=device, dtype=dtype)
     model = build_model(device, dtype)
     visual = args.frames * TOKENS_PER_FRAME
     text = torch.randint(0, model.config.text_config.vocab_size - 2, (PROMPT_TEXT_TOKENS,))
@@ -154,11 +167,9 @@ def main() -> None:
     key = torch.randn(1, 2, kept, 64, device=device, dtype=dtype)
     selector = DynamicSelector(keep_ratio=0.3, threshold=1.1)  # threshold > 1: re-select every step (worst case)
     span = slice(11, 11 + kept - 1 - PROMPT_TEXT_TOKENS)
-    select = benchmark.Timer(
-        "s.step(attn(q, k, 0.125, None)[span])",
-        globals={"s": selector, "attn": last_query_attention, "q": query, "k": key, "span": span},
+    selection = median_seconds(
+        "s.step(attn(q, k, 0.125, None)[span])", s=selector, attn=last_query_attention, q=query, k=key, span=span
     )
-    selection = select.blocked_autorange(min_run_time=1).median
     print(f"\nDyCoke per-step selection (K=0.7, {kept} cached tokens, re-selecting every step): {selection * 1e3:.3f} ms "
           f"= {selection / full_step:.1%} of a full decode step ({full_step * 1e3:.2f} ms)")  # fmt: skip
 
