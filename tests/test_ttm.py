@@ -99,6 +99,11 @@ def test_any_frame_count_gives_unique_in_range_indices_without_dropping_a_frame(
     assert {int(i) // 16 for i in kept} == set(range(frames))
 
 
+def test_paper_mode_ranks_half_precision_features_in_fp32():
+    x = features(8, dim=64).bfloat16()
+    assert torch.equal(ttm_keep_indices(x, 0.7, "paper"), ttm_keep_indices(x.float(), 0.7, "paper"))
+
+
 def test_paper_mode_prunes_every_window_including_a_short_last_one():
     assert ttm_plan(7, "paper").reference == (-1, 0, 0, 2, -1, 4, 4)
     assert ttm_plan(10, "paper").reference == (-1, 0, 0, 2, -1, 4, 4, 6, -1, 8)

@@ -96,8 +96,10 @@ def paper_similarity(features: torch.Tensor) -> torch.Tensor:
 
     Odd frames are compared with the frame before, frames 2 mod 4 with their window's first
     frame (`ttm_plan`); rows of frames kept whole are NaN. Strided views rather than gathered
-    copies: the features are read a few times, never copied.
+    copies: the features are read a few times, never copied. Computed in fp32: bf16 cosines near
+    1 tie by the dozen, and the ranking among the most similar tokens is the whole point.
     """
+    features = features.float()
     frames, tokens, _ = features.shape
     norms = torch.linalg.vector_norm(features, dim=-1)
     similarity = features.new_full((frames, tokens), float("nan"))
