@@ -25,8 +25,8 @@ def test_last_query_attention_respects_the_mask(as_bool):
 
 def test_top_visual_tokens_keeps_the_most_attended_in_ascending_position():
     attention = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05])
-    assert top_visual_tokens(attention, keep_ratio=0.4).tolist() == [1, 3]
-    assert top_visual_tokens(attention, keep_ratio=0.0).tolist() == []
+    assert top_visual_tokens(attention, count=2).tolist() == [1, 3]
+    assert top_visual_tokens(attention, count=0).tolist() == []
 
 
 def test_attended_keys_are_all_non_visual_keys_plus_the_kept_visual_ones():

@@ -43,6 +43,7 @@ class CompressionMethod:
 
     name: str = "base"
     reuses_encoder_outputs: ClassVar[bool] = True  # False for methods that need the encoder's internals (PruMerge)
+    routes_attention: ClassVar[bool] = False  # True for methods that compute attention through their own function
 
     def validate_for(self, model_config: Any) -> None:
         """Raise ValueError naming the bad setting if the method cannot run on this model."""
@@ -51,8 +52,11 @@ class CompressionMethod:
     def during_vision_encoding(self, model: Any) -> Iterator[None]:
         yield
 
-    def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
-        """[F, N, D] pooled, projected frame features -> [V, D] tokens that enter the LLM."""
+    def select_video_tokens(self, frame_features: torch.Tensor, sample: str = "") -> torch.Tensor:
+        """[F, N, D] pooled, projected frame features -> [V, D] tokens that enter the LLM.
+
+        `sample` names the sample (task and document), for methods whose choice is random per video.
+        """
         return frame_features.reshape(-1, frame_features.shape[-1])
 
     @contextlib.contextmanager

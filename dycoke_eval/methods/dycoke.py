@@ -18,21 +18,28 @@ gather.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from statistics import mean
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
 from dycoke_eval.methods.kv_selection import DynamicSelector, attended_key_index, last_query_attention
 from dycoke_eval.methods.ttm import MODES, random_keep_indices, ttm_keep_indices, ttm_plan
-from dycoke_eval.plumbing.attention import language_model, masked_sdpa, routed_attention, subset_sdpa
+from dycoke_eval.plumbing.attention import (
+    attention_kernel,
+    kernel_name,
+    language_model,
+    masked_attention,
+    routed_attention,
+    subset_attention,
+)
 from dycoke_eval.plumbing.cache import PrunableLayer
 
 TTM_SELECTIONS = ("similarity", "random")
@@ -52,6 +59,7 @@ class DyCoke(CompressionMethod):
     offload_pruned: bool = True  # pruned cache entries of the layers above L wait on the CPU (frees accelerator memory)
     reference_masking: bool = False  # mask instead of gather: the slow reference the fast path is tested against
     name: str = "dycoke"
+    routes_attention: ClassVar[bool] = True
     _selector: DynamicSelector = field(init=False, repr=False)
     _ttm_stats: dict[str, Any] = field(init=False, repr=False, default_factory=dict)
 
@@ -74,10 +82,10 @@ class DyCoke(CompressionMethod):
         if self.l >= layers:
             raise ConfigError(f"l={self.l}: the language model has {layers} layers (0..{layers - 1}); choose l < {layers}")
 
-    def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
+    def select_video_tokens(self, frame_features: torch.Tensor, sample: str = "") -> torch.Tensor:
         frames, tokens, dim = frame_features.shape
         if self.ttm_selection == "random":
-            generator = torch.Generator().manual_seed(self.seed)
+            generator = torch.Generator().manual_seed(per_sample_seed(self.seed, sample))
             kept = random_keep_indices(frame_features, self.k, self.mode, generator)
         else:
             kept = self._ttm_keep_indices(frame_features)
@@ -99,11 +107,11 @@ class DyCoke(CompressionMethod):
     def during_generation(self, context: GenerationContext) -> Iterator[None]:
         selector = self._selector
         selector.reset()
-        start = context.visual_start
-        # The released code's span leaves out the last visual token, so that one is always kept.
-        span = (start, start + context.visual_length - (1 if self.mode == "official" else 0))
+        span = pruning_span(context.visual_start, context.visual_length, self.mode)
         score_layer = self.l if self.mode == "paper" else max(self.l - 1, 0)  # official scores at layer L-1
-        attend = masked_sdpa if self.reference_masking else subset_sdpa
+        decoder = language_model(context.model)
+        kernel = attention_kernel(decoder)
+        attend = masked_attention if self.reference_masking else subset_attention
         # Layers above the scoring layer hold their pruned entries aside (the scoring layer needs every key).
         layers = context.model.config.text_config.num_hidden_layers
         aside = [] if self.reference_masking else [i for i in range(layers) if i > score_layer and i >= self.l]
@@ -130,13 +138,14 @@ class DyCoke(CompressionMethod):
             if decoding and layer in aside:  # its cache returned only the kept entries and the new token
                 if attention_mask is not None:
                     attention_mask = attention_mask.index_select(-1, cache.layers[layer].hot_positions)
-                return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+                return kernel(module, query, key, value, attention_mask, **kwargs)
             if decoding and layer >= self.l and step["index"] is not None:
-                return attend(module, query, key, value, attention_mask, step["index"], **kwargs)
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+                return attend(kernel, module, query, key, value, attention_mask, step["index"], **kwargs)
+            return kernel(module, query, key, value, attention_mask, **kwargs)
 
-        with routed_attention(language_model(context.model), "dycoke_sdpa", attention):
+        with routed_attention(decoder, "dycoke_routed", attention):
             yield
+        context.stats["attention_kernel"] = kernel_name(decoder)
         context.stats["kv_held_aside_bytes"] = sum(cache.layers[i].cold_bytes() for i in aside)
         context.stats.update(self._ttm_stats)
         outside_span = context.visual_length - (span[1] - span[0])
@@ -165,3 +174,20 @@ class DyCoke(CompressionMethod):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "paper_retained_ratio": self.paper_retained_ratio()}
+
+
+def pruning_span(visual_start: int, visual_length: int, mode: str) -> tuple[int, int]:
+    """The prompt positions decode-time pruning chooses among; `visual_length` counts the newline token.
+
+    Paper: every visual token. Official: the released code sets the image length to the TTM count
+    minus one before the newline is appended, so the span is [start, start + N_ttm - 1): the last
+    TTM token is always kept and the newline lies outside.
+    """
+    if mode == "official":
+        return visual_start, visual_start + (visual_length - 1) - 1
+    return visual_start, visual_start + visual_length
+
+
+def per_sample_seed(seed: int, sample: str) -> int:
+    """A seed of its own for each sample, so Table 5's random choice differs from video to video."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample}".encode()).digest()[:8], "little")

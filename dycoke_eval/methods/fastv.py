@@ -12,15 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
 from dycoke_eval.methods.kv_selection import attended_key_index, last_query_attention, top_visual_tokens
-from dycoke_eval.plumbing.attention import language_model, masked_sdpa, routed_attention
+from dycoke_eval.plumbing.attention import attention_kernel, kernel_name, language_model, masked_attention, routed_attention
 from dycoke_eval.plumbing.hooks import prefill_position_pruning
 
 
@@ -30,6 +29,7 @@ class FastV(CompressionMethod):
     ratio: float = 0.35  # fraction of the visual tokens kept from layer K on
     reference_masking: bool = False  # mask instead of drop: the slow reference the fast path is tested against
     name: str = "fastv"
+    routes_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 1:
@@ -55,21 +55,32 @@ class FastV(CompressionMethod):
         span = (context.visual_start, context.visual_start + context.visual_length)
         kept: list[torch.Tensor | None] = [None]  # prompt positions kept from layer K on
         prompt_length = context.input_ids.shape[1]
+        decoder = language_model(context.model)
+        kernel = attention_kernel(decoder)
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             if query.shape[2] > 1 and module.layer_idx == self.layer - 1:
                 probabilities = last_query_attention(query, key, kwargs["scaling"], attention_mask)
-                visual = top_visual_tokens(probabilities[span[0] : span[1]], self.ratio)
+                visual = top_visual_tokens(probabilities[span[0] : span[1]], fastv_keep_count(span[1] - span[0], self.ratio))
                 kept[0] = attended_key_index(prompt_length, span, visual)
             if self.reference_masking and module.layer_idx >= self.layer:
                 generated = torch.arange(prompt_length, key.shape[2], device=key.device)
-                return masked_sdpa(module, query, key, value, attention_mask, torch.cat([kept[0], generated]), **kwargs)
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+                return masked_attention(
+                    kernel, module, query, key, value, attention_mask, torch.cat([kept[0], generated]), **kwargs
+                )
+            return kernel(module, query, key, value, attention_mask, **kwargs)
 
         pruning = contextlib.nullcontext() if self.reference_masking else prefill_position_pruning(
             context.model, self.layer, lambda: kept[0]
         )  # fmt: skip
-        with routed_attention(language_model(context.model), "fastv_sdpa", attention), pruning:
+        with routed_attention(decoder, "fastv_routed", attention), pruning:
             yield
         visual_kept = int(kept[0].numel() - (prompt_length - context.visual_length)) if kept[0] is not None else None
-        context.stats.update(visual_tokens_after_layer=visual_kept, pruned_from_layer=self.layer)
+        context.stats.update(
+            visual_tokens_after_layer=visual_kept, pruned_from_layer=self.layer, attention_kernel=kernel_name(decoder)
+        )
+
+
+def fastv_keep_count(visual_tokens: int, ratio: float) -> int:
+    """`round(V * ratio)` visual tokens, as the released HF port keeps (32 frames at 35%: 2,196 of 6,273)."""
+    return round(visual_tokens * ratio)

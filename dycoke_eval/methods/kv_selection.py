@@ -26,9 +26,8 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float,
     return scores.softmax(dim=-1).mean(dim=(0, 1))
 
 
-def top_visual_tokens(visual_attention: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Positions (within the visual span) of the `int(V * keep_ratio)` most attended tokens, ascending."""
-    count = int(visual_attention.shape[0] * keep_ratio)
+def top_visual_tokens(visual_attention: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions (within the visual span) of the `count` most attended tokens, ascending."""
     return visual_attention.topk(count).indices.sort().values
 
 
@@ -85,7 +84,8 @@ class DynamicSelector:
         elif similar and self.mode == "official":
             decision = None
         else:
-            self.kept = decision = top_visual_tokens(visual_attention, self.keep_ratio)
+            count = int(visual_attention.shape[0] * self.keep_ratio)  # DyCoke's released code floors
+            self.kept = decision = top_visual_tokens(visual_attention, count)
             self.reselections += 1
         self.attended_visual.append(int(decision.numel()) if decision is not None else int(visual_attention.numel()))
         return decision
