@@ -1,10 +1,28 @@
-"""PruMerge adapted to SigLIP: adaptive IQR count, neighbour merging, scores from the encoder's attention."""
+"""PruMerge on SigLIP: adaptive IQR count, neighbour merging, scores from the encoder's attention.
 
+`mode: official` is checked against a literal transcription of the released per-image functions.
+"""
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dycoke_eval.config import ConfigError
-from dycoke_eval.methods.prumerge import PruMerge, iqr_outlier_count, merge_into_kept, prumerge_frame, uniform_samples
+from dycoke_eval.methods.prumerge import (
+    PruMerge,
+    iqr_outlier_count,
+    iqr_outliers,
+    merge_into_kept,
+    official_grid,
+    official_keep_count,
+    official_merge,
+    official_selection,
+    prumerge_frame,
+    prumerge_official,
+    pruned_remainder,
+    uniform_samples,
+)
 from dycoke_eval.offline.tiny_model import build_tiny_checkpoint
 from dycoke_eval.offline.videos import synthetic_frames
 from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord
@@ -61,6 +79,15 @@ def test_scores_are_the_attention_each_patch_receives_at_the_feature_layer_poole
     assert stats["retained_ratio"] == stats["prumerge_tokens_out"] / (8 * 16) < 1
 
 
+def test_official_mode_runs_in_the_model_with_one_extra_token_per_frame(tiny_checkpoint):
+    method = PruMerge(mode="official", variant="plus")
+    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu", method=method)
+    record = SampleRecord("t", 0)
+    lm.run_sample(synthetic_frames("official")[:8], "What moves?", {"max_new_tokens": 1}, record)
+    _, new = official_selection(method._captured["scores"], "plus")  # 16 tokens a frame: each merges all 15 others
+    assert record.method_stats["prumerge_tokens_out"] == int(new.sum()) + 8 == record.visual_tokens_in - 1
+
+
 def test_the_pooling_head_score_needs_a_tower_that_kept_its_head(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="vision_use_head=false"):
         LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), device="cpu", method=PruMerge(score_source="pooling_head"))
@@ -71,7 +98,201 @@ def test_the_pooling_head_score_needs_a_tower_that_kept_its_head(tiny_checkpoint
     assert 0 < record.method_stats["prumerge_tokens_out"] < 4 * 16
 
 
-@pytest.mark.parametrize("settings, message", [({"variant": "plus2"}, "base, plus"), ({"score_source": "cls"}, "mean_received")])
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"variant": "plus2"}, "base, plus"), ({"score_source": "cls"}, "mean_received"), ({"mode": "paper"}, "adapted, official")],
+)
 def test_bad_prumerge_settings_fail_at_config_time(settings, message):
     with pytest.raises(ConfigError, match=message):
         PruMerge(**settings)
+
+
+# --- mode: official --------------------------------------------------------------------------------------------------
+# A literal transcription of the released code: 42Shawn/LLaVA-PruMerge @097c041 (Apache-2.0),
+# llava/model/multimodal_encoder/clip_encoder.py: `complement_idx`, `outlier_dectection`, and the part of
+# `token_prune_merge_advanced` / `token_prune_merge_advanced_plus` (if_adaptive=True) after the CLS attention,
+# `desired_layer_k` (CLS key first) and `image_features` are formed. Only `self.device` became `cls_attn.device`.
+
+
+def complement_idx(idx, dim):
+    a = torch.arange(dim, device=idx.device)
+    ndim = idx.ndim
+    dims = idx.shape
+    n_idx = dims[-1]
+    dims = dims[:-1] + (-1,)
+    for i in range(1, ndim):  # noqa: B007
+        a = a.unsqueeze(0)
+    a = a.expand(*dims)
+    masked = torch.scatter(a, -1, idx, 0)
+    compl, _ = torch.sort(masked, dim=-1, descending=False)
+    compl = compl.permute(-1, *tuple(range(ndim - 1)))
+    compl = compl[n_idx:].permute(*(tuple(range(1, ndim)) + (0,)))
+    return compl
+
+
+def outlier_dectection(attn):
+    attn_np = attn.to(dtype=torch.float32).cpu().numpy().flatten()
+    Q1 = np.percentile(attn_np, 25)
+    Q3 = np.percentile(attn_np, 75)
+    IQR = Q3 - Q1
+    upper_bound = Q3 + 1.5 * IQR
+    outlier_indices = np.where((attn_np > upper_bound))[0]  # noqa: UP034
+    ratio = len(outlier_indices) / len(attn_np)
+    return ratio
+
+
+def released_merge(cls_attn, desired_layer_k, image_features, idx):
+    B, N, C = image_features.shape
+    index = idx.unsqueeze(-1).expand(-1, -1, C)
+    Key_wo_cls = desired_layer_k[:, 1:]
+    x_others = torch.gather(image_features, dim=1, index=index)
+    x_others_attn = torch.gather(cls_attn, dim=1, index=idx)
+    Key_others = torch.gather(Key_wo_cls, dim=1, index=index)
+    compl = complement_idx(idx, N)
+    non_topk = torch.gather(image_features, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))
+    non_topk_Key = torch.gather(Key_wo_cls, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))
+    non_topk_attn = torch.gather(cls_attn, dim=1, index=compl)
+    Key_others_norm = F.normalize(Key_others, p=2, dim=-1)
+    non_topk_Key_norm = F.normalize(non_topk_Key, p=2, dim=-1)
+    B, left_tokens, C = x_others.size()
+    updated_x_others = torch.zeros_like(x_others)
+    for b in range(B):
+        for i in range(left_tokens):
+            key_others_norm = Key_others_norm[b, i, :].unsqueeze(0).unsqueeze(0)
+            before_i_Key = Key_others_norm[b, :i, :].unsqueeze(0)
+            after_i_Key = Key_others_norm[b, i + 1 :, :].unsqueeze(0)
+            before_i_x_others = x_others[b, :i, :].unsqueeze(0)
+            after_i_x_others = x_others[b, i + 1 :, :].unsqueeze(0)
+            rest_x_others = torch.cat([before_i_x_others, after_i_x_others, non_topk[b, :, :].unsqueeze(0)], dim=1)
+            before_i_x_others_attn = x_others_attn[b, :i].unsqueeze(0)
+            after_i_x_others_attn = x_others_attn[b, i + 1 :].unsqueeze(0)
+            rest_x_others_attn = torch.cat(
+                [before_i_x_others_attn, after_i_x_others_attn, non_topk_attn[b, :].unsqueeze(0)], dim=1
+            )
+            rest_Keys = torch.cat([before_i_Key, after_i_Key, non_topk_Key_norm[b, :, :].unsqueeze(0)], dim=1)
+            cos_sim_matrix = torch.bmm(key_others_norm, rest_Keys.transpose(1, 2))
+            _, cluster_indices = torch.topk(cos_sim_matrix, k=int(32), dim=2, largest=True)  # noqa: UP018
+            cluster_tokens = rest_x_others[:, cluster_indices.squeeze(), :]
+            weights = rest_x_others_attn[:, cluster_indices.squeeze()].unsqueeze(-1)
+            weighted_avg = torch.sum(cluster_tokens * weights, dim=1)
+            updated_center = weighted_avg + x_others[b, i, :]
+            updated_x_others[b, i, :] = updated_center
+    extra_one_token = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)
+    updated_x_others = torch.cat([updated_x_others, extra_one_token], dim=1)
+    return updated_x_others
+
+
+def released_base(cls_attn, desired_layer_k, image_features):
+    B, N, C = image_features.shape
+    reduction_ratio = outlier_dectection(cls_attn)
+    _, idx = torch.topk(cls_attn, int(N * reduction_ratio), dim=1, largest=True)
+    return released_merge(cls_attn, desired_layer_k, image_features, idx)
+
+
+def released_plus(cls_attn, desired_layer_k, image_features):
+    B, N, C = image_features.shape
+    reduction_ratio = outlier_dectection(cls_attn)
+    _, idx = torch.topk(cls_attn, int(N * reduction_ratio), dim=1, largest=True)
+    step_length = int(1 / reduction_ratio)
+    arithmetic_sequence = torch.arange(0, 575, int(step_length / 3)).to(device=cls_attn.device)
+    original_tensor_1d = idx.flatten().to(device=cls_attn.device)
+    filtered_sequence = torch.tensor([x for x in arithmetic_sequence if x not in original_tensor_1d]).to(device=cls_attn.device)
+    concatenated_tensor = torch.cat((idx, filtered_sequence.unsqueeze(0)), dim=1)
+    idx = concatenated_tensor
+    return released_merge(cls_attn, desired_layer_k, image_features, idx)
+
+
+# The merge loop above is shared verbatim by both released functions; only the index choice differs.
+
+
+def clip_like(seed: int, images: int = 1, tokens: int = 576, dim: int = 1024):
+    """Released inputs from random CLIP-shaped q/k: CLS attention as the released code forms it, keys, features."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(images, tokens + 1, dim, generator=g), torch.randn(images, tokens + 1, dim, generator=g)
+    cls_attn = F.softmax((q @ k.transpose(-2, -1)) * dim**-0.5, dim=-1)[:, 0, 1:]
+    return cls_attn, k, torch.randn(images, tokens, dim, generator=g)
+
+
+def assert_official_matches(released, cls_attn, keys, features, variant):
+    ours = prumerge_official(features, cls_attn, keys[:, 1:], variant)
+    torch.testing.assert_close(ours, released.flatten(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("variant, released", [("base", released_base), ("plus", released_plus)])
+def test_official_mode_is_the_released_arithmetic_per_image(seed, variant, released):
+    cls_attn, keys, features = clip_like(seed)
+    expected = released(cls_attn, keys, features)
+    assert expected.shape[1] > 10  # a real selection: outliers (and, for plus, grid samples) plus the extra token
+    assert_official_matches(expected, cls_attn, keys, features, variant)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_official_base_takes_one_outlier_ratio_over_all_images_and_floors_the_per_image_count(seed):
+    cls_attn, keys, features = clip_like(seed, images=3)
+    assert iqr_outliers(cls_attn) % 3  # the mean count per image is fractional: int() drops the remainder
+    assert_official_matches(released_base(cls_attn, keys, features), cls_attn, keys, features, "base")
+
+
+def test_official_base_loses_a_token_where_n_times_the_ratio_falls_below_the_count():
+    g = torch.Generator().manual_seed(5)
+    cls_attn = torch.rand(1, 196, generator=g)
+    cls_attn[0, :27] += 10.0  # 27 outliers of 196; 196 * (27 / 196) = 26.999...
+    keys, features = torch.randn(1, 197, 64, generator=g), torch.randn(1, 196, 64, generator=g)
+    released = released_base(cls_attn, keys, features)
+    assert released.shape[1] == 26 + 1
+    assert_official_matches(released, cls_attn, keys, features, "base")
+
+
+def test_official_plus_over_frames_is_the_released_plus_per_frame_with_the_ratio_of_all_frames(monkeypatch):
+    cls_attn, keys, features = clip_like(6, images=3)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        released_plus(cls_attn, keys, features)  # the released plus cannot take a batch of several images
+    ratio = outlier_dectection(cls_attn)  # the released ratio of all three images together
+    monkeypatch.setitem(globals(), "outlier_dectection", lambda attn: ratio)
+    per_frame = [released_plus(cls_attn[i : i + 1], keys[i : i + 1], features[i : i + 1]) for i in range(3)]
+    assert len({frame.shape[1] for frame in per_frame}) > 1  # each frame drops the grid points it already keeps
+    torch.testing.assert_close(prumerge_official(features, cls_attn, keys[:, 1:], "plus"), torch.cat(per_frame, dim=1)[0])
+
+
+def test_the_official_keep_count_floors_after_the_ratio_is_formed():
+    assert official_keep_count(27 / 196, 196) == 26
+    assert official_keep_count(1 / 196, 196) == 0
+    assert official_keep_count(27 / 576, 576) == 27
+
+
+def test_the_official_grid_strides_by_a_third_of_the_inverse_ratio_below_the_last_token():
+    assert official_grid(9 / 576, 576).tolist() == list(range(0, 575, 21))  # int(int(64) / 3) = 21
+    assert official_grid(20 / 196, 196)[-1] == 192  # stride int(9 / 3) = 3, token 195 never sampled
+    assert official_grid(0.0, 196).tolist() == [0]
+
+
+def test_the_official_selection_ranks_by_score_and_shares_one_ratio_across_frames():
+    scores = torch.rand(2, 16, generator=torch.Generator().manual_seed(7))
+    scores[0, [9, 4, 2]] = torch.tensor([30.0, 20.0, 10.0])  # the only outliers, all in frame 0: 1.5 per frame, floored
+    selected, new = official_selection(scores, "base")
+    assert selected.shape == (2, 1) and new.all()
+    assert selected[:, 0].tolist() == [9, scores[1].argmax().item()]
+    selected, new = official_selection(scores, "plus")  # ratio 3/32: stride int(10 / 3) = 3 over [0, 15)
+    assert selected[0].tolist() == [9, 0, 3, 6, 9, 12]
+    assert new[0].tolist() == [True, True, True, True, False, True]  # frame 0 already keeps 9
+
+
+def test_official_neighbours_include_kept_tokens_and_merge_their_original_features():
+    features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
+    keys = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 1.0]]])
+    scores = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    merged = official_merge(features, scores, keys, torch.tensor([[0, 1]]), neighbours=1)
+    torch.testing.assert_close(merged, torch.tensor([[[1.0, 0.3], [0.4, 1.0]]]))  # 0 and 1 absorb each other
+    torch.testing.assert_close(pruned_remainder(features, scores, torch.tensor([[0, 1]])), torch.tensor([[0.4, 0.3]]))
+
+
+def test_official_mode_returns_each_frames_selection_then_its_extra_token_with_stats():
+    g = torch.Generator().manual_seed(8)
+    frames = torch.randn(4, 64, 8, generator=g)
+    method = PruMerge(mode="official", variant="plus")
+    method._captured = {"scores": torch.rand(4, 64, generator=g) ** 8, "keys": torch.randn(4, 64, 16, generator=g)}
+    kept = method.select_video_tokens(frames)
+    torch.testing.assert_close(kept, prumerge_official(frames, **method._captured, variant="plus"))
+    assert method._stats == {"prumerge_tokens_in": 4 * 64, "prumerge_tokens_out": len(kept)}
+    assert method.describe()["mode"] == "official"

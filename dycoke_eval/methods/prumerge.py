@@ -1,9 +1,17 @@
-"""LLaVA-PruMerge / PruMerge+ (baseline), adapted to SigLIP, which has no CLS token.
+"""LLaVA-PruMerge / PruMerge+ (baseline) on SigLIP, which has no CLS token, in two modes.
 
-Per frame: score each patch with the vision encoder's own attention at the feature layer, keep
-as many top-scoring tokens as there are IQR outliers among the scores (the adaptive ratio), and
-let each kept token absorb its 32 nearest neighbours among the pruned ones (cosine over that
-layer's keys), weighted by their scores. PruMerge+ first adds spatially uniform samples.
+`mode: adapted` (default), per frame: score each patch with the vision encoder's own attention at
+the feature layer, keep as many top-scoring tokens as there are IQR outliers among the frame's
+scores (the adaptive ratio), and let each kept token absorb its 32 nearest neighbours among the
+pruned ones (cosine over that layer's keys), weighted by their scores. PruMerge+ first adds
+spatially uniform samples. Output in spatial order.
+
+`mode: official`: the released per-image arithmetic (42Shawn/LLaVA-PruMerge, clip_encoder.py,
+`token_prune_merge_advanced[_plus]`) with each frame as one image, on the same scores and keys:
+one outlier ratio over all frames together, `int(N * ratio)` top tokens per frame in descending
+score order, then PruMerge+'s grid (stride `int(int(1/ratio)/3)` over `[0, N-1)`); neighbours are
+searched among all other tokens, kept ones included; one extra token per frame, the score-weighted
+sum of the unselected tokens, closes each frame.
 
 No official SigLIP adaptation exists (open questions in DyCoke's and PruMerge's trackers).
 `score_source` names the choice made here:
@@ -22,21 +30,27 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
-from dycoke_eval.plumbing.attention import routed_attention, vision_tower
+from dycoke_eval.plumbing.attention import attention_kernel, routed_attention, vision_tower
 from dycoke_eval.plumbing.hooks import captured_output
 
 VARIANTS = ("base", "plus")
 SCORE_SOURCES = ("mean_received", "pooling_head")
+MODES = ("adapted", "official")
+
+
+def iqr_outliers(scores: torch.Tensor) -> int:
+    """How many of all the scores lie above Q3 + 1.5 IQR; float32 quartiles, as numpy gives the released code."""
+    flat = scores.float().flatten()
+    q1, q3 = torch.quantile(flat, torch.tensor([0.25, 0.75], device=flat.device))
+    return int((flat > q3 + 1.5 * (q3 - q1)).sum())
 
 
 def iqr_outlier_count(scores: torch.Tensor) -> int:
-    """How many scores lie above Q3 + 1.5 IQR (at least one): PruMerge's adaptive token count."""
-    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
-    return max(1, int((scores > q3 + 1.5 * (q3 - q1)).sum()))
+    """The adapted keep count of one frame: its IQR outliers, at least one."""
+    return max(1, iqr_outliers(scores))
 
 
 def uniform_samples(tokens: int, kept: torch.Tensor) -> torch.Tensor:
@@ -72,14 +86,85 @@ def prumerge_frame(
     return merge_into_kept(features, scores, keys, kept.sort().values, neighbours)
 
 
+def official_keep_count(ratio: float, tokens: int) -> int:
+    """The released top-k size, `int(N * ratio)` after the ratio is formed: float error can floor a token away."""
+    return int(tokens * ratio)
+
+
+def official_grid(ratio: float, tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """PruMerge+'s released samples: stride int(int(1/ratio)/3) over [0, N - 1), N - 1 being CLIP's hard-coded 575.
+
+    With no outlier at all the released code divides by zero; here the stride's limit applies (token 0 alone).
+    """
+    stride = int(int(1 / ratio) / 3) if ratio else tokens
+    return torch.arange(0, tokens - 1, stride, device=device)
+
+
+def official_selection(scores: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[F, N] scores -> [F, S] token indices and which of them are new: the released choice per frame.
+
+    The top `int(N * ratio)` by descending score, the ratio being the outlier fraction of all frames together
+    (the released code pools its batch); PruMerge+ appends its grid, whose points a frame already keeps are
+    marked not new (the released code filters them out).
+    """
+    frames, tokens = scores.shape
+    ratio = iqr_outliers(scores) / scores.numel()
+    top = scores.topk(official_keep_count(ratio, tokens), dim=-1).indices
+    new = torch.ones_like(top, dtype=torch.bool)
+    if variant == "base":
+        return top, new
+    grid = official_grid(ratio, tokens, scores.device).expand(frames, -1)
+    fresh = (grid.unsqueeze(-1) != top.unsqueeze(-2)).all(dim=-1)
+    return torch.cat([top, grid], dim=1), torch.cat([new, fresh], dim=1)
+
+
+def official_merge(
+    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, selected: torch.Tensor, neighbours: int = 32
+) -> torch.Tensor:
+    """[F, S] selected tokens -> [F, S, D]: each plus the score-weighted sum of its nearest tokens by key cosine.
+
+    As released, the neighbours come from all the frame's other tokens, selected ones included, and carry their
+    original features, so one batched product gives what the released loop builds token by token.
+    """
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    similarity = _rows(unit, selected) @ unit.transpose(1, 2)  # [F, S, N]
+    similarity.scatter_(2, selected.unsqueeze(-1), float("-inf"))  # a token is not its own neighbour
+    nearest = similarity.topk(min(neighbours, scores.shape[1] - 1), dim=-1).indices
+    weights = torch.zeros_like(similarity).scatter_(2, nearest, scores.float().gather(1, nearest.flatten(1)).view_as(nearest))
+    return _rows(features.float(), selected) + weights @ features.float()
+
+
+def pruned_remainder(features: torch.Tensor, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """[F, D]: the released extra token of each frame, the score-weighted sum of the tokens it did not select."""
+    weights = scores.float().scatter(1, selected, 0.0)
+    return (weights.unsqueeze(1) @ features.float()).squeeze(1)
+
+
+def prumerge_official(
+    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, variant: str, neighbours: int = 32
+) -> torch.Tensor:
+    """[F, N, D] features, [F, N] scores, [F, N, Dk] keys -> [V, D]: each frame's merged selection, then its extra token."""
+    selected, new = official_selection(scores, variant)
+    merged = official_merge(features, scores, keys, selected, neighbours)
+    tokens = torch.cat([merged, pruned_remainder(features, scores, selected).unsqueeze(1)], dim=1)
+    return tokens[torch.cat([new, new.new_ones(len(new), 1)], dim=1)].to(features.dtype)
+
+
+def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[F, N, C] values, [F, S] index -> [F, S, C]."""
+    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
 @dataclass
 class PruMerge(CompressionMethod):
     variant: str = "base"  # base | plus
+    mode: str = "adapted"  # adapted | official (the released per-image arithmetic, per frame)
     score_source: str = "mean_received"  # mean_received | pooling_head
     neighbours: int = 32
     planned_ratio: float = 0.55  # for plans before a run: the paper's reported ratio (the real one is adaptive)
     name: str = "prumerge"
     reuses_encoder_outputs: ClassVar[bool] = False  # its scores come from the encoder's attention, captured while it runs
+    routes_attention: ClassVar[bool] = True  # the vision tower's attention, to capture keys and scores
     _captured: dict[str, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
     _stats: dict[str, Any] = field(init=False, repr=False, default_factory=dict)
 
@@ -88,6 +173,8 @@ class PruMerge(CompressionMethod):
             raise ConfigError(f"variant={self.variant!r}; use one of {', '.join(VARIANTS)}")
         if self.score_source not in SCORE_SOURCES:
             raise ConfigError(f"score_source={self.score_source!r}; use one of {', '.join(SCORE_SOURCES)}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
 
     def validate_for(self, model_config: Any) -> None:
         if self.score_source == "pooling_head" and not model_config.vision_config.vision_use_head:
@@ -110,6 +197,7 @@ class PruMerge(CompressionMethod):
         feature_layer = model.config.vision_feature_layer
         target = tower.encoder.layers[feature_layer if feature_layer < 0 else feature_layer - 1].self_attn
         captured: dict[str, torch.Tensor] = {}
+        kernel = attention_kernel(tower)
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             if module is target:
@@ -118,7 +206,7 @@ class PruMerge(CompressionMethod):
                     captured["scores"] = torch.stack(
                         [_mean_received(q, k, kwargs["scaling"]) for q, k in zip(query, key, strict=True)]
                     )
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            return kernel(module, query, key, value, attention_mask, **kwargs)
 
         probe_input = captured_output(tower.post_layernorm, captured, "hidden")
         with routed_attention(tower, "prumerge_capture", attention), probe_input:
@@ -128,16 +216,15 @@ class PruMerge(CompressionMethod):
         pool = model.model.apply_pooling  # the features' own 2x2 bilinear pooling
         self._captured = {"scores": pool(captured["scores"].unsqueeze(-1)).squeeze(-1), "keys": pool(captured["keys"])}
 
-    def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
+    def select_video_tokens(self, frame_features: torch.Tensor, sample: str = "") -> torch.Tensor:
         scores, keys = self._captured["scores"], self._captured["keys"]
-        kept = [
-            prumerge_frame(f, s, k, self.variant, self.neighbours) for f, s, k in zip(frame_features, scores, keys, strict=True)
-        ]
-        self._stats = {
-            "prumerge_tokens_in": frame_features.shape[0] * frame_features.shape[1],
-            "prumerge_tokens_out": sum(len(k) for k in kept),
-        }
-        return torch.cat(kept)
+        if self.mode == "official":
+            kept = prumerge_official(frame_features, scores, keys, self.variant, self.neighbours)
+        else:
+            frames = zip(frame_features, scores, keys, strict=True)
+            kept = torch.cat([prumerge_frame(f, s, k, self.variant, self.neighbours) for f, s, k in frames])
+        self._stats = {"prumerge_tokens_in": frame_features.shape[0] * frame_features.shape[1], "prumerge_tokens_out": len(kept)}
+        return kept
 
     @contextlib.contextmanager
     def during_generation(self, context: GenerationContext) -> Iterator[None]:
