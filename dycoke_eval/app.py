@@ -19,6 +19,10 @@ from omegaconf import DictConfig
 from dycoke_eval.config import CONF_DIR, ConfigError, group_options
 
 
+class CellFailed(Exception):
+    """Every sample of a cell failed: nothing was measured, and the cell is not recorded as complete."""
+
+
 def prepare_environment(cfg: DictConfig) -> list[Path]:
     """Set the process environment lmms-eval and HF read at import; write task YAMLs and offline assets.
 
@@ -100,10 +104,11 @@ def run_cell(cfg: DictConfig) -> Path:
         device=cfg.model.device,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
+        prompt=cfg.prompt,
         device_map=cfg.model.get("device_map"),
         measure=cfg.measure,
         random_weights_architecture=cfg.model.architecture if cfg.model.get("random_weights") else None,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=generation_cap(cfg),
         journal=str(cell_dir / "journal.jsonl"),
     )
     if cfg.model.get("random_weights"):
@@ -132,6 +137,10 @@ def run_cell(cfg: DictConfig) -> Path:
         "device": str(lm.device),
         "dtype": str(lm.model.dtype),
         "attn_implementation": lm.model.config.text_config._attn_implementation,
+        "attention_kernels": sorted({r["method_stats"].get("attention_kernel") for r in records} - {None})
+        or [lm.model.config.text_config._attn_implementation],
+        "prompt": cfg.prompt,
+        "max_new_tokens": generation_cap(cfg),
         "random_weights": bool(cfg.model.get("random_weights")),
         "measured": bool(cfg.measure),
     }
@@ -144,8 +153,26 @@ def run_cell(cfg: DictConfig) -> Path:
         f"cell {cell_dir.name}: {len(records) - resumed} samples generated, {resumed} resumed from its journal, "
         f"{hits} encoder-cache hits ({saved:.1f} s saved); checkpoint loads in this process: {checkpoints.LOAD_COUNT}"
     )
+    failures = [r for r in records if r["status"] != "ok"]
+    if failures and len(failures) == len(records):
+        reasons = sorted({f"{r['video_path']}: {r['error']}" for r in failures})
+        raise CellFailed(
+            f"cell {cell_dir.name}: all {len(records)} samples failed, so it is not complete. Reasons:\n  "
+            + "\n  ".join(reasons[:10] + ([f"... and {len(reasons) - 10} more"] if len(reasons) > 10 else []))
+        )
+    if failures:
+        print(
+            f"cell {cell_dir.name}: {len(failures)} samples FAILED and the cell is not complete; "
+            "run the same command again to retry them"
+        )
     judge_saved_cell(cell_dir, instantiate(cfg.judge))
     return cell_dir
+
+
+def generation_cap(cfg: DictConfig) -> int | None:
+    """New tokens per answer: the run's `max_new_tokens` and the model's `generation_cap`, whichever is smaller."""
+    caps = [cap for cap in (cfg.max_new_tokens, cfg.model.get("generation_cap")) if cap]
+    return min(caps) if caps else None
 
 
 def judge_saved_cell(cell_dir: Path, settings) -> None:
@@ -182,3 +209,14 @@ def main(cfg: DictConfig) -> None:
             run_cell(cfg)
     except ConfigError as error:
         sys.exit(f"dycoke_eval: configuration error:\n{error}")
+    except CellFailed as error:
+        if _in_multirun():
+            raise  # the sweeper goes on with the other cells and reports this one at the end
+        sys.exit(f"dycoke_eval: {error}")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

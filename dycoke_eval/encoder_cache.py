@@ -23,6 +23,8 @@ class EncodedVideo:
     features: torch.Tensor  # [F*N + 1, D] pooled, projected features, newline last
     frames: int
     seconds: float  # decode + preprocess + encoder time it cost to make
+    frame_count: int  # frames in the video file
+    indices: list[int]  # the frame indices that were encoded
 
 
 class EncoderCache:

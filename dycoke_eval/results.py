@@ -23,7 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 from dycoke_eval.provenance import git_state, hardware, package_versions
 
 PIPELINE_STAGES = ("video_decode", "preprocess", "vision_encoder", "compress", "generate")  # one sample's wall time
-CELL_KEYS = ("model", "method", "frames", "tasks", "limit", "seed", "max_new_tokens")  # what makes two cells the same
+CELL_KEYS = ("model", "method", "frames", "prompt", "tasks", "limit", "seed", "max_new_tokens")  # what makes two cells the same
+
+
+NOT_SETTINGS = {"name", "paper_retained_ratio", "planned_ratio", "compile_ttm"}  # derived, plan-only or how it computes
+
+
+def method_settings(described: dict[str, Any]) -> dict[str, Any]:
+    """What a method computes, from its recorded `describe()`: two cells collide only if every setting agrees."""
+    return {key: value for key, value in described.items() if key not in NOT_SETTINGS}
+
+
+def method_label(described: dict[str, Any]) -> str:
+    """`fastv(layer=5,ratio=0.35)`: the method's name and every setting, for keys people read."""
+    settings = method_settings(described)
+    return f"{described['name']}({','.join(f'{key}={settings[key]}' for key in sorted(settings))})"
 
 
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
@@ -114,9 +128,14 @@ def _write_jsonl(path: Path, rows: list[Any]) -> None:
 def write_cell(
     cell_dir: Path, cfg: DictConfig, output: dict[str, Any], records: list[dict[str, Any]], method, runtime: dict[str, Any]
 ) -> None:
-    """`runtime`: what the loaded model actually ran with (device, dtype, attention implementation)."""
+    """`runtime`: what the loaded model actually ran with (device, dtype, attention implementation).
+
+    A cell with a failed sample is written but not complete: the next run of the same command
+    retries exactly the failed samples (the others come back from the journal).
+    """
     cell_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise_records(records)
+    failed = sum(task["failed"] for task in summary.values())
     for task, samples in (output.get("samples") or {}).items():
         _write_jsonl(cell_dir / f"samples_{task}.jsonl", samples)
     _write_jsonl(cell_dir / "sample_records.jsonl", records)
@@ -135,7 +154,8 @@ def write_cell(
             "runtime": runtime,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tasks": summary,
-            "complete": True,  # written last: a cell without it is redone (its journal keeps finished samples)
+            "failed_samples": failed,
+            "complete": failed == 0,  # a cell not complete is redone; its journal keeps the finished samples
         },
     )
     print(format_summary(cell_dir, output.get("results", {}), summary))
@@ -151,7 +171,8 @@ def format_summary(cell_dir: Path, metrics: dict[str, dict[str, Any]], summary: 
         )
         counts = summary.get(task, {})
         failed = (
-            f"  [{counts['failed']} of {counts['samples']} samples failed, scored by the task as given]"
+            f"  [{counts['failed']} of {counts['samples']} samples FAILED: scored as empty answers here; "
+            "the cell is not complete, and rerunning the same command retries them]"
             if counts.get("failed")
             else ""
         )

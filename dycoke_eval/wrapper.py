@@ -3,10 +3,12 @@
 Registered with lmms-eval under `llava_onevision_compressed` (see `registration.py`), so it runs
 from our Hydra app and from `python -m lmms_eval eval --model llava_onevision_compressed`.
 
-Per sample it decodes `frames` frames, encodes them with the vision tower, lets the method pick
-the video tokens that enter the LLM, rebuilds the prompt with that many `<video>` placeholders
-and calls `generate` with the precomputed features. Stage times and token counts are recorded
-in `sample_records`.
+Per sample it decodes exactly `frames` frames at the paper's indices (`video_frames.py`), encodes
+them with the vision tower, lets the method pick the video tokens that enter the LLM, renders the
+prompt in the configured form (`prompts.py`) with that many `<video>` placeholders and calls
+`generate` with the precomputed features. Stage times, token counts and the sampled frame indices
+are recorded in `sample_records`. A sample whose video fails is recorded as failed and is not
+journaled, so the next run of the cell retries it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_d
 from dycoke_eval.config import ConfigError
 from dycoke_eval.encoder_cache import ENCODER_CACHE, EncodedVideo, EncoderCache
 from dycoke_eval.methods.base import CompressionMethod, GenerationContext
+from dycoke_eval.plumbing.attention import check_routable
+from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer, render_prompt
 from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
+from dycoke_eval.video_frames import SampledVideo, VideoDecodeError, sample_video
 
 
 class VideoUnavailable(Exception):
@@ -45,6 +50,8 @@ class SampleRecord:
     video_path: str | None = None
     error: str | None = None
     frames: int = 0
+    video_frame_count: int | None = None  # frames in the video file
+    sampled_indices: list[int] = field(default_factory=list)  # the frame indices that entered the model
     visual_tokens_in: int = 0  # visual tokens that entered the LLM (newline token included)
     visual_tokens_full: int = 0  # what the full-token model would have used
     output_tokens: int = 0
@@ -66,6 +73,7 @@ class LlavaOneVisionCompressed(lmms):
         device: str | None = "auto",
         dtype: str | torch.dtype | None = "auto",
         attn_implementation: str = "sdpa",
+        prompt: str = "paper",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         max_new_tokens: int | None = None,
@@ -82,6 +90,13 @@ class LlavaOneVisionCompressed(lmms):
         if self.frames < 1:
             raise ConfigError(f"frames={frames}: sample at least one frame per video")
         self.method = _resolve_method(method, kwargs)
+        if prompt not in PROMPT_FORMS:
+            raise ConfigError(
+                f"prompt={prompt!r}; use one of {', '.join(PROMPT_FORMS)} (paper: the papers' qwen_1_5 conversation)"
+            )
+        self.prompt = prompt
+        if self.method.routes_attention:
+            check_routable(attn_implementation, self.method.name)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None  # caps the task's own setting
         self.journal = SampleJournal(journal) if journal else None
 
@@ -144,9 +159,9 @@ class LlavaOneVisionCompressed(lmms):
                 record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
                 try:
                     answer = self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split, record)
-                except VideoUnavailable as error:
+                except VideoUnavailable as error:  # not journaled: the next run of this cell retries it
                     record.status, record.error, answer = "failed", str(error), ""
-                if self.journal is not None:
+                if self.journal is not None and record.status == "ok":
                     self.journal.add(key, answer, record)
             self.sample_records.append(record)
             answers.append(answer)
@@ -161,23 +176,28 @@ class LlavaOneVisionCompressed(lmms):
         cache_key = EncoderCache.key(self.pretrained, video_path, self.frames) if Path(video_path).is_file() else None
         cached = ENCODER_CACHE.get(cache_key) if cache_key and self.method.reuses_encoder_outputs else None
         if cached is not None:
-            record.encoder_cache_hit, record.frames, features = True, cached.frames, cached.features
+            record.encoder_cache_hit, features = True, cached.features
+            record.frames, record.video_frame_count, record.sampled_indices = cached.frames, cached.frame_count, cached.indices
         else:
             with self._stage(record, "video_decode"):
-                video = _decode_video(video_path, self.frames)
-            features = self.encode_video(video, record)
+                sampled = _decode_video(video_path, self.frames)
+            record.video_frame_count, record.sampled_indices = sampled.frame_count, list(sampled.indices)
+            features = self.encode_video(sampled.frames, record)
             if cache_key and self.method.reuses_encoder_outputs:
                 spent = sum(record.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
-                ENCODER_CACHE.put(cache_key, EncodedVideo(features, record.frames, spent))
+                ENCODER_CACHE.put(
+                    cache_key, EncodedVideo(features, record.frames, spent, sampled.frame_count, record.sampled_indices)
+                )
         prompt_ids = self.tokenizer(self.build_prompt(context), return_tensors="pt")["input_ids"][0]
-        output, prompt_length = self.generate_from_features(features, prompt_ids, self._generation_kwargs(gen_kwargs), record)
+        output, prompt_length = self.generate_from_features(
+            features, prompt_ids, self._generation_kwargs(gen_kwargs), record, sample=f"{task}/{doc_id}"
+        )
         new_tokens = output[0, prompt_length:]
         record.output_tokens = int(new_tokens.shape[0])
         if self.measure:
             record.memory = peak_memory(self.device)
             record.seconds["cpu_time"] = time.process_time() - cpu_start
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        return _truncate_at_stop_strings(text, gen_kwargs.get("until"))
+        return read_answer(self.tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kwargs.get("until"))
 
     def warm_up(self, passes: int) -> None:
         """Untimed passes over a synthetic video, so the first measured sample pays no start-up costs."""
@@ -212,13 +232,18 @@ class LlavaOneVisionCompressed(lmms):
                 ).pooler_output[0]
 
     def generate_from_features(
-        self, features: torch.Tensor, prompt_ids: torch.Tensor, generate_kwargs: dict[str, Any], record: SampleRecord
+        self,
+        features: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        generate_kwargs: dict[str, Any],
+        record: SampleRecord,
+        sample: str = "",
     ):
         """Let the method pick the video tokens, then generate; returns (output, prompt length)."""
         with torch.inference_mode():
             frame_tokens, newline = features[:-1].view(record.frames, -1, features.shape[-1]), features[-1:]
             with self._stage(record, "compress"):
-                kept = self.method.select_video_tokens(frame_tokens)
+                kept = self.method.select_video_tokens(frame_tokens, sample)
             video_tokens = torch.cat([kept, newline], dim=0)
             record.visual_tokens_full = features.shape[0]
             record.visual_tokens_in = video_tokens.shape[0]
@@ -245,9 +270,8 @@ class LlavaOneVisionCompressed(lmms):
         return output, input_ids.shape[1]
 
     def build_prompt(self, context: str) -> str:
-        """The checkpoint's own chat template, the video placed before the question."""
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": context}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        """The prompt in the configured form (`paper` or `checkpoint`), the video placed before the question."""
+        return render_prompt(self.prompt, context, self.processor)
 
     def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         temperature = float(gen_kwargs.get("temperature") or 0)
@@ -257,7 +281,7 @@ class LlavaOneVisionCompressed(lmms):
             "max_new_tokens": min(max_new_tokens, self.max_new_tokens) if self.max_new_tokens else max_new_tokens,
             "num_beams": int(gen_kwargs.get("num_beams") or 1),
             "do_sample": sampling,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": self._stop_token_ids(),
             "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
         }
         if sampling:
@@ -265,6 +289,12 @@ class LlavaOneVisionCompressed(lmms):
             if gen_kwargs.get("top_p") is not None:
                 kwargs["top_p"] = float(gen_kwargs["top_p"])
         return kwargs
+
+    def _stop_token_ids(self) -> list[int]:
+        """The tokenizer's end of sequence and the end of a turn, where the paper's class stops."""
+        turn_end = self.tokenizer.convert_tokens_to_ids(TURN_END)
+        ids = [self.tokenizer.eos_token_id, turn_end if turn_end != self.tokenizer.unk_token_id else None]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     @contextmanager
     def _stage(self, record: SampleRecord, stage: str) -> Iterator[None]:
@@ -356,13 +386,11 @@ def _resolve_video_path(doc_to_visual, doc) -> str:
     return paths[0]
 
 
-def _decode_video(path: str, frames: int):
-    from lmms_eval.models.model_utils.load_video import read_video
-
+def _decode_video(path: str, frames: int) -> SampledVideo:
     try:
-        return read_video(path, num_frm=frames)
-    except Exception as error:
-        raise VideoUnavailable(f"cannot decode {path}: {type(error).__name__}: {error}") from None
+        return sample_video(path, frames)
+    except VideoDecodeError as error:
+        raise VideoUnavailable(str(error)) from None
 
 
 def _with_video_placeholders(input_ids: torch.Tensor, video_token_id: int, count: int) -> tuple[torch.Tensor, int]:
@@ -381,11 +409,3 @@ def _as_encoder_output(video_tokens: torch.Tensor):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     return BaseModelOutputWithPooling(pooler_output=video_tokens)
-
-
-def _truncate_at_stop_strings(text: str, until: str | list[str] | None) -> str:
-    stops = [until] if isinstance(until, str) else list(until or [])
-    for stop in stops:
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text

@@ -8,21 +8,28 @@ from conftest import run_module
 
 from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES, FIXTURE_TASKS, OfflineWorld
 
+ANET = next(t for t in FIXTURE_TASKS if t.name == "fixture_activitynetqa")
+SHUFFLE = next(t for t in FIXTURE_TASKS if t.name == "fixture_mvbench_object_shuffle")
+
+
+def private_world(offline_dir, root):
+    """A copy of the offline world that a test may damage."""
+    shutil.copytree(offline_dir, root, dirs_exist_ok=True, symlinks=True)
+    world = OfflineWorld(root / "world")
+    # The fixture YAMLs name their data files by absolute path: point them at this copy.
+    for yaml_file in world.task_dir.glob("*.yaml"):
+        yaml_file.write_text(yaml_file.read_text().replace(str(offline_dir), str(root)))
+    return world
+
 
 @pytest.fixture(scope="module")
 def damaged_run(offline_dir, tmp_path_factory):
     """The offline default with one video deleted and one corrupted, in a private copy of the world."""
     root = tmp_path_factory.mktemp("damaged")
-    shutil.copytree(offline_dir, root, dirs_exist_ok=True, symlinks=True)
-    world = OfflineWorld(root / "world")
-    anet = next(t for t in FIXTURE_TASKS if t.name == "fixture_activitynetqa")
-    mvb = next(t for t in FIXTURE_TASKS if t.name == "fixture_mvbench_object_shuffle")
-    world.video_path(anet, anet.docs[0]).unlink()
-    world.video_path(mvb, mvb.docs[1]).write_bytes(b"\x00" * 64)
+    world = private_world(offline_dir, root)
+    world.video_path(ANET, ANET.docs[0]).unlink()
+    world.video_path(SHUFFLE, SHUFFLE.docs[1]).write_bytes(b"\x00" * 64)
     results = root / "results"
-    # The fixture YAMLs name their data files by absolute path: point them at this copy.
-    for yaml_file in world.task_dir.glob("*.yaml"):
-        yaml_file.write_text(yaml_file.read_text().replace(str(offline_dir), str(root)))
     proc = run_module("dycoke_eval", f"results_dir={results}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (cell,) = (results / "cells").iterdir()
@@ -48,9 +55,42 @@ def test_failed_samples_are_counted_with_path_and_reason_and_the_run_goes_on(dam
     assert summary["fixture_activitynetqa"]["failed"] == 1
     assert "does not exist" in summary["fixture_activitynetqa"]["failures"][0]["error"]
     (corrupt,) = summary["fixture_mvbench_object_shuffle"]["failures"]
-    assert corrupt["video_path"].endswith("fix_object_shuffle_1.mp4") and "cannot decode" in corrupt["error"]
+    assert corrupt["video_path"].endswith("fix_object_shuffle_1.mp4") and "cannot open as a video container" in corrupt["error"]
     assert sum(s["failed"] for s in summary.values()) == 2
-    assert "1 of 3 samples failed" in proc.stdout
+    assert "1 of 3 samples FAILED" in proc.stdout
+    run = json.loads((cell / "run.json").read_text())
+    assert run["complete"] is False and run["failed_samples"] == 2  # a failed sample is not a result
+
+
+def test_a_rerun_after_a_transient_failure_retries_exactly_the_failed_samples(damaged_run, offline_dir):
+    cell, _ = damaged_run
+    root = cell.parents[2]
+    original = OfflineWorld(offline_dir / "world")
+    world = OfflineWorld(root / "world")
+    for task, doc in ((ANET, ANET.docs[0]), (SHUFFLE, SHUFFLE.docs[1])):  # the videos are back
+        shutil.copyfile(original.video_path(task, doc), world.video_path(task, doc))
+    before = {json.loads(line)["key"] for line in (cell / "journal.jsonl").read_text().splitlines()}
+    proc = run_module("dycoke_eval", f"results_dir={root / 'results'}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"2 samples generated, {len(before)} resumed from its journal" in proc.stdout
+    run = json.loads((cell / "run.json").read_text())
+    assert run["complete"] is True and run["failed_samples"] == 0
+
+
+def test_a_cell_where_every_sample_failed_exits_non_zero_with_the_reasons(offline_dir, tmp_path):
+    world = private_world(offline_dir, tmp_path / "offline")
+    for doc in ANET.docs:
+        world.video_path(ANET, doc).unlink()
+    results = tmp_path / "results"
+    proc = run_module(
+        "dycoke_eval", "tasks.names=[fixture_activitynetqa]", f"results_dir={results}", "frames=4",
+        env={"DYCOKE_OFFLINE_DIR": str(tmp_path / "offline")},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"all {len(ANET.docs)} samples failed" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (run_file,) = results.rglob("run.json")
+    assert json.loads(run_file.read_text())["complete"] is False
 
 
 def test_the_cell_folder_records_how_it_was_made(damaged_run):
@@ -60,6 +100,7 @@ def test_the_cell_folder_records_how_it_was_made(damaged_run):
     assert run["versions"]["lmms-eval"] == "0.7.3" and run["versions"]["transformers"].startswith("5.")
     assert {"commit", "dirty"} <= set(run["git"]) and "cpu_count" in run["hardware"]
     assert run["runtime"] == {"device": "cpu", "dtype": "torch.float32", "attn_implementation": "sdpa",
+                              "attention_kernels": ["sdpa"], "prompt": "paper", "max_new_tokens": 16,
                               "random_weights": False, "measured": False}  # fmt: skip
     for task in FIXTURE_TASK_NAMES:
         assert (cell / f"samples_{task}.jsonl").stat().st_size > 0
@@ -84,7 +125,7 @@ def test_lmms_eval_cli_runs_the_wrapper_by_its_registered_name(tiny_checkpoint, 
     "override, expected",
     [
         ("model=llava_ov_13b", ["llava_ov_0.5b", "llava_ov_7b", "llava_ov_72b", "tiny"]),
-        ("method=dycokee", ["dycoke", "dycoke_no_dp", "dycoke_random", "fastv", "full", "prumerge"]),
+        ("method=dycokee", ["dycoke", "dycoke_no_dp", "dycoke_random", "fastv", "full", "prumerge", "prumerge_official"]),
         ("tasks=table9", ["fixtures", "mvbench", "table1"]),
     ],
 )

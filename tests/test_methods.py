@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
+from dycoke_eval import checkpoints
 from dycoke_eval.config import ConfigError, group_options, instantiate_method
 from dycoke_eval.methods.dycoke import DyCoke
-from dycoke_eval.methods.fastv import FastV
+from dycoke_eval.methods.fastv import FastV, fastv_keep_count
 from dycoke_eval.methods.prumerge import PruMerge, iqr_outlier_count
 from dycoke_eval.methods.ttm import ttm_keep_indices
 from dycoke_eval.offline.videos import synthetic_frames
@@ -125,10 +126,18 @@ def test_an_evaluation_layer_beyond_the_model_fails_when_the_model_is_known(tiny
         LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=DyCoke(l=8), device="cpu")
 
 
-@pytest.mark.parametrize("settings", [{"layer": 5, "ratio": 0.35}, {"layer": 1, "ratio": 0.5}, {"layer": 7, "ratio": 0.1}])
-def test_fastv_dropping_hidden_states_gives_the_masked_references_logits(lm, video, settings):
+@pytest.mark.parametrize(
+    "settings, kept",  # kept: round(257 * ratio), written out: 89.95 -> 90, 128.5 -> 128 (half to even), 25.7 -> 26
+    [({"layer": 5, "ratio": 0.35}, 90), ({"layer": 1, "ratio": 0.5}, 128), ({"layer": 7, "ratio": 0.1}, 26)],
+)
+def test_fastv_dropping_hidden_states_gives_the_masked_references_logits(lm, video, settings, kept):
     record = assert_fast_path_matches_masked_reference(lm, video, FastV, **settings)
-    assert record.method_stats["visual_tokens_after_layer"] == int((FRAMES * 16 + 1) * settings["ratio"])
+    assert record.method_stats["visual_tokens_after_layer"] == kept
+
+
+def test_fastv_keeps_the_released_ports_rounded_count_at_real_size():
+    assert fastv_keep_count(32 * 196 + 1, 0.35) == 2196  # int() would keep 2,195
+    assert fastv_keep_count(16 * 196 + 1, 0.35) == 1098  # 3,137 x 0.35 = 1,097.95
 
 
 @pytest.mark.parametrize(
@@ -156,9 +165,10 @@ def kept_positions(method, frame_features):
 @pytest.mark.parametrize("method", [DyCoke(k=0.7, mode="paper"), PruMerge(variant="base")], ids=["ttm", "prumerge"])
 def test_shortening_before_the_llm_gives_the_masked_full_sequences_logits(lm, video, method):
     """Dropping tokens before the LLM equals keeping them all but masking the dropped ones out at every layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from dycoke_eval.plumbing.attention import language_model, masked_sdpa, routed_attention
+    from dycoke_eval.plumbing.attention import language_model, masked_attention, routed_attention
 
     lm.method = method
     features = lm.encode_video(video, SampleRecord("t", 0))
@@ -185,9 +195,78 @@ def test_shortening_before_the_llm_gives_the_masked_full_sequences_logits(lm, vi
     position_ids = (alive.cumsum(0) - 1)[None]  # the kept tokens get the positions the shortened sequence gives them
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return masked_sdpa(module, query, key, value, attention_mask, index, **kwargs)
+        return masked_attention(sdpa_attention_forward, module, query, key, value, attention_mask, index, **kwargs)
 
     with routed_attention(language_model(lm.model), "reference_mask", attention):
         reference = last_logits(full_tokens, position_ids=position_ids)
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=0)
     assert not torch.allclose(fast, last_logits(full_tokens), atol=1e-4)  # without the mask the dropped tokens would count
+
+
+def test_dycoke_official_prunes_among_the_ttm_tokens_but_the_last_and_never_the_newline(lm, video, monkeypatch):
+    """The released code sets the image length to the TTM count minus one before appending the newline."""
+    import dycoke_eval.methods.dycoke as dycoke_module
+
+    seen, attended_key_index = [], dycoke_module.attended_key_index
+
+    def recording(kv_length, span, kept_visual):
+        seen.append((span, kept_visual.clone()))
+        return attended_key_index(kv_length, span, kept_visual)
+
+    monkeypatch.setattr(dycoke_module, "attended_key_index", recording)
+    output, record = run(lm, DyCoke(k=0.7, l=1, p=0.7, threshold=1.1, mode="official"), video)
+    n_ttm = record.method_stats["ttm_tokens_out"]
+    start = int((output.sequences[0] == lm.model.config.video_token_id).nonzero()[0])
+    image_length = n_ttm - 1  # released: len(TTM tokens) - 1, the newline appended afterwards
+    assert seen and all(span == (start, start + image_length) for span, _ in seen)
+    assert all(len(kept) == int(image_length * (1 - 0.7)) and int(kept.max()) < image_length for _, kept in seen)
+
+
+def test_dycoke_random_draws_a_fresh_choice_per_video_seeded_by_seed_and_sample():
+    features = torch.randn(FRAMES, 16, 8)
+
+    def kept(sample, seed=0):
+        return DyCoke(k=0.7, ttm_selection="random", seed=seed).select_video_tokens(features, sample)
+
+    first, again, other, reseeded = kept("videomme/0"), kept("videomme/0"), kept("videomme/1"), kept("videomme/0", seed=1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other) and not torch.equal(first, reseeded)
+    assert len(first) == len(other) == len(ttm_keep_indices(features, 0.7))
+
+
+@pytest.fixture
+def eager_lm(tiny_checkpoint):
+    """The tiny model loaded with the eager kernel (it replaces the process's loaded checkpoint while in use)."""
+    yield LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", attn_implementation="eager")
+
+
+@pytest.mark.parametrize("method_class, settings", [(DyCoke, {"k": 0.5, "l": 1, "threshold": 1.1}), (FastV, {"layer": 2})])
+def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_kernel(
+    eager_lm, video, monkeypatch, method_class, settings
+):
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    import dycoke_eval.plumbing.attention as plumbing
+
+    calls = {"eager": 0}
+    eager = qwen2.eager_attention_forward
+
+    def counting_eager(*args, **kwargs):
+        calls["eager"] += 1
+        return eager(*args, **kwargs)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("a routed method fell through to SDPA on a model loaded eager")
+
+    monkeypatch.setattr(qwen2, "eager_attention_forward", counting_eager)
+    monkeypatch.setattr(plumbing, "sdpa_attention_forward", no_sdpa)
+    record = assert_fast_path_matches_masked_reference(eager_lm, video, method_class, **settings)
+    assert calls["eager"] > 0 and record.method_stats["attention_kernel"] == "eager"
+
+
+@pytest.mark.parametrize("method", ["dycoke", "fastv", "prumerge"])
+def test_a_kernel_a_routed_method_cannot_use_is_refused_before_loading(method):
+    before = checkpoints.LOAD_COUNT
+    with pytest.raises(ConfigError, match="attn_implementation='flash_attention_2'.*set model.attn_implementation=sdpa"):
+        LlavaOneVisionCompressed(pretrained="no/such-checkpoint", method=method, attn_implementation="flash_attention_2")
+    assert checkpoints.LOAD_COUNT == before

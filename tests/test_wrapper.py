@@ -2,14 +2,17 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 from dycoke_eval import checkpoints
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.full import Full
-from dycoke_eval.offline.videos import write_video
-from dycoke_eval.wrapper import LlavaOneVisionCompressed, _truncate_at_stop_strings
+from dycoke_eval.offline.videos import FRAME_COUNT, write_video
+from dycoke_eval.prompts import read_answer
+from dycoke_eval.video_frames import sample_video
+from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "until": ["\n\n\n\n\n\n\n\n"]}
 
@@ -36,8 +39,37 @@ def video(tmp_path_factory):
     return str(write_video(tmp_path_factory.mktemp("videos") / "clip.mp4"))
 
 
-def test_prompt_is_the_checkpoints_chat_template_with_the_video_before_the_question(lm):
-    assert lm.build_prompt("What moves?") == "<|im_start|>user\n<video>\nWhat moves?<|im_end|>\n<|im_start|>assistant\n"
+def test_the_paper_prompt_is_llava_nexts_qwen_1_5_conversation_and_checkpoint_is_the_llava_hf_template(lm, tiny_checkpoint):
+    assert lm.build_prompt("What moves?") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<video>\nWhat moves?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    own = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu", prompt="checkpoint")
+    assert own.build_prompt("What moves?") == "<|im_start|>user <video>\nWhat moves?<|im_end|><|im_start|>assistant\n"
+
+
+def tokenizer_image_token(prompt: str, tokenizer, placeholder_id: int, placeholder: str = "<image>") -> list[int]:
+    """LLaVA-NeXT's way to tokenize a prompt: each chunk between placeholders on its own, the placeholder id between."""
+    chunks = [tokenizer(chunk, add_special_tokens=False)["input_ids"] for chunk in prompt.split(placeholder)]
+    ids = chunks[0]
+    for chunk in chunks[1:]:
+        ids = ids + [placeholder_id] + chunk
+    return ids
+
+
+def test_paper_prompt_token_ids_equal_a_literal_qwen_1_5_rendering(lm, video):
+    """What enters the model equals LLaVA-NeXT's conv_qwen_1_5 prompt, tokenized as its code does, the video expanded."""
+    literal = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat moves?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    video_id = lm.model.config.video_token_id
+    expected = tokenizer_image_token(literal, lm.tokenizer, video_id)
+    start = expected.index(video_id)
+    expected = expected[:start] + [video_id] * (8 * 16 + 1) + expected[start + 1 :]
+    frames = sample_video(video, 8).frames
+    output, prompt_length = lm.run_sample(frames, "What moves?", {"max_new_tokens": 1}, SampleRecord("t", 0))
+    assert output[0, :prompt_length].tolist() == expected
 
 
 @pytest.mark.parametrize("frames", [1, 8, 32])
@@ -46,21 +78,24 @@ def test_samples_the_requested_frames_and_counts_frames_times_16_plus_one_tokens
     lm.generate_until(make_requests(lm, [video]))
     (record,) = lm.sample_records
     assert record.status == "ok" and record.frames == frames
+    assert record.video_frame_count == FRAME_COUNT
+    assert record.sampled_indices == [int(i) for i in np.linspace(0, FRAME_COUNT - 1, frames, dtype=int)]
     assert record.visual_tokens_in == record.visual_tokens_full == frames * 16 + 1
     assert set(record.seconds) == {"video_decode", "preprocess", "vision_encoder", "compress", "generate"}
     assert all(seconds > 0 for seconds in record.seconds.values())
 
 
-def test_answers_exactly_as_hf_generate_does_on_the_raw_video(lm, video):
-    """Passing precomputed features through generate must not change what the model says."""
-    from lmms_eval.models.model_utils.load_video import read_video
-
+def test_checkpoint_prompt_answers_exactly_as_hf_generate_does_with_the_processors_template(tiny_checkpoint, video):
+    """The checkpoint form and precomputed features through generate change nothing the processor would do."""
+    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu", prompt="checkpoint")
     (answer,) = lm.generate_until(make_requests(lm, [video], {"max_new_tokens": 6, "temperature": 0}))
-    inputs = lm.processor(text=lm.build_prompt("What moves?"), videos=[read_video(video, num_frm=8)], return_tensors="pt")
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
+    text = lm.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = lm.processor(text=text, videos=[sample_video(video, 8).frames], return_tensors="pt")
     with torch.inference_mode():
         reference = lm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     expected = lm.tokenizer.decode(reference[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert answer == expected
+    assert answer == expected.strip()
     assert lm.sample_records[-1].output_tokens == reference.shape[1] - inputs["input_ids"].shape[1]
 
 
@@ -79,7 +114,19 @@ def test_a_missing_or_unreadable_video_fails_that_sample_only(lm, video, tmp_pat
     missing, unreadable, fine = lm.sample_records
     assert missing.status == unreadable.status == "failed" and fine.status == "ok"
     assert "missing.mp4" in missing.error
-    assert unreadable.video_path == str(broken) and "cannot decode" in unreadable.error
+    assert unreadable.video_path == str(broken) and "cannot open as a video container" in unreadable.error
+
+
+def test_a_failed_sample_is_not_journaled_so_a_rerun_retries_it(tiny_checkpoint, video, tmp_path):
+    journal = tmp_path / "journal.jsonl"
+    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal))
+    lm.generate_until(make_requests(lm, [str(tmp_path / "not-yet.mp4"), video]))
+    assert [r.status for r in lm.sample_records] == ["failed", "ok"]
+    assert len(journal.read_text().splitlines()) == 1
+    write_video(tmp_path / "not-yet.mp4", "late")  # the video arrives
+    again = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal))
+    again.generate_until(make_requests(again, [str(tmp_path / "not-yet.mp4"), video]))
+    assert [(r.status, r.from_journal) for r in again.sample_records] == [("ok", False), ("ok", True)]
 
 
 def test_the_model_is_loaded_once_per_process_and_survives_lmms_eval_clean(tiny_checkpoint, lm):
@@ -98,7 +145,10 @@ def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "dycokee"}, "valid method options: dycoke, dycoke_no_dp, dycoke_random, fastv, full, prumerge"),
+        (
+            {"method": "dycokee"},
+            "valid method options: dycoke, dycoke_no_dp, dycoke_random, fastv, full, prumerge, prumerge_official",
+        ),
         ({"frames": 0}, "frames=0"),
         ({"batch_size": 4}, "batch_size=4"),
         ({"colour": "red"}, "unknown model_args ['colour']"),
@@ -111,7 +161,13 @@ def test_bad_settings_fail_at_construction_naming_the_value(tiny_checkpoint, kwa
     assert message in str(error.value)
 
 
-def test_output_is_cut_at_the_tasks_stop_strings():
-    assert _truncate_at_stop_strings("B. cat\nASSISTANT: more", ["ASSISTANT:"]) == "B. cat\n"
-    assert _truncate_at_stop_strings("no stop here", None) == "no stop here"
-    assert _truncate_at_stop_strings("a||b", "||") == "a"
+def test_output_is_read_as_the_papers_class_does_then_cut_at_the_tasks_stop_strings():
+    assert read_answer("  B. cat <|im_end|> junk", None) == "B. cat"  # the turn ends, then strip
+    assert read_answer("B. cat\nASSISTANT: more", ["ASSISTANT:"]) == "B. cat\n"
+    assert read_answer("no stop here", None) == "no stop here"
+    assert read_answer("a||b", "||") == "a"
+
+
+def test_an_unknown_prompt_form_fails_at_construction(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="prompt='chat'; use one of paper, checkpoint"):
+        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), device="cpu", prompt="chat")

@@ -10,6 +10,7 @@ the configured launcher (basic, joblib, submitit_slurm, ...).
 """
 
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+
+from dycoke_eval.app import CellFailed
 
 GROUPING_KEYS = ("model", "frames")  # cells sharing these run next to each other
 
@@ -95,18 +98,23 @@ class GridsSweeper(BasicSweeper):
         print(f"sweep: {len(cells)} cells")
         if self.config.get("dry_run"):
             return self._write_plan(cells)
-        returns, initial_job_idx = [], 0
+        returns, failed, initial_job_idx = [], [], 0
         while not self.is_done():
             batch = self.get_job_batch()
             tic = time.perf_counter()
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
             for result in results:
-                _ = result.return_value  # raise if a job failed
+                try:
+                    _ = result.return_value  # raise if a job failed
+                except CellFailed as error:  # every sample of that cell failed: go on with the others
+                    failed.append(str(error))
             initial_job_idx += len(batch)
             returns.append(results)
             print(f"sweep: batch of {len(batch)} cells done in {time.perf_counter() - tic:.1f} s")
         self._render_report()
+        if failed:
+            sys.exit(f"sweep: {len(failed)} cells failed entirely and are not complete:\n" + "\n".join(failed))
         return returns
 
     def _render_report(self) -> None:
