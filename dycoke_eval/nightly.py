@@ -3,10 +3,12 @@
     python -m dycoke_eval.nightly compare RESULTS_DIR [--baseline results/baselines/nightly.json] [--run-name nightly]
     python -m dycoke_eval.nightly refresh RESULTS_DIR [--baseline ...] [--run-name nightly]
 
-A method is identified by its name (full, dycoke, fastv, ...), so a change to its settings or code
-shows up as a moved number. Quality metrics must stay within an absolute band around the
-baseline. Efficiency figures (the share of visual tokens entering the LLM, the achieved retained
-ratio, generate time relative to full in the same run) must stay within their bands too.
+A method is identified by its model, name and every setting (`tiny/fastv(layer=5,ratio=0.35)`),
+so two settings of one method are never compared with each other: a changed setting shows up as a
+method missing from the run, a changed code path as a moved number. Quality metrics must stay
+within an absolute band around the baseline. Efficiency figures (the share of visual tokens
+entering the LLM, the achieved retained ratio, generate time relative to full in the same run)
+must stay within their bands too.
 GPT-judged metrics are compared only when a judge is configured; the report says when they are
 skipped. `compare` prints a table of everything that moved and exits 1 on a regression.
 `refresh` writes the baseline from a run and records where it came from.
@@ -26,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from dycoke_eval.provenance import git_state, package_versions
+from dycoke_eval.results import method_label
 
 DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "results" / "baselines" / "nightly.json"
 JUDGED_METRICS = ("gpt_eval_score", "gpt_eval_accuracy")
@@ -48,14 +51,22 @@ def _band_kind(name: str, value: float) -> str:
 
 
 def collect(results_dir: Path, run_name: str) -> dict[str, dict[str, float]]:
-    """{method: {figure: value}} over the complete cells of `run_name` under results_dir/cells."""
+    """{model/method(settings): {figure: value}} over the complete cells of `run_name` under results_dir/cells.
+
+    A method is keyed by every setting (`method_label`), so FastV at two ratios or PruMerge in two
+    modes are two entries, never one.
+    """
     figures: dict[str, dict[str, float]] = {}
     generate_seconds: dict[str, float] = {}
+    full_key: dict[str, str] = {}  # model -> the key of its full-token cell
     for run_file in sorted((results_dir / "cells").glob("*/run.json")):
         run = json.loads(run_file.read_text())
         if not run.get("complete") or run["config"].get("run_name") != run_name:
             continue
-        method = run["method"]["name"]
+        model = run["config"]["model"]["name"]
+        method = f"{model}/{method_label(run['method'])}"
+        if run["method"]["name"] == "full":
+            full_key[model] = method
         results = json.loads((run_file.parent / "results.json").read_text())
         row = {
             f"{task}/{metric.split(',')[0]}": value
@@ -72,9 +83,10 @@ def collect(results_dir: Path, run_name: str) -> dict[str, dict[str, float]]:
             row["retained_ratio"] = mean(achieved) if achieved else row["visual_token_share"]
             generate_seconds[method] = mean(s["seconds_mean"].get("generate", 0.0) for s in summaries)
         figures[method] = row
-    if "full" in generate_seconds and generate_seconds["full"] > 0:
-        for method, seconds in generate_seconds.items():
-            figures[method]["generate_time_vs_full"] = seconds / generate_seconds["full"]
+    for method, seconds in generate_seconds.items():
+        full = generate_seconds.get(full_key.get(method.split("/", 1)[0], ""), 0.0)
+        if full > 0:
+            figures[method]["generate_time_vs_full"] = seconds / full
     return figures
 
 

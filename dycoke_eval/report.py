@@ -25,9 +25,11 @@ from omegaconf import OmegaConf
 
 from dycoke_eval.accounting import plan_row
 from dycoke_eval.plots import plot_accuracy_vs_flops
+from dycoke_eval.results import method_settings
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
-SETTINGS = ("model", "method", "k", "l", "p", "frames")
+SETTINGS = ("model", "method", "k", "l", "p", "layer", "ratio", "frames")  # what a paper row names
+NAMED_SETTINGS = ("layer", "ratio")  # method settings a paper row names besides k, l, p (FastV's)
 PLANNED = {"retained_ratio", "tflops", "flops_ratio"}  # from accounting.plan_row, not measured
 MVBENCH_CODES = {
     "action_sequence": "AS", "action_prediction": "AP", "action_antonym": "AA", "fine_grained_action": "FA",
@@ -56,6 +58,11 @@ def cell_rows(results_dir: Path) -> pd.DataFrame:
     for run_file in sorted((results_dir / "cells").glob("*/run.json")):
         run = json.loads(run_file.read_text())
         if not run.get("complete"):
+            if run.get("failed_samples"):
+                print(
+                    f"report: skipped {run_file.parent.name}: {run['failed_samples']} samples failed "
+                    "(rerun its command to retry them)"
+                )
             continue
         config = OmegaConf.create(run["config"])
         if "accounting" not in config.model:
@@ -63,6 +70,8 @@ def cell_rows(results_dir: Path) -> pd.DataFrame:
             continue
         plan = plan_row(config)
         row = {key: plan[key] for key in ("model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio")}
+        row.update({name: run["method"].get(name) for name in NAMED_SETTINGS})
+        row["settings"] = json.dumps(method_settings(run["method"]), sort_keys=True)  # every setting: no two collide
         saved = json.loads((run_file.parent / "results.json").read_text())
         achieved = [
             task["method_stats_mean"]["retained_ratio"]
@@ -114,7 +123,8 @@ def _efficiency_columns(summaries: dict) -> dict[str, float]:
 def _key(frame: pd.DataFrame) -> pd.Series:
     def one(row) -> tuple:
         return tuple(
-            None if pd.isna(row.get(s)) else (round(float(row[s]), 4) if s in ("k", "l", "p") else row[s]) for s in SETTINGS
+            None if pd.isna(row.get(s)) else (round(float(row[s]), 4) if s not in ("model", "method", "frames") else row[s])
+            for s in SETTINGS
         )
 
     return frame.apply(one, axis=1)
@@ -126,6 +136,7 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
     `with_tflops` adds our planned TFLOPs where the paper's layout has none (for plots).
     """
     paper = pd.read_csv(paper_dir / f"table{table}.csv")
+    paper = paper.assign(**{name: math.nan for name in SETTINGS if name not in paper})  # tables without FastV rows
     metrics = [c for c in paper.columns if c not in (*SETTINGS, "table", "row")]
     if with_tflops and "tflops" not in metrics:
         metrics.insert(0, "tflops")
@@ -136,7 +147,7 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
     paper["key"], ours = _key(paper), ours.assign(key=_key(ours))
     extra = ours[~ours.model.isin(paper_models)]  # models the paper does not have, e.g. the tiny offline model
     # Rows for models the paper lacks: the first model's rows, once per method and settings (any frame count).
-    template = paper[paper.model == paper_models[0]].drop_duplicates(subset=["method", "k", "l", "p"])
+    template = paper[paper.model == paper_models[0]].drop_duplicates(subset=["method", "k", "l", "p", "layer", "ratio"])
     rows = []
     for model in paper_models + list(dict.fromkeys(extra.model)):
         group = (
@@ -147,20 +158,37 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
         for _, paper_row in group.iterrows():
             if model in paper_models:
                 match = ours[ours.key.map(lambda key, wanted=paper_row.key: key == wanted)]
-            else:  # same method and settings (method, k, l, p), any frame count
-                match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:5] == wanted[1:5])]
-            our_row = match.iloc[-1] if len(match) else pd.Series(dtype=object)
-            row = {("", "model"): model, ("", "method"): paper_row["row"]}
-            for metric in metrics:
-                mine, theirs = our_row.get(metric, math.nan), paper_row.get(metric, math.nan)
-                row[(metric, "ours")], row[(metric, "paper")] = mine, theirs
-                row[(metric, "diff")] = (
-                    mine - theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) else math.nan
-                )
-            rows.append(row)
+            else:  # the settings the paper row names, any frame count
+                match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:-1] == wanted[1:-1])]
+            for label, our_row in _variants(paper_row["row"], match):
+                row = {("", "model"): model, ("", "method"): label}
+                for metric in metrics:
+                    mine, theirs = our_row.get(metric, math.nan), paper_row.get(metric, math.nan)
+                    row[(metric, "ours")], row[(metric, "paper")] = mine, theirs
+                    row[(metric, "diff")] = (
+                        mine - theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) else math.nan
+                    )
+                rows.append(row)
     frame = pd.DataFrame(rows)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     return frame
+
+
+def _variants(label: str, match: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """One row per distinct method setting (and frame count) among the cells matching a paper row.
+
+    Cells whose settings differ beyond what the paper row names (PruMerge's variant or mode,
+    DyCoke's mode or threshold, ...) are never merged: each gets its own row, labelled with the
+    settings that tell them apart.
+    """
+    if match.empty:
+        return [(label, pd.Series(dtype=object))]
+    groups = list(match.groupby(["settings", "frames"], sort=True))
+    if len(groups) == 1:
+        return [(label, groups[0][1].iloc[-1])]
+    parsed = [({**json.loads(settings), "frames": frames}, cells.iloc[-1]) for (settings, frames), cells in groups]
+    differing = sorted({key for settings, _ in parsed for key in settings if any(s.get(key) != settings[key] for s, _ in parsed)})
+    return [(f"{label} [{', '.join(f'{key}={settings.get(key)}' for key in differing)}]", row) for settings, row in parsed]
 
 
 def marks(frame: pd.DataFrame) -> dict[tuple[int, tuple[str, str]], str]:

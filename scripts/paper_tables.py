@@ -71,6 +71,7 @@ TABLES = {  # table: (paper file, first line, last line (1-based, inclusive), me
     7: ("dycoke-supplementary.txt", 8, 19, ["flops_ratio", *MVBENCH], 32),
 }
 DYCOKE_K_BY_TABLE = {6: 0.7}  # Table 6 names no K; its 17.91T is DyCoke's cost at K=0.7 (Table 1, 7B)
+FASTV_RATIO = {"llava_ov_72b": 0.45}
 METHODS = {"Full Tokens": "full", "Full Token": "full", "FastV": "fastv", "PruMerge": "prumerge", "w/o DP": "dycoke_no_dp",
            "Random Pruning": "dycoke_random", "DyCoke": "dycoke", "Ours": "dycoke"}  # fmt: skip
 
@@ -120,6 +121,8 @@ def parse_table(table: int, papers: Path) -> pd.DataFrame:
         else:
             for key in ("k", "l", "p"):
                 row.pop(key, None)
+        if method == "fastv":  # DyCoke's comparisons: K=5, R=35% (45% on 72B)
+            row.update(layer=5, ratio=FASTV_RATIO.get(row["model"], 0.35))
         if table == 3:
             row["frames"] = 16 if block <= 2 else 32
         elif frames is not None:
@@ -127,7 +130,7 @@ def parse_table(table: int, papers: Path) -> pd.DataFrame:
         row["frames"] = int(row["frames"])
         rows.append(row)
     frame = pd.DataFrame(rows)
-    leading = ["table", "model", "row", "method", "k", "l", "p", "frames"]
+    leading = ["table", "model", "row", "method", "k", "l", "p", "layer", "ratio", "frames"]
     return frame[[c for c in leading if c in frame] + [c for c in frame if c not in leading]]
 
 

@@ -9,9 +9,15 @@ from conftest import REPO_ROOT, run_module
 CELL = ["tasks.names=[fixture_videomme,fixture_mvbench_action_antonym]", "frames=4", "limit=2", "run_name=nightly"]
 
 
-def run_cells(results_dir, offline_dir, dycoke_k):
+FULL, DYCOKE = (
+    "tiny/full()",
+    "tiny/dycoke(k=0.7,l=3,mode=paper,one_shot=False,p=0.7,seed=0,threshold=0.9,ttm_selection=similarity)",
+)
+
+
+def run_cells(results_dir, offline_dir):
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
-    for method in (["method=full"], ["method=dycoke", f"method.k={dycoke_k}"]):
+    for method in (["method=full"], ["method=dycoke", "method.k=0.7"]):
         proc = run_module("dycoke_eval", *CELL, *method, f"results_dir={results_dir}", env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return results_dir
@@ -21,7 +27,7 @@ def run_cells(results_dir, offline_dir, dycoke_k):
 def baseline(offline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly")
     path = root / "nightly.json"
-    run_cells(root / "baseline_run", offline_dir, dycoke_k=0.7)
+    run_cells(root / "baseline_run", offline_dir)
     proc = run_module("dycoke_eval.nightly", "refresh", str(root / "baseline_run"), "--baseline", str(path))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(path.read_text())
@@ -32,28 +38,52 @@ def baseline(offline_dir, tmp_path_factory):
 
 def test_the_baseline_records_where_it_came_from(baseline):
     data = json.loads(baseline[1].read_text())
-    assert set(data["methods"]) == {"full", "dycoke"} and "baseline_run" in data["source"]["results_dir"]
+    assert set(data["methods"]) == {FULL, DYCOKE} and "baseline_run" in data["source"]["results_dir"]
     assert {"commit", "dirty"} <= set(data["source"]["git"]) and data["source"]["versions"]["lmms-eval"] == "0.7.3"
-    assert 0 < data["methods"]["dycoke"]["visual_token_share"] < 1 == data["methods"]["full"]["visual_token_share"]
+    assert 0 < data["methods"][DYCOKE]["visual_token_share"] < 1 == data["methods"][FULL]["visual_token_share"]
 
 
 def test_an_unchanged_run_passes(baseline, offline_dir):
     root, path = baseline
-    rerun = run_cells(root / "rerun", offline_dir, dycoke_k=0.7)
+    rerun = run_cells(root / "rerun", offline_dir)
     proc = run_module("dycoke_eval.nightly", "compare", str(rerun), "--baseline", str(path))
     assert proc.returncode == 0, proc.stdout
     assert "no regression" in proc.stdout
 
 
-def test_a_degraded_method_fails_naming_the_figure_and_the_size_of_the_change(baseline, offline_dir):
+def test_a_degraded_method_fails_naming_the_figure_and_the_size_of_the_change(baseline, tmp_path):
     root, path = baseline
-    degraded = run_cells(root / "degraded", offline_dir, dycoke_k=0.95)  # prunes far more than the baseline's 0.7
-    proc = run_module("dycoke_eval.nightly", "compare", str(degraded), "--baseline", str(path))
+    data = json.loads(path.read_text())
+    data["methods"][DYCOKE]["visual_token_share"] += 0.3  # as if the code used to keep far more tokens than it does now
+    degraded = tmp_path / "nightly.json"
+    degraded.write_text(json.dumps(data))
+    proc = run_module("dycoke_eval.nightly", "compare", str(root / "baseline_run"), "--baseline", str(degraded))
     assert proc.returncode == 1
     report = proc.stdout.split("REGRESSION:")[1]
     (line,) = [row for row in report.splitlines() if "visual_token_share" in row]
-    assert line.split()[0] == "dycoke" and float(line.split()[4]) < -0.1  # the change column
-    assert "full" not in [row.split()[0] for row in report.splitlines()[2:] if row.strip()]
+    assert line.split()[0] == DYCOKE and float(line.split()[4]) == pytest.approx(-0.3)  # the change column
+    assert FULL not in [row.split()[0] for row in report.splitlines()[2:] if row.strip()]
+
+
+def test_two_settings_of_one_method_are_two_entries_never_compared_with_each_other(tmp_path):
+    from dycoke_eval.methods.fastv import FastV
+    from dycoke_eval.nightly import collect
+
+    for ratio, score in ((0.35, 40.0), (0.5, 45.0)):
+        cell = tmp_path / "cells" / f"fastv_{ratio}"
+        cell.mkdir(parents=True)
+        run = {
+            "complete": True,
+            "config": {"run_name": "nightly", "model": {"name": "tiny"}},
+            "method": FastV(ratio=ratio).describe(),
+        }
+        (cell / "run.json").write_text(json.dumps(run))
+        (cell / "results.json").write_text(json.dumps({"results": {"videomme": {"videomme_perception_score,none": score}}}))
+    figures = collect(tmp_path, "nightly")
+    assert figures == {
+        "tiny/fastv(layer=5,ratio=0.35)": {"videomme/videomme_perception_score": 40.0},
+        "tiny/fastv(layer=5,ratio=0.5)": {"videomme/videomme_perception_score": 45.0},
+    }
 
 
 def test_judged_metrics_are_compared_only_with_a_judge(baseline):

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dycoke_eval.config import CONF_DIR
@@ -19,7 +20,8 @@ def write_cell(results_dir, name, overrides, metrics):
         cfg = compose(config_name="config", overrides=["tasks=table1", *overrides])
     cell = results_dir / "cells" / name
     cell.mkdir(parents=True)
-    (cell / "run.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "complete": True}))
+    run = {"config": OmegaConf.to_container(cfg, resolve=True), "method": instantiate(cfg.method).describe(), "complete": True}
+    (cell / "run.json").write_text(json.dumps(run))
     (cell / "results.json").write_text(json.dumps({"results": metrics}))
 
 
@@ -90,3 +92,21 @@ def test_accuracy_against_tflops_is_plotted_per_model_with_its_data(report):
     assert set(ours.index) == {"Full Tokens", "FastV", "PruMerge", "Ours ($K=0.7, L=3, P=0.7$)"}
     assert ours.loc["FastV", "accuracy"] == pytest.approx((50.0 + 70.0 + 58.0) / 3)  # ActNet acc, NExT-QA, VideoMME
     assert len(points[points.source == "paper"]) == 6
+
+
+def test_cells_that_differ_in_any_method_setting_never_share_a_row(tmp_path):
+    nextqa = lambda v: {"nextqa_mc_test": {"exact_match,none": v}}  # noqa: E731
+    seven = ["model=llava_ov_7b"]
+    write_cell(tmp_path, "fastv_paper", [*seven, "method=fastv"], nextqa(0.70))
+    write_cell(tmp_path, "fastv_other", [*seven, "method=fastv", "method.layer=2", "method.ratio=0.5"], nextqa(0.10))
+    write_cell(tmp_path, "prumerge_base", [*seven, "method=prumerge"], nextqa(0.60))
+    write_cell(tmp_path, "prumerge_plus", [*seven, "method=prumerge", "method.variant=plus"], nextqa(0.65))
+    write_cell(tmp_path, "dycoke_paper", [*seven, "method=dycoke", "method.k=0.7"], nextqa(0.75))
+    write_cell(tmp_path, "dycoke_official", [*seven, "method=dycoke", "method.k=0.7", "method.mode=official"], nextqa(0.77))
+    table = rows(render_report(tmp_path, [1])[1], "llava_ov_7b")[("nextqa_mc", "ours")]
+    assert table["FastV"] == pytest.approx(70.0)  # the paper's K=5, R=35%; the layer-2 cell matches no paper row
+    assert 10.0 not in set(table.dropna())
+    assert table["PruMerge [variant=base]"] == pytest.approx(60.0)
+    assert table["PruMerge [variant=plus]"] == pytest.approx(65.0)
+    assert table["Ours ($K=0.7, L=3, P=0.7$) [mode=official]"] == pytest.approx(77.0)
+    assert table["Ours ($K=0.7, L=3, P=0.7$) [mode=paper]"] == pytest.approx(75.0)
