@@ -57,7 +57,7 @@ class FixedFraction(CompressionMethod):
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction
 
-    def select_video_tokens(self, frame_features: torch.Tensor) -> torch.Tensor:
+    def select_video_tokens(self, frame_features: torch.Tensor, sample: str = "") -> torch.Tensor:
         tokens = frame_features.reshape(-1, frame_features.shape[-1])
         keep = torch.linspace(0, tokens.shape[0] - 1, int(tokens.shape[0] * self.fraction)).long()
         return tokens[keep]
