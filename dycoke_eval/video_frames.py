@@ -7,9 +7,9 @@ container headers cannot be trusted for n (mkv/webm carry none, avi/mp4 can be w
 counted by demuxing the video stream's packets (no decoding), and only the frames needed for the
 targets are decoded: seek to the keyframe at or before a target when that skips more frames than a
 restart of the decoder throws away, otherwise decode forward, naming each decoded frame by its
-timestamp. Whenever that cannot be verified
-(missing or repeated timestamps, a packet that decodes to no frame, a seek that lands past its
-keyframe), a sequential decode that counts the decodable frames first takes over.
+timestamp. Whenever that cannot be verified (missing or repeated timestamps, a packet that decodes
+to no frame, a seek that lands past its keyframe), a sequential decode that counts the decodable
+frames first takes over.
 """
 
 from __future__ import annotations
