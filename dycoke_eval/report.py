@@ -29,6 +29,7 @@ from dycoke_eval.results import method_settings
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 SETTINGS = ("model", "method", "k", "l", "p", "layer", "ratio", "frames")  # what a paper row names
+METHOD_SETTINGS = SETTINGS[1:-1]  # the method and the settings a paper row names, without model and frames
 NAMED_SETTINGS = ("layer", "ratio")  # method settings a paper row names besides k, l, p (FastV's)
 PLANNED = {"retained_ratio", "tflops", "flops_ratio"}  # from accounting.plan_row, not measured
 MVBENCH_CODES = {
@@ -147,7 +148,7 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
     paper["key"], ours = _key(paper), ours.assign(key=_key(ours))
     extra = ours[~ours.model.isin(paper_models)]  # models the paper does not have, e.g. the tiny offline model
     # Rows for models the paper lacks: the first model's rows, once per method and settings (any frame count).
-    template = paper[paper.model == paper_models[0]].drop_duplicates(subset=["method", "k", "l", "p", "layer", "ratio"])
+    template = paper[paper.model == paper_models[0]].drop_duplicates(subset=list(METHOD_SETTINGS))
     rows = []
     for model in paper_models + list(dict.fromkeys(extra.model)):
         group = (
@@ -158,7 +159,7 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
         for _, paper_row in group.iterrows():
             if model in paper_models:
                 match = ours[ours.key.map(lambda key, wanted=paper_row.key: key == wanted)]
-            else:  # the settings the paper row names, any frame count
+            else:  # METHOD_SETTINGS (the key without model and frames) as the paper row names them, any frame count
                 match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:-1] == wanted[1:-1])]
             for label, our_row in _variants(paper_row["row"], match):
                 row = {("", "model"): model, ("", "method"): label}
