@@ -1,6 +1,6 @@
 """Where the Hydra configs live and how methods are built from them.
 
-The Hydra app composes everything from `conf/`; the lmms-eval CLI path (`--model_args method=...`)
+The Hydra app composes everything from `dycoke_eval/conf/`; the lmms-eval CLI path (`--model_args method=...`)
 composes the same `conf/method/<name>.yaml` here, so there is one source of method settings.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package: any install works
 
 
 def lmms_eval_tasks_dir() -> Path:

@@ -30,7 +30,7 @@ import pandas as pd
 from dycoke_eval.provenance import git_state, package_versions
 from dycoke_eval.results import method_label
 
-DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "results" / "baselines" / "nightly.json"
+DEFAULT_BASELINE = Path("results") / "baselines" / "nightly.json"  # relative to where the command runs, like results/
 JUDGED_METRICS = ("gpt_eval_score", "gpt_eval_accuracy")
 DEFAULT_BANDS = {  # absolute tolerance by kind of figure
     "percent": 1.0,  # accuracy in percent points

@@ -2,7 +2,7 @@
 
     python -m dycoke_eval.report RESULTS_DIR [--tables 1 2]
 
-Reads every cell under RESULTS_DIR/cells and the paper's numbers in results/paper/, and writes
+Reads every cell under RESULTS_DIR/cells and the paper's numbers in dycoke_eval/paper/, and writes
 RESULTS_DIR/report/tableN.{md,tex,csv} for every table it has data for, and a PNG per model of
 accuracy against TFLOPs with its data (`plots.py`). Rows follow the paper
 (model groups, then methods); a model the paper does not have (the tiny offline model) gets
@@ -27,7 +27,7 @@ from dycoke_eval.accounting import plan_row
 from dycoke_eval.plots import plot_accuracy_vs_flops
 from dycoke_eval.results import method_settings
 
-PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the paper's published numbers, shipped with the package
 SETTINGS = ("model", "method", "k", "l", "p", "layer", "ratio", "frames")  # what a paper row names
 METHOD_SETTINGS = SETTINGS[1:-1]  # the method and the settings a paper row names, without model and frames
 NAMED_SETTINGS = ("layer", "ratio")  # method settings a paper row names besides k, l, p (FastV's)

@@ -1,4 +1,4 @@
-"""Write the DyCoke paper's published numbers (Tables 1-7) to results/paper/tableN.csv.
+"""Write the DyCoke paper's published numbers (Tables 1-7) to dycoke_eval/paper/tableN.csv.
 
 The tables are read from the paper's text (`../shared/papers/`, tab-separated rows) rather than
 retyped, so every number can be traced to its line. Each row gets our method name and settings
@@ -6,7 +6,7 @@ retyped, so every number can be traced to its line. Each row gets our method nam
 [0, 1] like the plans; latencies become seconds. Formatting marks (bold, underline) are dropped:
 reports recompute best and second-best.
 
-    python scripts/paper_tables.py [--papers ../shared/papers] [--out results/paper]
+    python scripts/paper_tables.py [--papers ../shared/papers] [--out dycoke_eval/paper]
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def parse_table(table: int, papers: Path) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--papers", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "papers")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "paper")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "dycoke_eval" / "paper")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for table in TABLES:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from conftest import REPO_ROOT, run_module
 
-PAPER = REPO_ROOT / "results" / "paper"
+PAPER = REPO_ROOT / "dycoke_eval" / "paper"
 PLAN_COLUMNS = ["model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio"]
 
 
