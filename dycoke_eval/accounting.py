@@ -41,30 +41,33 @@ def total_flops(prefill_tokens: Sequence[float], decode_tokens: Sequence[float],
     return sum(prefill_flops(n, dims) for n in prefill_tokens) + sum(decode_flops(n, dims) for n in decode_tokens)
 
 
-def uniform_flops(tokens: float, dims: LanguageModelDims) -> float:
-    """Every layer sees `tokens` in prefill and decoding (full, TTM-only DyCoke, PruMerge)."""
-    return total_flops([tokens] * dims.layers, [tokens] * dims.layers, dims)
+def planned_flops(method, dims: LanguageModelDims, frames: int, rows: int, cols: int) -> tuple[float, float, float]:
+    """(method's eq. 8 FLOPs, full tokens' FLOPs, the method's planned retained ratio) for one video layout."""
+    from dycoke_eval.compression.stages import PlannedCounts
 
-
-def fastv_flops(tokens: float, layer: int, ratio: float, dims: LanguageModelDims) -> float:
-    """Layers before `layer` see all tokens in prefill; the rest, and decoding, see `ratio` of them."""
-    prefill = [tokens] * layer + [tokens * ratio] * (dims.layers - layer)
-    return total_flops(prefill, [tokens * ratio] * dims.layers, dims)
+    full = PlannedCounts.full(frames, rows, cols, dims.layers)
+    planned = method.plan(full)
+    return (
+        total_flops(planned.prefill, planned.decode, dims),
+        total_flops(full.prefill, full.decode, dims),
+        method.planned_retained_ratio(full),
+    )
 
 
 def plan_row(cfg) -> dict[str, object]:
     """One row of a sweep's plan: the cell's settings, retained ratio, TFLOPs and FLOPs ratio to full.
 
-    Methods say how many visual tokens each layer sees (`planned_visual_tokens`); this function
-    turns that into eq. 8 FLOPs, so every method is counted the same way.
+    The method's stages say how many visual tokens each layer sees (`plan`), the model's adapter gives
+    the dimensions and the video layout from the HF config; this turns them into eq. 8 FLOPs, so every
+    method is counted the same way. Recorded with each cell when it runs.
     """
     from hydra.utils import instantiate
 
+    from dycoke_eval.models import planning_geometry
+
     method = instantiate(cfg.method)
-    dims = LanguageModelDims(**cfg.model.accounting)
-    prefill, decode = method.planned_visual_tokens(cfg.frames, cfg.model.tokens_per_frame, dims.layers)
-    flops = total_flops(prefill, decode, dims)
-    full = uniform_flops(cfg.frames * cfg.model.tokens_per_frame, dims)
+    dims, layout = planning_geometry(cfg.model, cfg.frames)
+    flops, full, retained = planned_flops(method, dims, layout.frames, layout.rows, layout.cols)
     settings = {k: v for k, v in method.describe().items() if k not in ("name", "paper_retained_ratio")}
     return {
         "model": cfg.model.name,
@@ -73,7 +76,7 @@ def plan_row(cfg) -> dict[str, object]:
         "l": settings.pop("l", None),
         "p": settings.pop("p", None),
         "frames": cfg.frames,
-        "retained_ratio": method.planned_retained_ratio(),
+        "retained_ratio": retained,
         "tflops": flops / 1e12,
         "flops_ratio": flops / full,
         **settings,

@@ -79,6 +79,7 @@ def run_cell(cfg: DictConfig) -> Path:
 
     from dycoke_eval import checkpoints
     from dycoke_eval.encoder_cache import ENCODER_CACHE
+    from dycoke_eval.plumbing.attention import kernel_name
     from dycoke_eval.results import cell_directory, format_efficiency, is_complete, write_cell
 
     cell_dir = cell_directory(cfg)
@@ -95,9 +96,9 @@ def run_cell(cfg: DictConfig) -> Path:
 
     from lmms_eval.evaluator import simple_evaluate
 
-    from dycoke_eval.wrapper import LlavaOneVisionCompressed
+    from dycoke_eval.wrapper import CompressedVideoLM
 
-    lm = LlavaOneVisionCompressed(
+    lm = CompressedVideoLM(
         pretrained=cfg.model.pretrained,
         frames=cfg.frames,
         method=method,
@@ -136,9 +137,9 @@ def run_cell(cfg: DictConfig) -> Path:
     runtime = {
         "device": str(lm.device),
         "dtype": str(lm.model.dtype),
-        "attn_implementation": lm.model.config.text_config._attn_implementation,
+        "attn_implementation": kernel_name(lm.adapter.language_model),
         "attention_kernels": sorted({r["method_stats"].get("attention_kernel") for r in records} - {None})
-        or [lm.model.config.text_config._attn_implementation],
+        or [kernel_name(lm.adapter.language_model)],
         "prompt": cfg.prompt,
         "max_new_tokens": generation_cap(cfg),
         "random_weights": bool(cfg.model.get("random_weights")),

@@ -1,4 +1,4 @@
-"""Loading LLaVA-OneVision checkpoints once per process.
+"""Loading a checkpoint, through its family's model adapter, once per process.
 
 The loaded model lives here, not on the lmms-eval wrapper: lmms-eval's evaluator calls
 `lm.clean()` after each run, which deletes every `nn.Module` attribute of the wrapper, and a
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dycoke_eval.config import ConfigError
+from dycoke_eval.models.base import ModelAdapter
 
 LOAD_COUNT = 0  # how many checkpoints this process has loaded (tests and sweeps count it)
 
@@ -30,12 +31,15 @@ class CheckpointKey:
 @dataclass
 class LoadedCheckpoint:
     key: CheckpointKey
-    model: Any  # LlavaOnevisionForConditionalGeneration
-    processor: Any  # LlavaOnevisionProcessor
+    adapter: ModelAdapter  # the model family's adapter, holding the model and its processor
 
     @property
-    def text_config(self) -> Any:
-        return self.model.config.text_config
+    def model(self) -> Any:
+        return self.adapter.model
+
+    @property
+    def processor(self) -> Any:
+        return self.adapter.processor
 
 
 _loaded: LoadedCheckpoint | None = None
@@ -74,32 +78,20 @@ def load_checkpoint(
     instead, without any download: for latency and memory only.
     """
     global _loaded, LOAD_COUNT
-    from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+    from dycoke_eval.models import adapter_class, checkpoint_config
 
     key = CheckpointKey(str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture)
     if _loaded is not None and _loaded.key == key:
         return _loaded
     _loaded = None
     if random_architecture:
-        from dycoke_eval.offline.architectures import build_random_llava_onevision
+        from dycoke_eval.offline.architectures import build_random_model
 
-        model, processor = build_random_llava_onevision(random_architecture, dtype, device, attn_implementation)
-        LOAD_COUNT += 1
-        _loaded = LoadedCheckpoint(key=key, model=model, processor=processor)
-        return _loaded
-    config = AutoConfig.from_pretrained(pretrained)
-    if config.model_type != "llava_onevision":
-        raise ConfigError(
-            f"pretrained={pretrained!r} is a {config.model_type!r} checkpoint; this wrapper loads "
-            "LLaVA-OneVision checkpoints such as llava-hf/llava-onevision-qwen2-7b-ov-hf"
+        adapter = build_random_model(random_architecture, dtype, device, attn_implementation)
+    else:
+        adapter = adapter_class(checkpoint_config(None, pretrained), pretrained).load(
+            pretrained, device=device, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
         )
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
-    )
-    if device_map is None:
-        model.to(device)
-    model.eval()
-    processor = AutoProcessor.from_pretrained(pretrained)
     LOAD_COUNT += 1
-    _loaded = LoadedCheckpoint(key=key, model=model, processor=processor)
+    _loaded = LoadedCheckpoint(key=key, adapter=adapter)
     return _loaded

@@ -6,4 +6,4 @@ MODEL_ID = "llava_onevision_compressed"
 
 
 def lmms_eval_models() -> list[ModelManifest]:
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path="dycoke_eval.wrapper.LlavaOneVisionCompressed")]
+    return [ModelManifest(model_id=MODEL_ID, simple_class_path="dycoke_eval.wrapper.CompressedVideoLM")]

@@ -26,10 +26,10 @@ class StepClock(LogitsProcessor):
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a transformers Cache's key and value tensors, over all layers."""
+    """Bytes held by a transformers Cache's keys and values over all layers, entries held aside included."""
     total = 0
     for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        for tensor in (getattr(layer, name, None) for name in ("keys", "values", "cold_keys", "cold_values")):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total

@@ -1,14 +1,15 @@
-"""lmms-eval model wrapper: LLaVA-OneVision through HF transformers, with a pluggable compression method.
+"""lmms-eval model wrapper: a video LLM through HF transformers and its model adapter, with a compression method.
 
 Registered with lmms-eval under `llava_onevision_compressed` (see `registration.py`), so it runs
 from our Hydra app and from `python -m lmms_eval eval --model llava_onevision_compressed`.
 
-Per sample it decodes exactly `frames` frames at the paper's indices (`video_frames.py`), encodes
-them with the vision tower, lets the method pick the video tokens that enter the LLM, renders the
-prompt in the configured form (`prompts.py`) with that many `<video>` placeholders and calls
-`generate` with the precomputed features. Stage times, token counts and the sampled frame indices
-are recorded in `sample_records`. A sample whose video fails is recorded as failed and is not
-journaled, so the next run of the cell retries it.
+Per sample it decodes exactly `frames` frames at the paper's indices (`video_frames.py`), has the
+model's adapter encode them (capturing the encoder signals the method needs), lets the method's
+pre-LLM stages pick the video tokens, has the adapter assemble the prompt (configured form,
+`prompts.py`) and `generate`'s inputs, and generates inside the dispatcher (`compression/dispatcher.py`),
+which installs the prefill and decode stages. Stage times, the standard token counts and the
+sampled frame indices are recorded in `sample_records`. A sample whose video fails is recorded as
+failed and is not journaled, so the next run of the cell retries it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
+from dycoke_eval.compression.dispatcher import Compressor, routes_attention
+from dycoke_eval.compression.stages import CompressionMethod, ModelInfo
 from dycoke_eval.config import ConfigError
-from dycoke_eval.encoder_cache import ENCODER_CACHE, EncodedVideo, EncoderCache
-from dycoke_eval.methods.base import CompressionMethod, GenerationContext
+from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCache
+from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.plumbing.attention import check_routable
-from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer, render_prompt
+from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
 from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
 from dycoke_eval.video_frames import SampledVideo, VideoDecodeError, sample_video
 
@@ -52,19 +55,23 @@ class SampleRecord:
     frames: int = 0
     video_frame_count: int | None = None  # frames in the video file
     sampled_indices: list[int] = field(default_factory=list)  # the frame indices that entered the model
-    visual_tokens_in: int = 0  # visual tokens that entered the LLM (newline token included)
+    visual_tokens_in: int = 0  # visual tokens that entered the LLM (newline tokens included)
     visual_tokens_full: int = 0  # what the full-token model would have used
+    visual_tokens_by_stage: dict[str, int] = field(default_factory=dict)  # visual tokens after each stage, in order
+    prefill_visual_by_layer: list[int] = field(default_factory=list)  # visual tokens each LLM layer processed in prefill
+    decode_visual_by_layer: list[float] = field(default_factory=list)  # per layer: visual tokens attended, decode-step mean
+    retained_ratio: float | None = None  # the standard retained ratio (README "Token counts")
     output_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     method_stats: dict[str, Any] = field(default_factory=dict)
     encoder_cache_hit: bool = False  # decode and encoder skipped: features reused from an earlier cell
     memory: dict[str, float] = field(default_factory=dict)  # measure mode: peak memory (GB)
-    kv_cache_bytes: int = 0  # measure mode: the cache's keys and values after generation
+    kv_cache_bytes: int = 0  # measure mode: every key and value the cache holds after generation, held-aside ones too
     decode_step_seconds: list[float] = field(default_factory=list)  # measure mode: every decode step
     from_journal: bool = False  # answered by an earlier, interrupted run of this cell
 
 
-class LlavaOneVisionCompressed(lmms):
+class CompressedVideoLM(lmms):
     def __init__(
         self,
         pretrained: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
@@ -89,14 +96,14 @@ class LlavaOneVisionCompressed(lmms):
         self.frames = int(frames)
         if self.frames < 1:
             raise ConfigError(f"frames={frames}: sample at least one frame per video")
-        self.method = _resolve_method(method, kwargs)
+        method = _resolve_method(method, kwargs)
         if prompt not in PROMPT_FORMS:
             raise ConfigError(
                 f"prompt={prompt!r}; use one of {', '.join(PROMPT_FORMS)} (paper: the papers' qwen_1_5 conversation)"
             )
         self.prompt = prompt
-        if self.method.routes_attention:
-            check_routable(attn_implementation, self.method.name)
+        if routes_attention(method):
+            check_routable(attn_implementation, method.name)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None  # caps the task's own setting
         self.journal = SampleJournal(journal) if journal else None
 
@@ -116,9 +123,20 @@ class LlavaOneVisionCompressed(lmms):
         self.measure = bool(measure)  # the efficiency protocol: prefill and decode steps, memory, KV-cache bytes
         # With a device map the inputs go where the model's first layers are.
         self._device = self.checkpoint.model.device if device_map else torch.device(device)
-        self.method.validate_for(self.checkpoint.model.config)
-        self.pretrained = pretrained
+        self.method = method
         self.sample_records: list[SampleRecord] = []
+
+    @property
+    def method(self) -> CompressionMethod:
+        return self.compressor.method
+
+    @method.setter
+    def method(self, method: CompressionMethod) -> None:
+        """A method checked against this model, with a fresh dispatcher for its run of samples."""
+        adapter = self.adapter
+        config = adapter.config
+        method.validate_for(ModelInfo(adapter.dims().layers, adapter.available_signals(config)))
+        self.compressor = Compressor(adapter, method)
 
     # lmms-eval reads these attributes.
     @property
@@ -128,6 +146,10 @@ class LlavaOneVisionCompressed(lmms):
     @property
     def batch_size(self) -> int:
         return 1
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return self.checkpoint.adapter
 
     @property
     def model(self):
@@ -173,24 +195,24 @@ class LlavaOneVisionCompressed(lmms):
             cpu_start = time.process_time()
         doc = self.task_dict[task][split][doc_id]
         record.video_path = video_path = _resolve_video_path(doc_to_visual, doc)
-        cache_key = EncoderCache.key(self.pretrained, video_path, self.frames) if Path(video_path).is_file() else None
-        cached = ENCODER_CACHE.get(cache_key) if cache_key and self.method.reuses_encoder_outputs else None
+        signals = self.method.signals()
+        checkpoint = astuple(self.checkpoint.key)  # checkpoint, device, dtype, kernel, random-weights mode
+        cache_key = EncoderCache.key(checkpoint, video_path, self.frames, signals) if Path(video_path).is_file() else None
+        cached = ENCODER_CACHE.get(cache_key) if cache_key else None
         if cached is not None:
-            record.encoder_cache_hit, features = True, cached.features
-            record.frames, record.video_frame_count, record.sampled_indices = cached.frames, cached.frame_count, cached.indices
+            record.encoder_cache_hit, encoded = True, cached.encoded
         else:
             with self._stage(record, "video_decode"):
                 sampled = _decode_video(video_path, self.frames)
-            record.video_frame_count, record.sampled_indices = sampled.frame_count, list(sampled.indices)
-            features = self.encode_video(sampled.frames, record)
-            if cache_key and self.method.reuses_encoder_outputs:
+            encoded = self.encode_video(sampled.frames, record)
+            encoded.frame_count, encoded.indices = sampled.frame_count, list(sampled.indices)
+            if cache_key:
                 spent = sum(record.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
-                ENCODER_CACHE.put(
-                    cache_key, EncodedVideo(features, record.frames, spent, sampled.frame_count, record.sampled_indices)
-                )
-        prompt_ids = self.tokenizer(self.build_prompt(context), return_tensors="pt")["input_ids"][0]
-        output, prompt_length = self.generate_from_features(
-            features, prompt_ids, self._generation_kwargs(gen_kwargs), record, sample=f"{task}/{doc_id}"
+                ENCODER_CACHE.put(cache_key, CachedEncoding(encoded, spent))
+        record.frames, record.video_frame_count = encoded.layout.frames, encoded.frame_count
+        record.sampled_indices = list(encoded.indices)
+        output, prompt_length = self.generate_from_encoded(
+            encoded, context, self._generation_kwargs(gen_kwargs), record, sample=f"{task}/{doc_id}"
         )
         new_tokens = output[0, prompt_length:]
         record.output_tokens = int(new_tokens.shape[0])
@@ -211,42 +233,35 @@ class LlavaOneVisionCompressed(lmms):
                 SampleRecord("warm-up", -1),
             )
 
-    def run_sample(self, video, context: str, generate_kwargs: dict[str, Any], record: SampleRecord):
+    def run_sample(self, video, context: str, generate_kwargs: dict[str, Any], record: SampleRecord, sample: str = ""):
         """Decoded frames [T, H, W, 3] and a question -> (`generate`'s output, prompt length in tokens)."""
-        features = self.encode_video(video, record)
-        prompt_ids = self.tokenizer(self.build_prompt(context), return_tensors="pt")["input_ids"][0]
-        return self.generate_from_features(features, prompt_ids, generate_kwargs, record)
+        encoded = self.encode_video(video, record)
+        return self.generate_from_encoded(encoded, context, generate_kwargs, record, sample)
 
-    def encode_video(self, video, record: SampleRecord) -> torch.Tensor:
-        """Frames [T, H, W, 3] -> pooled, projected features [T*N + 1, D] (newline last)."""
+    def encode_video(self, video, record: SampleRecord) -> EncodedVideo:
+        """Frames [T, H, W, 3] -> the adapter's encoded video, with the encoder signals the method needs."""
         record.frames = int(video.shape[0])
-        model = self.model
         with torch.inference_mode():
             with self._stage(record, "preprocess"):
-                pixels = self.processor.video_processor(videos=[video], return_tensors="pt")["pixel_values_videos"]
-            with self._stage(record, "vision_encoder"), self.method.during_vision_encoding(model):
-                return model.get_video_features(
-                    pixels.to(self.device, model.dtype),
-                    vision_feature_layer=model.config.vision_feature_layer,
-                    vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                ).pooler_output[0]
+                pixels = self.adapter.preprocess(video)
+            with self._stage(record, "vision_encoder"):
+                return self.adapter.encode(pixels, self.method.signals())
 
-    def generate_from_features(
-        self,
-        features: torch.Tensor,
-        prompt_ids: torch.Tensor,
-        generate_kwargs: dict[str, Any],
-        record: SampleRecord,
-        sample: str = "",
+    def generate_from_encoded(
+        self, encoded: EncodedVideo, context: str, generate_kwargs: dict[str, Any], record: SampleRecord, sample: str = ""
     ):
-        """Let the method pick the video tokens, then generate; returns (output, prompt length)."""
+        """Let the method's stages pick and prune the video tokens while generating; returns (output, prompt length)."""
+        adapter, compressor = self.adapter, self.compressor
+        prompt_ids = self.tokenizer(self.build_prompt(context), return_tensors="pt")["input_ids"][0]
         with torch.inference_mode():
-            frame_tokens, newline = features[:-1].view(record.frames, -1, features.shape[-1]), features[-1:]
             with self._stage(record, "compress"):
-                kept = self.method.select_video_tokens(frame_tokens, sample)
-            video_tokens = torch.cat([kept, newline], dim=0)
-            record.visual_tokens_full = features.shape[0]
-            record.visual_tokens_in = video_tokens.shape[0]
+                selected = compressor.select(encoded, sample)
+            visual, positions = adapter.assemble(encoded, selected.tokens.features, selected.tokens.index)
+            if self.method.keeps_positions() and bool((positions < 0).any()):
+                raise ValueError(f"method {self.method.name!r} keeps positions, but a stage made tokens at no grid position")
+            inputs = adapter.generation_inputs(
+                prompt_ids, visual, positions if self.method.keeps_positions() else None, encoded.layout.full_tokens
+            )
             clock = StepClock(self.device) if self.measure else None
             if clock is not None:
                 generate_kwargs = {
@@ -256,22 +271,30 @@ class LlavaOneVisionCompressed(lmms):
                 }
             with self._stage(record, "generate"):
                 started = time.perf_counter()
-                output, input_ids, stats = generate_with_video_tokens(
-                    self.model, self.method, prompt_ids, video_tokens, generate_kwargs
-                )
+                with compressor.generating(inputs) as figures:
+                    output = self.model.generate(**inputs.kwargs, **generate_kwargs)
+        sequences = output.sequences if hasattr(output, "sequences") else output
         if clock is not None:
             record.seconds["prefill"] = clock.stamps[0] - started  # time to the first token
             if steps := clock.decode_steps():
                 record.seconds["decode_per_token"] = sum(steps) / len(steps)
                 record.decode_step_seconds = steps
             record.kv_cache_bytes = cache_bytes(output.past_key_values)
-            output = output.sequences
-        record.method_stats = stats
-        return output, input_ids.shape[1]
+            output = sequences
+        prompt_length = inputs.input_ids.shape[1]
+        decode_steps = max(int(sequences.shape[1]) - prompt_length - 1, 0)  # the first new token comes from prefill
+        record.visual_tokens_full = encoded.layout.full_tokens
+        record.visual_tokens_in = int(visual.shape[0])
+        record.visual_tokens_by_stage = {**selected.by_stage, **figures.by_stage}
+        record.prefill_visual_by_layer = figures.prefill_visual_by_layer
+        record.decode_visual_by_layer = figures.decode_visual_by_layer
+        record.retained_ratio = figures.retained_ratio(encoded.layout.full_tokens, decode_steps)
+        record.method_stats = {**selected.figures, **figures.figures}
+        return output, prompt_length
 
     def build_prompt(self, context: str) -> str:
         """The prompt in the configured form (`paper` or `checkpoint`), the video placed before the question."""
-        return render_prompt(self.prompt, context, self.processor)
+        return self.adapter.render_prompt(self.prompt, context)
 
     def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         temperature = float(gen_kwargs.get("temperature") or 0)
@@ -341,26 +364,6 @@ class SampleJournal:
         self._done[key] = (answer, record)
 
 
-def generate_with_video_tokens(
-    model, method: CompressionMethod, prompt_ids: torch.Tensor, video_tokens: torch.Tensor, generate_kwargs: dict[str, Any]
-):
-    """`generate` with `video_tokens` [V, D] in place of the prompt's `<video>` run, inside the method's context.
-
-    Returns (generate's output, the input ids used, the method's per-sample figures).
-    """
-    input_ids, visual_start = _with_video_placeholders(prompt_ids, model.config.video_token_id, video_tokens.shape[0])
-    input_ids = input_ids[None].to(video_tokens.device)
-    generation = GenerationContext(model, input_ids, visual_start, video_tokens.shape[0], generate_kwargs=dict(generate_kwargs))
-    with torch.inference_mode(), method.during_generation(generation):
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            mm_encoder_outputs={"video": _as_encoder_output(video_tokens[None])},
-            **generation.generate_kwargs,
-        )
-    return output, input_ids, generation.stats
-
-
 def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, Any]) -> CompressionMethod:
     """A method object (from our Hydra app) or a name plus `method.<key>=value` args (from lmms-eval's CLI)."""
     overrides = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith("method.")}
@@ -391,21 +394,3 @@ def _decode_video(path: str, frames: int) -> SampledVideo:
         return sample_video(path, frames)
     except VideoDecodeError as error:
         raise VideoUnavailable(str(error)) from None
-
-
-def _with_video_placeholders(input_ids: torch.Tensor, video_token_id: int, count: int) -> tuple[torch.Tensor, int]:
-    """Replace the processor's run of `<video>` placeholders with `count` of them."""
-    positions = (input_ids == video_token_id).nonzero().flatten()
-    if positions.numel() == 0:
-        raise ValueError("the prompt has no <video> placeholder; the chat template must place the video")
-    start, end = int(positions[0]), int(positions[-1]) + 1
-    if end - start != positions.numel():
-        raise ValueError("the prompt holds more than one video; one video per sample is supported")
-    placeholders = torch.full((count,), video_token_id, dtype=input_ids.dtype)
-    return torch.cat([input_ids[:start], placeholders, input_ids[end:]]), start
-
-
-def _as_encoder_output(video_tokens: torch.Tensor):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return BaseModelOutputWithPooling(pooler_output=video_tokens)

@@ -4,8 +4,8 @@ Prints the TTM time for F x 196 x 896 features, the cost of DyCoke's per-step se
 full decode step, and, per method, prefill time and per-token decode time as ratios to `full`,
 beside the FLOPs ratio of eq. 8 (SPEC section 3). Nothing is downloaded: the language model is
 built from its dimensions with random weights, and the video features are random, so only the
-timings mean anything. Every method runs through the same `generate_with_video_tokens` path as
-the evaluation wrapper.
+timings mean anything. Every method runs through the same model adapter and dispatcher
+(`Compressor`) as the evaluation wrapper.
 
 PruMerge's token count is adaptive and comes from the vision encoder's attention, which random
 features do not have. It is timed here at the paper's reported 55% of the visual tokens (its
@@ -21,61 +21,52 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.utils.benchmark as benchmark
-from transformers import (
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    LogitsProcessorList,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
+from transformers import LogitsProcessorList, SiglipVisionConfig
 
-from dycoke_eval.accounting import LanguageModelDims, fastv_flops, uniform_flops
+from dycoke_eval.accounting import planned_flops
 from dycoke_eval.checkpoints import resolve_device, resolve_dtype
-from dycoke_eval.config import compose_option
-from dycoke_eval.methods.base import CompressionMethod
+from dycoke_eval.compression.dispatcher import Compressor
+from dycoke_eval.compression.stages import CompressionMethod, PlannedCounts, PreLLMStage, VideoTokens
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.fastv import FastV
 from dycoke_eval.methods.full import Full
 from dycoke_eval.methods.kv_selection import DynamicSelector, last_query_attention
 from dycoke_eval.methods.ttm import ttm_keep_indices
-from dycoke_eval.offline.architectures import QWEN2
+from dycoke_eval.models import EncodedVideo
+from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
+from dycoke_eval.offline.architectures import architecture_config
 from dycoke_eval.timing import StepClock
-from dycoke_eval.wrapper import generate_with_video_tokens
 
-TOKENS_PER_FRAME, PROMPT_TEXT_TOKENS = 196, 40
+PROMPT_TEXT_TOKENS = 40
 PRUMERGE_PAPER_RATIO = 0.55
 
 
-class FixedFraction(CompressionMethod):
+@dataclass
+class EvenlySpread(PreLLMStage):
     """Stands in for PruMerge's token choice: an evenly spread `fraction` of the visual tokens."""
 
-    name = "prumerge@55%"
+    fraction: float = PRUMERGE_PAPER_RATIO
+    name: str = "prumerge@55%"
 
-    def __init__(self, fraction: float) -> None:
-        self.fraction = fraction
+    def select(self, tokens: VideoTokens, signals, sample: str) -> VideoTokens:
+        count = tokens.features.shape[0]
+        return tokens.keep(torch.linspace(0, count - 1, int(count * self.fraction)).long())
 
-    def select_video_tokens(self, frame_features: torch.Tensor, sample: str = "") -> torch.Tensor:
-        tokens = frame_features.reshape(-1, frame_features.shape[-1])
-        keep = torch.linspace(0, tokens.shape[0] - 1, int(tokens.shape[0] * self.fraction)).long()
-        return tokens[keep]
+    def planned_tokens(self, counts: PlannedCounts) -> float:
+        return counts.grid_tokens * self.fraction
 
 
-def build_model(device: str, dtype: torch.dtype) -> LlavaOnevisionForConditionalGeneration:
-    """LLaVA-OV with Qwen2-0.5B dimensions and a token vision tower (features are fed directly)."""
-    text = Qwen2Config(**vars(QWEN2["0.5b"]), max_position_embeddings=32768)
-    vision = SiglipVisionConfig(
+def build_adapter(device: str, dtype: torch.dtype) -> LlavaOneVisionAdapter:
+    """LLaVA-OV-0.5B's language model with random weights and a token vision tower (features are fed directly)."""
+    config = architecture_config("0.5b")
+    config.vision_config = SiglipVisionConfig(
         image_size=384, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
     )
-    config = LlavaOnevisionConfig(
-        text_config=text, vision_config=vision, video_token_id=text.vocab_size - 1, image_token_id=text.vocab_size - 2
-    )
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlavaOnevisionForConditionalGeneration(config)
-    return model.to(dtype).eval()
+    return LlavaOneVisionAdapter.from_config(config, None, device=device, dtype=dtype, attn_implementation="sdpa")
 
 
 def time_generation(run, repeats: int, device: str) -> tuple[float, float]:
@@ -109,11 +100,12 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    dims = LanguageModelDims(**compose_option("model", "llava_ov_0.5b").accounting)
+    adapter = build_adapter(device, dtype)
+    dims, layout = adapter.dims(), adapter.layout(args.frames)
     torch.manual_seed(0)
 
     print(f"device={device} dtype={dtype} torch_threads={torch.get_num_threads()} frames={args.frames}")
-    ttm_input = torch.randn(32, TOKENS_PER_FRAME, dims.hidden, device=device)
+    ttm_input = torch.randn(32, layout.tokens_per_frame, dims.hidden, device=device)
     for compiled in (False, True):
         start = time.perf_counter()
         ttm_keep_indices(ttm_input, 0.7, compiled=compiled)
@@ -124,32 +116,33 @@ def main() -> None:
     if args.ttm_only:
         return
 
-    features = torch.randn(args.frames, TOKENS_PER_FRAME, dims.hidden, device=device, dtype=dtype)
-    model = build_model(device, dtype)
-    visual = args.frames * TOKENS_PER_FRAME
+    grid = torch.randn(args.frames, layout.tokens_per_frame, dims.hidden, device=device, dtype=dtype)
+    encoded = EncodedVideo(grid=grid, layout=layout, newline=torch.randn(dims.hidden, device=device, dtype=dtype))
+    model = adapter.model
     text = torch.randint(0, model.config.text_config.vocab_size - 2, (PROMPT_TEXT_TOKENS,))
     prompt = torch.cat([text[:10], torch.tensor([model.config.video_token_id]), text[10:]])
-    newline = torch.randn(1, dims.hidden, device=device, dtype=dtype)
     decode = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
 
-    methods: list[tuple[str, CompressionMethod, float]] = [("full", Full(), uniform_flops(visual, dims))]
-    for k in (0.3, 0.5, 0.7):
-        kept = len(ttm_keep_indices(features[:, :, :1].float(), k))
-        methods.append((f"dycoke K={k}", DyCoke(k=k, l=3, p=0.7), uniform_flops(kept, dims)))
-    methods.append(("fastv K=5 R=35%", FastV(layer=5, ratio=0.35), fastv_flops(visual, 5, 0.35, dims)))
-    methods.append(("prumerge@55%", FixedFraction(PRUMERGE_PAPER_RATIO), uniform_flops(PRUMERGE_PAPER_RATIO * visual, dims)))
+    methods: list[tuple[str, CompressionMethod]] = [("full", Full())]
+    methods += [(f"dycoke K={k}", DyCoke(k=k, l=3, p=0.7)) for k in (0.3, 0.5, 0.7)]
+    methods += [("fastv K=5 R=35%", FastV(layer=5, ratio=0.35)), ("prumerge@55%", EvenlySpread())]
 
     rows = []
-    for label, method, flops in methods:
-        tokens = torch.cat([method.select_video_tokens(features), newline])
+    for label, method in methods:
+        compressor = Compressor(adapter, method)
+        kept = compressor.select(encoded).tokens
+        visual, _ = adapter.assemble(encoded, kept.features, kept.index)
+        flops = planned_flops(method, dims, layout.frames, layout.rows, layout.cols)[0]
 
-        def run(clock, method=method, tokens=tokens):
+        def run(clock, compressor=compressor, visual=visual):
+            inputs = adapter.generation_inputs(prompt, visual, None, layout.full_tokens)
             settings = {**decode, "max_new_tokens": 1 + args.decode_tokens, "logits_processor": LogitsProcessorList([clock])}
-            return generate_with_video_tokens(model, method, prompt, tokens, settings)
+            with torch.inference_mode(), compressor.generating(inputs):
+                return model.generate(**inputs.kwargs, **settings)
 
         prefill, step = time_generation(run, args.repeats, device)
-        rows.append((label, tokens.shape[0], prefill, step, flops))
-        print(f"  measured {label}: {tokens.shape[0]} visual tokens, prefill {prefill:.3f} s", flush=True)
+        rows.append((label, visual.shape[0], prefill, step, flops))
+        print(f"  measured {label}: {visual.shape[0]} visual tokens, prefill {prefill:.3f} s", flush=True)
 
     full_prefill, full_step, full_flops = rows[0][2], rows[0][3], rows[0][4]
     row = "{:18s} {:>7} {:>10} {:>6} {:>14} {:>6} {:>11}"
@@ -162,7 +155,7 @@ def main() -> None:
             )
         )
 
-    kept = len(ttm_keep_indices(features[:, :, :1].float(), 0.7)) + 1 + PROMPT_TEXT_TOKENS
+    kept = len(ttm_keep_indices(grid[:, :, :1].float(), 0.7)) + 1 + PROMPT_TEXT_TOKENS
     query = torch.randn(1, 14, 1, 64, device=device, dtype=dtype)
     key = torch.randn(1, 2, kept, 64, device=device, dtype=dtype)
     selector = DynamicSelector(keep_ratio=0.3, threshold=1.1)  # threshold > 1: re-select every step (worst case)

@@ -1,23 +1,41 @@
-"""Every method, through the wrapper and `generate`, on the tiny model (a matrix over conf/method)."""
+"""Every method and stage, through the dispatcher and `generate` on the tiny model: one matrix over conf/method.
+
+A new method adds its config (picked up by `METHODS`) and, if it keeps tokens in video order before
+the LLM, one line in `SHORTENING_METHODS`.
+"""
 
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from statistics import mean
 
 import pytest
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke_eval import checkpoints
+from dycoke_eval.compression.dispatcher import Compressor
+from dycoke_eval.compression.stages import CompressionMethod, VideoTokens
 from dycoke_eval.config import ConfigError, group_options, instantiate_method
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.fastv import FastV, fastv_keep_count
-from dycoke_eval.methods.prumerge import PruMerge, iqr_outlier_count
-from dycoke_eval.methods.ttm import ttm_keep_indices
+from dycoke_eval.methods.random_tokens import RandomTokens
+from dycoke_eval.methods.ttm import TokenTemporalMerging, ttm_keep_indices
 from dycoke_eval.offline.videos import synthetic_frames
-from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord, _with_video_placeholders
+from dycoke_eval.plumbing.attention import masked_attention, routed_attention
+from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 
 FRAMES = 16
+TOKENS = FRAMES * 16  # the tiny model's 4x4 grid per frame
+METHODS = group_options("method")
+SHORTENING_METHODS = {  # pre-LLM methods whose kept tokens stay in video order: shortening == masking the rest
+    "dycoke": DyCoke(k=0.7, mode="paper"),
+    "prumerge": instantiate_method("prumerge"),
+    "random": instantiate_method("random"),
+    "pooling": instantiate_method("pooling"),
+}
 BUILTIN_ATTENTION = set(AttentionInterface._global_mapping)
 GREEDY_WITH_LOGITS = {
     "max_new_tokens": 10,
@@ -30,7 +48,19 @@ GREEDY_WITH_LOGITS = {
 
 @pytest.fixture(scope="module")
 def lm(tiny_checkpoint):
-    return LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu")
+    return CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu")
+
+
+def hooks(model) -> dict[str, set[int]]:
+    """Every module's forward hooks and pre-hooks (transformers installs output-capturing hooks of its own)."""
+    return {name: set(m._forward_pre_hooks) | set(m._forward_hooks) for name, m in model.named_modules()}
+
+
+@pytest.fixture(scope="module")
+def own_hooks(lm, video):
+    """The hooks the model carries after a full-token run: what every method must leave behind."""
+    run(lm, instantiate_method("full"), video)
+    return hooks(lm.model)
 
 
 @pytest.fixture(scope="module")
@@ -38,54 +68,88 @@ def video():
     return synthetic_frames("method-matrix")[:FRAMES]
 
 
-def assert_fast_path_matches_masked_reference(lm, video, method_class, **settings):
+def run(lm, method, video, reference=False, sample=""):
+    lm.method = method
+    if reference:
+        lm.compressor = Compressor(lm.adapter, method, reference=True)
+    record = SampleRecord("t", 0)
+    output, _ = lm.run_sample(video, "What moves?", dict(GREEDY_WITH_LOGITS), record, sample)
+    return output, record
+
+
+def assert_fast_path_matches_masked_reference(lm, video, method):
     """Same kept sets, same logits at every step (fp32, 1e-4); returns the fast path's record."""
-    fast, fast_record = run(lm, method_class(**settings), video)
-    reference, reference_record = run(lm, method_class(reference_masking=True, **settings), video)
+    fast, fast_record = run(lm, method, video)
+    reference, reference_record = run(lm, method, video, reference=True)
 
     def selection(stats):  # what was kept; only the fast path holds pruned entries aside
         return {k: v for k, v in stats.items() if k != "kv_held_aside_bytes"}
 
     assert selection(fast_record.method_stats) == selection(reference_record.method_stats)
+    assert fast_record.decode_visual_by_layer == reference_record.decode_visual_by_layer
     for fast_step, reference_step in zip(fast.logits, reference.logits, strict=True):
         torch.testing.assert_close(fast_step, reference_step, atol=1e-4, rtol=0)
     return fast_record
 
 
-def run(lm, method, video):
-    lm.method = method
-    record = SampleRecord("t", 0)
-    output, _ = lm.run_sample(video, "What moves?", dict(GREEDY_WITH_LOGITS), record)
-    return output, record
-
-
-@pytest.mark.parametrize("name", group_options("method"))
-def test_every_method_generates_and_leaves_the_model_as_it_found_it(lm, video, name):
-    output, record = run(lm, instantiate_method(name), video)
-    assert output.sequences.shape[1] > 0 and len(output.logits) == 10
-    assert record.visual_tokens_in <= record.visual_tokens_full == FRAMES * 16 + 1
+def assert_model_restored(lm, own_hooks):
     assert lm.model.config.text_config._attn_implementation == "sdpa"
     assert lm.model.config.vision_config._attn_implementation == "sdpa"
     assert set(AttentionInterface._global_mapping) == BUILTIN_ATTENTION
-    assert not any(layer._forward_pre_hooks for layer in lm.model.model.language_model.layers)
+    assert hooks(lm.model) == own_hooks
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_generates_counts_its_tokens_and_leaves_the_model_as_it_found_it(lm, video, own_hooks, name):
+    method = instantiate_method(name)
+    output, record = run(lm, method, video, sample="t/0")
+    assert output.sequences.shape[1] > 0 and len(output.logits) == 10
+    assert record.visual_tokens_in <= record.visual_tokens_full == TOKENS + 1
+    assert list(record.visual_tokens_by_stage) == [stage.name for stage in method.stages()]
+    assert len(record.prefill_visual_by_layer) == len(record.decode_visual_by_layer) == 8
+    assert 0 < record.retained_ratio <= 1
+    assert_model_restored(lm, own_hooks)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_computes_the_same_selection_fast_and_as_the_masked_reference(lm, video, own_hooks, name):
+    assert_fast_path_matches_masked_reference(lm, video, instantiate_method(name))
+    assert_model_restored(lm, own_hooks)
 
 
 @pytest.mark.parametrize("mode", ["paper", "official"])
 @pytest.mark.parametrize("settings", [{"l": 1}, {"l": 2, "one_shot": True}, {"l": 0, "threshold": 1.1}])
 def test_dycoke_pruned_fast_path_gives_the_masked_references_logits(lm, video, mode, settings):
-    assert_fast_path_matches_masked_reference(lm, video, DyCoke, k=0.5, p=0.7, mode=mode, **settings)
+    assert_fast_path_matches_masked_reference(lm, video, DyCoke(k=0.5, p=0.7, mode=mode, **settings))
 
 
 def test_dycoke_feeds_the_ttm_tokens_to_the_llm_and_prunes_decode_attention(lm, video):
-    _, record = run(lm, DyCoke(k=0.7, l=1, p=0.7, threshold=1.1), video)  # threshold > 1: re-select every step
+    method = DyCoke(k=0.7, l=1, p=0.7, threshold=1.1)  # threshold > 1: re-select every step
+    _, record = run(lm, method, video)
     ttm_count = len(ttm_keep_indices(torch.zeros(FRAMES, 16, 1), 0.7))
     assert record.visual_tokens_in == ttm_count + 1
     stats = record.method_stats
     assert stats["ttm_tokens_out"] == ttm_count and stats["decode_steps"] == 9 == stats["reselections"]
-    assert stats["attended_visual_mean"] == int((ttm_count + 1) * 0.3)
-    assert stats["retained_ratio"] == stats["attended_visual_mean"] / (FRAMES * 16 + 1)
+    pruned = int((ttm_count + 1) * 0.3)  # paper mode: the span is every visual token, the newline included
+    assert stats["attended_visual_mean"] == pruned
+    assert record.visual_tokens_by_stage == {"ttm": ttm_count, "dp": pruned}
+    assert record.prefill_visual_by_layer == [ttm_count + 1] * 8
+    assert record.decode_visual_by_layer == [ttm_count + 1] + [pruned] * 7
+    by_layer = [(ttm_count + 1 + 9 * (ttm_count + 1)) / 10] + [(ttm_count + 1 + 9 * pruned) / 10] * 7
+    assert record.retained_ratio == pytest.approx(mean(by_layer) / (TOKENS + 1))
     assert stats["kv_held_aside_bytes"] > 0  # layers above L hold the pruned entries aside, off the attention path
-    assert stats["paper_retained_ratio"] == pytest.approx(0.1425)
+    assert method.describe()["paper_retained_ratio"] == pytest.approx(0.1425)
+
+
+def test_kv_cache_bytes_count_the_entries_held_aside(lm, video):
+    lm.measure = True
+    try:
+        _, pruned = run(lm, DyCoke(k=0.0, l=1, p=0.7, threshold=1.1), video)
+        _, full = run(lm, instantiate_method("full"), video)
+    finally:
+        lm.measure = False
+    assert pruned.method_stats["kv_held_aside_bytes"] > 0
+    assert pruned.kv_cache_bytes == full.kv_cache_bytes  # K=0 keeps every token: the same entries, wherever they wait
 
 
 def test_dycoke_without_pruning_says_what_full_says(lm, video):
@@ -111,8 +175,9 @@ def test_bad_dycoke_settings_fail_at_config_time(settings, message):
 
 def test_compiled_ttm_without_a_cxx_compiler_says_how_to_run_without_it(tmp_path):
     script = (
-        "import torch; from dycoke_eval.methods.dycoke import DyCoke; "
-        "DyCoke(compile_ttm=True).select_video_tokens(torch.randn(8, 16, 8))"
+        "import torch; from dycoke_eval.methods.ttm import TokenTemporalMerging; "
+        "from dycoke_eval.compression.stages import VideoTokens; "
+        "TokenTemporalMerging(compile_ttm=True).select(VideoTokens.from_grid(torch.randn(8, 16, 8), 4, 4), {}, '')"
     )
     environment = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
@@ -121,9 +186,16 @@ def test_compiled_ttm_without_a_cxx_compiler_says_how_to_run_without_it(tmp_path
     assert "set method.compile_ttm=false" in result.stderr
 
 
-def test_an_evaluation_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint):
-    with pytest.raises(ConfigError, match="l=8: the language model has 8 layers"):
-        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=DyCoke(l=8), device="cpu")
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        (DyCoke(l=8), "l=8: the language model has 8 layers"),
+        (FastV(layer=8), "layer=8: the language model has 8 layers"),
+    ],
+)
+def test_a_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint, method, message):
+    with pytest.raises(ConfigError, match=message):
+        CompressedVideoLM(pretrained=str(tiny_checkpoint), method=method, device="cpu")
 
 
 @pytest.mark.parametrize(
@@ -131,8 +203,10 @@ def test_an_evaluation_layer_beyond_the_model_fails_when_the_model_is_known(tiny
     [({"layer": 5, "ratio": 0.35}, 90), ({"layer": 1, "ratio": 0.5}, 128), ({"layer": 7, "ratio": 0.1}, 26)],
 )
 def test_fastv_dropping_hidden_states_gives_the_masked_references_logits(lm, video, settings, kept):
-    record = assert_fast_path_matches_masked_reference(lm, video, FastV, **settings)
-    assert record.method_stats["visual_tokens_after_layer"] == kept
+    record = assert_fast_path_matches_masked_reference(lm, video, FastV(**settings))
+    assert record.visual_tokens_by_stage == {"fastv": kept}
+    layer = settings["layer"]
+    assert record.prefill_visual_by_layer == [TOKENS + 1] * layer + [kept] * (8 - layer)
 
 
 def test_fastv_keeps_the_released_ports_rounded_count_at_real_size():
@@ -148,72 +222,108 @@ def test_bad_fastv_settings_fail_at_config_time(settings, message):
         FastV(**settings)
 
 
-def test_a_fastv_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint):
-    with pytest.raises(ConfigError, match="layer=8: the language model has 8 layers"):
-        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method=FastV(layer=8), device="cpu")
+@dataclass
+class TwoDrops(CompressionMethod):
+    """Two FastV-style drops on one layer schedule (PyramidDrop-style)."""
+
+    name: str = "two_drops"
+
+    def stages(self):
+        return [FastV(layer=2, ratio=0.5), FastV(layer=5, ratio=0.5, name="fastv_again")]
 
 
-def kept_positions(method, frame_features):
-    """Flat positions (into F*N) of the tokens a pre-LLM method keeps, from its own pure functions, ascending."""
-    if isinstance(method, DyCoke):
-        return ttm_keep_indices(frame_features, method.k, method.mode).sort().values
-    tokens = frame_features.shape[1]
-    scores = method._captured["scores"]  # what the encoder's attention gave this video
-    return torch.cat([s.topk(iqr_outlier_count(s)).indices.sort().values + f * tokens for f, s in enumerate(scores)])
+def test_two_prefill_stages_drop_in_turn_and_match_the_masked_reference(lm, video):
+    record = assert_fast_path_matches_masked_reference(lm, video, TwoDrops())
+    first = fastv_keep_count(TOKENS + 1, 0.5)
+    assert record.visual_tokens_by_stage == {"fastv": first, "fastv_again": fastv_keep_count(first, 0.5)}
+    assert record.prefill_visual_by_layer == [TOKENS + 1] * 2 + [first] * 3 + [fastv_keep_count(first, 0.5)] * 3
 
 
-@pytest.mark.parametrize("method", [DyCoke(k=0.7, mode="paper"), PruMerge(variant="base")], ids=["ttm", "prumerge"])
-def test_shortening_before_the_llm_gives_the_masked_full_sequences_logits(lm, video, method):
+@pytest.mark.parametrize("name", SHORTENING_METHODS)
+def test_shortening_before_the_llm_gives_the_masked_full_sequences_logits(lm, video, name):
     """Dropping tokens before the LLM equals keeping them all but masking the dropped ones out at every layer."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    from dycoke_eval.plumbing.attention import language_model, masked_attention, routed_attention
-
+    method = SHORTENING_METHODS[name]
     lm.method = method
-    features = lm.encode_video(video, SampleRecord("t", 0))
-    frame_features, newline = features[:-1].view(FRAMES, -1, features.shape[-1]), features[-1:]
-    kept_tokens = method.select_video_tokens(frame_features)  # in spatial order for both methods
-    positions = kept_positions(method, frame_features)
+    encoded = lm.encode_video(video, SampleRecord("t", 0))
+    tokens = lm.compressor.select(encoded, "t/0").tokens
+    positions = tokens.index
+    assert torch.equal(positions, positions.sort().values) and positions.min() >= 0, "kept tokens must stay in video order"
     prompt = lm.tokenizer(lm.build_prompt("What moves?"), return_tensors="pt")["input_ids"][0]
 
-    def last_logits(video_tokens, **kwargs):
-        ids, _ = _with_video_placeholders(prompt, lm.model.config.video_token_id, video_tokens.shape[0])
-        encoded = {"video": BaseModelOutputWithPooling(pooler_output=video_tokens[None])}
+    def last_logits(features, **kwargs):
+        visual, _ = lm.adapter.assemble(encoded, features, torch.arange(features.shape[0]))
+        inputs = lm.adapter.generation_inputs(prompt, visual, None, encoded.layout.full_tokens)
         with torch.inference_mode():
-            return lm.model(input_ids=ids[None], mm_encoder_outputs=encoded, **kwargs).logits[0, -1]
+            return lm.model(**inputs.kwargs, **kwargs).logits[0, -1], inputs
 
-    fast = last_logits(torch.cat([kept_tokens, newline]))
-
-    full_tokens = features.clone()  # every visual token present, the kept ones holding the method's features
-    full_tokens[positions] = kept_tokens
-    ids, start = _with_video_placeholders(prompt, lm.model.config.video_token_id, full_tokens.shape[0])
-    alive = torch.ones(ids.shape[0], dtype=torch.bool)
-    alive[start : start + FRAMES * 16] = False
-    alive[start + positions] = True
+    fast, _ = last_logits(tokens.features)
+    full_tokens = encoded.grid.reshape(TOKENS, -1).clone()  # every position present, the kept ones holding the stage's output
+    full_tokens[positions] = tokens.features
+    _, inputs = last_logits(full_tokens)
+    alive = torch.ones(inputs.input_ids.shape[1], dtype=torch.bool)
+    alive[inputs.visual_start : inputs.visual_start + TOKENS] = False
+    alive[inputs.visual_start + positions] = True
     index = alive.nonzero().flatten()
     position_ids = (alive.cumsum(0) - 1)[None]  # the kept tokens get the positions the shortened sequence gives them
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         return masked_attention(sdpa_attention_forward, module, query, key, value, attention_mask, index, **kwargs)
 
-    with routed_attention(language_model(lm.model), "reference_mask", attention):
-        reference = last_logits(full_tokens, position_ids=position_ids)
+    with routed_attention(lm.adapter.language_model, "reference_mask", attention):
+        reference, _ = last_logits(full_tokens, position_ids=position_ids)
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=0)
-    assert not torch.allclose(fast, last_logits(full_tokens), atol=1e-4)  # without the mask the dropped tokens would count
+    assert not torch.allclose(fast, last_logits(full_tokens)[0], atol=1e-4)  # without the mask the dropped tokens would count
+
+
+class RandomKeepingPositions(RandomTokens):
+    keep_positions = True
+
+
+def test_kept_tokens_can_keep_their_original_positions_and_decoding_continues_at_the_full_length(lm, video):
+    method = RandomKeepingPositions(ratio=0.25)
+    lm.method = method
+    encoded = lm.encode_video(video, SampleRecord("t", 0))
+    tokens = lm.compressor.select(encoded, "").tokens
+    prompt = lm.tokenizer(lm.build_prompt("What moves?"), return_tensors="pt")["input_ids"][0]
+    visual, positions = lm.adapter.assemble(encoded, tokens.features, tokens.index)
+    inputs = lm.adapter.generation_inputs(prompt, visual, positions, encoded.layout.full_tokens)
+    start, full_length = inputs.visual_start, prompt.shape[0] - 1 + TOKENS + 1
+    expected = list(range(start)) + [start + int(i) for i in tokens.index] + [start + TOKENS]
+    expected += list(range(start + TOKENS + 1, full_length))
+    assert inputs.kwargs["position_ids"][0].tolist() == expected
+
+    # The same logits as the full sequence with the dropped tokens masked out and every position as it was.
+    full_inputs = lm.adapter.generation_inputs(
+        prompt, torch.cat([encoded.grid.reshape(TOKENS, -1), encoded.newline[None]]), None, 0
+    )
+    alive = torch.ones(full_length, dtype=torch.bool)
+    alive[start : start + TOKENS] = False
+    alive[start + tokens.index] = True
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        index = alive.nonzero().flatten()
+        return masked_attention(sdpa_attention_forward, module, query, key, value, attention_mask, index, **kwargs)
+
+    with torch.inference_mode():
+        fast = lm.model(**inputs.kwargs).logits[0, -1]
+        with routed_attention(lm.adapter.language_model, "reference_mask", attention):
+            reference = lm.model(**full_inputs.kwargs).logits[0, -1]
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=0)
+    output, record = run(lm, method, video)  # and generate carries on from the last original position
+    assert record.visual_tokens_in == len(tokens.index) + 1 and output.sequences.shape[1] > 0
 
 
 def test_dycoke_official_prunes_among_the_ttm_tokens_but_the_last_and_never_the_newline(lm, video, monkeypatch):
     """The released code sets the image length to the TTM count minus one before appending the newline."""
-    import dycoke_eval.methods.dycoke as dycoke_module
+    import dycoke_eval.compression.dispatcher as dispatcher
 
-    seen, attended_key_index = [], dycoke_module.attended_key_index
+    seen, attended_key_index = [], dispatcher.attended_key_index
 
     def recording(kv_length, span, kept_visual):
         seen.append((span, kept_visual.clone()))
         return attended_key_index(kv_length, span, kept_visual)
 
-    monkeypatch.setattr(dycoke_module, "attended_key_index", recording)
+    monkeypatch.setattr(dispatcher, "attended_key_index", recording)
     output, record = run(lm, DyCoke(k=0.7, l=1, p=0.7, threshold=1.1, mode="official"), video)
     n_ttm = record.method_stats["ttm_tokens_out"]
     start = int((output.sequences[0] == lm.model.config.video_token_id).nonzero()[0])
@@ -222,11 +332,12 @@ def test_dycoke_official_prunes_among_the_ttm_tokens_but_the_last_and_never_the_
     assert all(len(kept) == int(image_length * (1 - 0.7)) and int(kept.max()) < image_length for _, kept in seen)
 
 
-def test_dycoke_random_draws_a_fresh_choice_per_video_seeded_by_seed_and_sample():
+def test_random_ttm_draws_a_fresh_choice_per_video_seeded_by_seed_and_sample():
     features = torch.randn(FRAMES, 16, 8)
 
     def kept(sample, seed=0):
-        return DyCoke(k=0.7, ttm_selection="random", seed=seed).select_video_tokens(features, sample)
+        stage = TokenTemporalMerging(k=0.7, selection="random", seed=seed)
+        return stage.select(VideoTokens.from_grid(features, 4, 4), {}, sample).index
 
     first, again, other, reseeded = kept("videomme/0"), kept("videomme/0"), kept("videomme/1"), kept("videomme/0", seed=1)
     assert torch.equal(first, again)
@@ -234,16 +345,22 @@ def test_dycoke_random_draws_a_fresh_choice_per_video_seeded_by_seed_and_sample(
     assert len(first) == len(other) == len(ttm_keep_indices(features, 0.7))
 
 
+def test_a_method_object_carries_nothing_from_one_sample_to_the_next(lm, video):
+    method = DyCoke(k=0.5, l=1, p=0.7)
+    before = dict(vars(method))
+    run(lm, method, video)
+    run(lm, method, video)
+    assert vars(method) == before
+
+
 @pytest.fixture
 def eager_lm(tiny_checkpoint):
     """The tiny model loaded with the eager kernel (it replaces the process's loaded checkpoint while in use)."""
-    yield LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", attn_implementation="eager")
+    yield CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", attn_implementation="eager")
 
 
-@pytest.mark.parametrize("method_class, settings", [(DyCoke, {"k": 0.5, "l": 1, "threshold": 1.1}), (FastV, {"layer": 2})])
-def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_kernel(
-    eager_lm, video, monkeypatch, method_class, settings
-):
+@pytest.mark.parametrize("method", [DyCoke(k=0.5, l=1, threshold=1.1), FastV(layer=2)], ids=["dycoke", "fastv"])
+def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_kernel(eager_lm, video, monkeypatch, method):
     import transformers.models.qwen2.modeling_qwen2 as qwen2
 
     import dycoke_eval.plumbing.attention as plumbing
@@ -260,7 +377,7 @@ def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_ker
 
     monkeypatch.setattr(qwen2, "eager_attention_forward", counting_eager)
     monkeypatch.setattr(plumbing, "sdpa_attention_forward", no_sdpa)
-    record = assert_fast_path_matches_masked_reference(eager_lm, video, method_class, **settings)
+    record = assert_fast_path_matches_masked_reference(eager_lm, video, method)
     assert calls["eager"] > 0 and record.method_stats["attention_kernel"] == "eager"
 
 
@@ -268,5 +385,5 @@ def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_ker
 def test_a_kernel_a_routed_method_cannot_use_is_refused_before_loading(method):
     before = checkpoints.LOAD_COUNT
     with pytest.raises(ConfigError, match="attn_implementation='flash_attention_2'.*set model.attn_implementation=sdpa"):
-        LlavaOneVisionCompressed(pretrained="no/such-checkpoint", method=method, attn_implementation="flash_attention_2")
+        CompressedVideoLM(pretrained="no/such-checkpoint", method=method, attn_implementation="flash_attention_2")
     assert checkpoints.LOAD_COUNT == before

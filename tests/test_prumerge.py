@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dycoke_eval.compression.stages import VideoTokens
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.prumerge import (
     PruMerge,
@@ -25,7 +26,7 @@ from dycoke_eval.methods.prumerge import (
 )
 from dycoke_eval.offline.tiny_model import build_tiny_checkpoint
 from dycoke_eval.offline.videos import synthetic_frames
-from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord
+from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 
 
 def test_the_keep_count_is_the_number_of_iqr_outliers_and_at_least_one():
@@ -51,19 +52,20 @@ def test_a_frame_keeps_its_top_scoring_tokens_in_spatial_order():
     scores = torch.zeros(16)
     scores[[3, 9]] = torch.tensor([5.0, 4.0])
     features = torch.arange(16.0)[:, None].expand(16, 2).clone()
-    kept = prumerge_frame(features, scores, torch.randn(16, 4), "base", neighbours=0)
-    assert kept[:, 0].tolist() == [3.0, 9.0]
-    assert len(prumerge_frame(features, scores, torch.randn(16, 4), "plus")) > 2
+    kept, index = prumerge_frame(features, scores, torch.randn(16, 4), "base", neighbours=0)
+    assert kept[:, 0].tolist() == [3.0, 9.0] and index.tolist() == [3, 9]
+    assert len(prumerge_frame(features, scores, torch.randn(16, 4), "plus")[0]) > 2
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_checkpoint):
-    return LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu", method=PruMerge())
+    return CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", method=PruMerge())
 
 
 def test_scores_are_the_attention_each_patch_receives_at_the_feature_layer_pooled_like_the_features(lm):
     video = synthetic_frames("prumerge")[:8]
     record = SampleRecord("t", 0)
+    encoded = lm.encode_video(video, SampleRecord("t", 0))
     lm.run_sample(video, "What moves?", {"max_new_tokens": 1}, record)
     pixels = lm.processor.video_processor(videos=[video], return_tensors="pt")["pixel_values_videos"][0]
     tower = lm.model.model.vision_tower
@@ -73,26 +75,28 @@ def test_scores_are_the_attention_each_patch_receives_at_the_feature_layer_poole
     finally:
         tower.set_attn_implementation("sdpa")
     expected = lm.model.model.apply_pooling(attentions.mean(dim=(1, 2)).unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(lm.method._captured["scores"], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(encoded.signals["attention_received"], expected, atol=1e-5, rtol=1e-4)
     stats = record.method_stats
-    assert record.visual_tokens_in == stats["prumerge_tokens_out"] + 1
-    assert stats["retained_ratio"] == stats["prumerge_tokens_out"] / (8 * 16) < 1
+    assert record.visual_tokens_in == stats["prumerge_tokens_out"] + 1 == record.visual_tokens_by_stage["prumerge"] + 1
+    assert record.retained_ratio == (stats["prumerge_tokens_out"] + 1) / (8 * 16 + 1) < 1  # every layer, every pass
 
 
 def test_official_mode_runs_in_the_model_with_one_extra_token_per_frame(tiny_checkpoint):
     method = PruMerge(mode="official", variant="plus")
-    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu", method=method)
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", method=method)
     record = SampleRecord("t", 0)
-    lm.run_sample(synthetic_frames("official")[:8], "What moves?", {"max_new_tokens": 1}, record)
-    _, new = official_selection(method._captured["scores"], "plus")  # 16 tokens a frame: each merges all 15 others
+    video = synthetic_frames("official")[:8]
+    scores = lm.encode_video(video, SampleRecord("t", 0)).signals["attention_received"]
+    lm.run_sample(video, "What moves?", {"max_new_tokens": 1}, record)
+    _, new = official_selection(scores, "plus")  # 16 tokens a frame: each merges all 15 others
     assert record.method_stats["prumerge_tokens_out"] == int(new.sum()) + 8 == record.visual_tokens_in - 1
 
 
 def test_the_pooling_head_score_needs_a_tower_that_kept_its_head(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="vision_use_head=false"):
-        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), device="cpu", method=PruMerge(score_source="pooling_head"))
+        CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu", method=PruMerge(score_source="pooling_head"))
     with_head = build_tiny_checkpoint(tmp_path / "with-head", vision_use_head=True)
-    lm = LlavaOneVisionCompressed(pretrained=str(with_head), frames=4, device="cpu", method=PruMerge(score_source="pooling_head"))
+    lm = CompressedVideoLM(pretrained=str(with_head), frames=4, device="cpu", method=PruMerge(score_source="pooling_head"))
     record = SampleRecord("t", 0)
     lm.run_sample(synthetic_frames("head")[:4], "What moves?", {"max_new_tokens": 1}, record)
     assert 0 < record.method_stats["prumerge_tokens_out"] < 4 * 16
@@ -214,7 +218,7 @@ def clip_like(seed: int, images: int = 1, tokens: int = 576, dim: int = 1024):
 
 
 def assert_official_matches(released, cls_attn, keys, features, variant):
-    ours = prumerge_official(features, cls_attn, keys[:, 1:], variant)
+    ours, _ = prumerge_official(features, cls_attn, keys[:, 1:], variant)
     torch.testing.assert_close(ours, released.flatten(0, 1), rtol=1e-5, atol=1e-5)
 
 
@@ -252,7 +256,7 @@ def test_official_plus_over_frames_is_the_released_plus_per_frame_with_the_ratio
     monkeypatch.setitem(globals(), "outlier_dectection", lambda attn: ratio)
     per_frame = [released_plus(cls_attn[i : i + 1], keys[i : i + 1], features[i : i + 1]) for i in range(3)]
     assert len({frame.shape[1] for frame in per_frame}) > 1  # each frame drops the grid points it already keeps
-    torch.testing.assert_close(prumerge_official(features, cls_attn, keys[:, 1:], "plus"), torch.cat(per_frame, dim=1)[0])
+    torch.testing.assert_close(prumerge_official(features, cls_attn, keys[:, 1:], "plus")[0], torch.cat(per_frame, dim=1)[0])
 
 
 def test_the_official_keep_count_floors_after_the_ratio_is_formed():
@@ -291,8 +295,10 @@ def test_official_mode_returns_each_frames_selection_then_its_extra_token_with_s
     g = torch.Generator().manual_seed(8)
     frames = torch.randn(4, 64, 8, generator=g)
     method = PruMerge(mode="official", variant="plus")
-    method._captured = {"scores": torch.rand(4, 64, generator=g) ** 8, "keys": torch.randn(4, 64, 16, generator=g)}
-    kept = method.select_video_tokens(frames)
-    torch.testing.assert_close(kept, prumerge_official(frames, **method._captured, variant="plus"))
-    assert method._stats == {"prumerge_tokens_in": 4 * 64, "prumerge_tokens_out": len(kept)}
+    scores, keys = torch.rand(4, 64, generator=g) ** 8, torch.randn(4, 64, 16, generator=g)
+    out = method.select(VideoTokens.from_grid(frames, 8, 8), {"attention_received": scores, "keys": keys}, "")
+    expected, index = prumerge_official(frames, scores, keys, variant="plus")
+    torch.testing.assert_close(out.features, expected)
+    assert torch.equal(out.index, index) and (index == -1).sum() == 4  # one extra token per frame, at no grid position
+    assert out.figures == {"prumerge_tokens_in": 4 * 64, "prumerge_tokens_out": len(expected)}
     assert method.describe()["mode"] == "official"

@@ -12,7 +12,7 @@ from dycoke_eval.methods.full import Full
 from dycoke_eval.offline.videos import FRAME_COUNT, write_video
 from dycoke_eval.prompts import read_answer
 from dycoke_eval.video_frames import sample_video
-from dycoke_eval.wrapper import LlavaOneVisionCompressed, SampleRecord
+from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0, "until": ["\n\n\n\n\n\n\n\n"]}
 
@@ -31,7 +31,7 @@ def make_requests(lm, paths, gen_kwargs=GREEDY, task="t"):
 
 @pytest.fixture(scope="module")
 def lm(tiny_checkpoint):
-    return LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu")
+    return CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_the_paper_prompt_is_llava_nexts_qwen_1_5_conversation_and_checkpoint_is
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<video>\nWhat moves?<|im_end|>\n<|im_start|>assistant\n"
     )
-    own = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu", prompt="checkpoint")
+    own = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", prompt="checkpoint")
     assert own.build_prompt("What moves?") == "<|im_start|>user <video>\nWhat moves?<|im_end|><|im_start|>assistant\n"
 
 
@@ -74,7 +74,7 @@ def test_paper_prompt_token_ids_equal_a_literal_qwen_1_5_rendering(lm, video):
 
 @pytest.mark.parametrize("frames", [1, 8, 32])
 def test_samples_the_requested_frames_and_counts_frames_times_16_plus_one_tokens(tiny_checkpoint, video, frames):
-    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=frames, device="cpu")
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=frames, device="cpu")
     lm.generate_until(make_requests(lm, [video]))
     (record,) = lm.sample_records
     assert record.status == "ok" and record.frames == frames
@@ -87,7 +87,7 @@ def test_samples_the_requested_frames_and_counts_frames_times_16_plus_one_tokens
 
 def test_checkpoint_prompt_answers_exactly_as_hf_generate_does_with_the_processors_template(tiny_checkpoint, video):
     """The checkpoint form and precomputed features through generate change nothing the processor would do."""
-    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=8, device="cpu", prompt="checkpoint")
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", prompt="checkpoint")
     (answer,) = lm.generate_until(make_requests(lm, [video], {"max_new_tokens": 6, "temperature": 0}))
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
     text = lm.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -119,26 +119,26 @@ def test_a_missing_or_unreadable_video_fails_that_sample_only(lm, video, tmp_pat
 
 def test_a_failed_sample_is_not_journaled_so_a_rerun_retries_it(tiny_checkpoint, video, tmp_path):
     journal = tmp_path / "journal.jsonl"
-    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal))
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal))
     lm.generate_until(make_requests(lm, [str(tmp_path / "not-yet.mp4"), video]))
     assert [r.status for r in lm.sample_records] == ["failed", "ok"]
     assert len(journal.read_text().splitlines()) == 1
     write_video(tmp_path / "not-yet.mp4", "late")  # the video arrives
-    again = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal))
+    again = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal))
     again.generate_until(make_requests(again, [str(tmp_path / "not-yet.mp4"), video]))
     assert [(r.status, r.from_journal) for r in again.sample_records] == [("ok", False), ("ok", True)]
 
 
 def test_the_model_is_loaded_once_per_process_and_survives_lmms_eval_clean(tiny_checkpoint, lm):
     before = checkpoints.LOAD_COUNT
-    other = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), frames=4, method=Full(), device="cpu")
+    other = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, method=Full(), device="cpu")
     other.clean()  # lmms-eval deletes the wrapper's nn.Module attributes after a run
     assert checkpoints.LOAD_COUNT == before
     assert other.model is lm.model
 
 
 def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
-    lm = LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), method="full", device="cpu")
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), method="full", device="cpu")
     assert isinstance(lm.method, Full)
 
 
@@ -147,7 +147,7 @@ def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
     [
         (
             {"method": "dycokee"},
-            "valid method options: dycoke, dycoke_no_dp, dycoke_random, fastv, full, prumerge, prumerge_official",
+            "valid method options: dycoke, dycoke_no_dp, dycoke_random, fastv, full, pooling, prumerge, prumerge_official, random",
         ),
         ({"frames": 0}, "frames=0"),
         ({"batch_size": 4}, "batch_size=4"),
@@ -157,7 +157,7 @@ def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
 )
 def test_bad_settings_fail_at_construction_naming_the_value(tiny_checkpoint, kwargs, message):
     with pytest.raises(ConfigError) as error:
-        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), device="cpu", **kwargs)
+        CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu", **kwargs)
     assert message in str(error.value)
 
 
@@ -170,4 +170,4 @@ def test_output_is_read_as_the_papers_class_does_then_cut_at_the_tasks_stop_stri
 
 def test_an_unknown_prompt_form_fails_at_construction(tiny_checkpoint):
     with pytest.raises(ConfigError, match="prompt='chat'; use one of paper, checkpoint"):
-        LlavaOneVisionCompressed(pretrained=str(tiny_checkpoint), device="cpu", prompt="chat")
+        CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu", prompt="chat")

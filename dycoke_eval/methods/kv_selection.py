@@ -89,3 +89,7 @@ class DynamicSelector:
             self.reselections += 1
         self.attended_visual.append(int(decision.numel()) if decision is not None else int(visual_attention.numel()))
         return decision
+
+    def figures(self) -> dict[str, int]:
+        """This sample's decode steps and re-selections."""
+        return {"decode_steps": self.steps, "reselections": self.reselections}

@@ -18,26 +18,21 @@ No official SigLIP adaptation exists (open questions in DyCoke's and PruMerge's 
 * `mean_received` (default): the attention each patch receives, averaged over heads and queries;
 * `pooling_head`: the attention of SigLIP's pooling-head probe (FastVID's recipe). It needs a
   vision tower that keeps the head, which the llava-hf OneVision checkpoints drop.
-Scores and keys are pooled from the patch grid to the token grid by the model's own
-`apply_pooling`, exactly as the features are. The achieved ratio is reported per sample.
+Scores and keys are encoder signals the model adapter captures in the encoder pass and pools from
+the patch grid to the token grid exactly as the features are. The achieved ratio is reported per sample.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import torch
 
+from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens
 from dycoke_eval.config import ConfigError
-from dycoke_eval.methods.base import CompressionMethod, GenerationContext
-from dycoke_eval.plumbing.attention import attention_kernel, routed_attention, vision_tower
-from dycoke_eval.plumbing.hooks import captured_output
 
 VARIANTS = ("base", "plus")
-SCORE_SOURCES = ("mean_received", "pooling_head")
+SCORE_SOURCES = {"mean_received": "attention_received", "pooling_head": "probe_attention"}  # setting -> encoder signal
 MODES = ("adapted", "official")
 
 
@@ -78,12 +73,13 @@ def merge_into_kept(
 
 def prumerge_frame(
     features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, variant: str, neighbours: int = 32
-) -> torch.Tensor:
-    """[N, D] features, [N] scores, [N, Dk] keys of one frame -> its kept, merged tokens in spatial order."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, D] features, [N] scores, [N, Dk] keys of one frame -> its kept, merged tokens in spatial order, and their indices."""
     kept = scores.topk(iqr_outlier_count(scores)).indices
     if variant == "plus":
         kept = torch.cat([kept, uniform_samples(scores.numel(), kept)])
-    return merge_into_kept(features, scores, keys, kept.sort().values, neighbours)
+    kept = kept.sort().values
+    return merge_into_kept(features, scores, keys, kept, neighbours), kept
 
 
 def official_keep_count(ratio: float, tokens: int) -> int:
@@ -142,12 +138,19 @@ def pruned_remainder(features: torch.Tensor, scores: torch.Tensor, selected: tor
 
 def prumerge_official(
     features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, variant: str, neighbours: int = 32
-) -> torch.Tensor:
-    """[F, N, D] features, [F, N] scores, [F, N, Dk] keys -> [V, D]: each frame's merged selection, then its extra token."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[F, N, D] features, [F, N] scores, [F, N, Dk] keys -> [V, D]: each frame's merged selection, then its extra token.
+
+    Also returns each token's flat grid index [V] (-1 for the extra tokens, which sit at no grid position).
+    """
+    frames, tokens = scores.shape
     selected, new = official_selection(scores, variant)
     merged = official_merge(features, scores, keys, selected, neighbours)
-    tokens = torch.cat([merged, pruned_remainder(features, scores, selected).unsqueeze(1)], dim=1)
-    return tokens[torch.cat([new, new.new_ones(len(new), 1)], dim=1)].to(features.dtype)
+    out = torch.cat([merged, pruned_remainder(features, scores, selected).unsqueeze(1)], dim=1)
+    offsets = torch.arange(frames, device=selected.device)[:, None] * tokens
+    index = torch.cat([selected + offsets, -selected.new_ones(frames, 1)], dim=1)
+    chosen = torch.cat([new, new.new_ones(frames, 1)], dim=1)
+    return out[chosen].to(features.dtype), index[chosen]
 
 
 def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -156,17 +159,13 @@ def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class PruMerge(CompressionMethod):
+class PruMerge(PreLLMStage):
     variant: str = "base"  # base | plus
     mode: str = "adapted"  # adapted | official (the released per-image arithmetic, per frame)
     score_source: str = "mean_received"  # mean_received | pooling_head
     neighbours: int = 32
     planned_ratio: float = 0.55  # for plans before a run: the paper's reported ratio (the real one is adaptive)
     name: str = "prumerge"
-    reuses_encoder_outputs: ClassVar[bool] = False  # its scores come from the encoder's attention, captured while it runs
-    routes_attention: ClassVar[bool] = True  # the vision tower's attention, to capture keys and scores
-    _captured: dict[str, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
-    _stats: dict[str, Any] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -176,68 +175,31 @@ class PruMerge(CompressionMethod):
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
 
-    def validate_for(self, model_config: Any) -> None:
-        if self.score_source == "pooling_head" and not model_config.vision_config.vision_use_head:
+    @property
+    def score_signal(self) -> str:
+        return SCORE_SOURCES[self.score_source]
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({"keys", self.score_signal})
+
+    def check(self, model) -> None:
+        if self.score_source == "pooling_head" and "probe_attention" not in model.signals:
             raise ConfigError(
                 "score_source=pooling_head needs SigLIP's attention-pooling head, which this checkpoint's vision "
                 "tower does not have (vision_use_head=false); use score_source=mean_received"
             )
+        super().check(model)
 
-    def planned_visual_tokens(self, frames: int, tokens_per_frame: int, layers: int) -> tuple[list[float], list[float]]:
-        kept = float(frames * tokens_per_frame) * self.planned_ratio
-        return [kept] * layers, [kept] * layers
+    def planned_tokens(self, counts: PlannedCounts) -> float:
+        return counts.grid_tokens * self.planned_ratio
 
-    def planned_retained_ratio(self) -> float:
-        return self.planned_ratio
-
-    @contextlib.contextmanager
-    def during_vision_encoding(self, model: Any) -> Iterator[None]:
-        """Capture the feature layer's keys and the patch scores while the encoder runs."""
-        tower = vision_tower(model)
-        feature_layer = model.config.vision_feature_layer
-        target = tower.encoder.layers[feature_layer if feature_layer < 0 else feature_layer - 1].self_attn
-        captured: dict[str, torch.Tensor] = {}
-        kernel = attention_kernel(tower)
-
-        def attention(module, query, key, value, attention_mask, **kwargs):
-            if module is target:
-                captured["keys"] = key.transpose(1, 2).flatten(2)  # [frames, patches, heads*dim]
-                if self.score_source == "mean_received":
-                    captured["scores"] = torch.stack(
-                        [_mean_received(q, k, kwargs["scaling"]) for q, k in zip(query, key, strict=True)]
-                    )
-            return kernel(module, query, key, value, attention_mask, **kwargs)
-
-        probe_input = captured_output(tower.post_layernorm, captured, "hidden")
-        with routed_attention(tower, "prumerge_capture", attention), probe_input:
-            yield
-        if self.score_source == "pooling_head":
-            captured["scores"] = _probe_attention(tower.head, captured["hidden"])
-        pool = model.model.apply_pooling  # the features' own 2x2 bilinear pooling
-        self._captured = {"scores": pool(captured["scores"].unsqueeze(-1)).squeeze(-1), "keys": pool(captured["keys"])}
-
-    def select_video_tokens(self, frame_features: torch.Tensor, sample: str = "") -> torch.Tensor:
-        scores, keys = self._captured["scores"], self._captured["keys"]
+    def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
+        grid = tokens.grid()
+        scores, keys = signals[self.score_signal], signals["keys"]
         if self.mode == "official":
-            kept = prumerge_official(frame_features, scores, keys, self.variant, self.neighbours)
+            kept, index = prumerge_official(grid, scores, keys, self.variant, self.neighbours)
         else:
-            frames = zip(frame_features, scores, keys, strict=True)
-            kept = torch.cat([prumerge_frame(f, s, k, self.variant, self.neighbours) for f, s, k in frames])
-        self._stats = {"prumerge_tokens_in": frame_features.shape[0] * frame_features.shape[1], "prumerge_tokens_out": len(kept)}
-        return kept
-
-    @contextlib.contextmanager
-    def during_generation(self, context: GenerationContext) -> Iterator[None]:
-        yield
-        context.stats.update(self._stats, retained_ratio=self._stats["prumerge_tokens_out"] / self._stats["prumerge_tokens_in"])
-
-
-def _mean_received(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """[H, P, d] query and key of one frame -> [P] attention each patch receives, head and query mean."""
-    return (query.float() @ key.float().transpose(-1, -2) * scaling).softmax(dim=-1).mean(dim=(0, 1))
-
-
-def _probe_attention(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """[frames, P, D] post-layernorm states -> [frames, P] attention of SigLIP's pooling-head probe."""
-    probe = head.probe.expand(hidden.shape[0], -1, -1)
-    return head.attention(probe, hidden, hidden, need_weights=True)[1][:, 0]
+            frames = [prumerge_frame(f, s, k, self.variant, self.neighbours) for f, s, k in zip(grid, scores, keys, strict=True)]
+            kept = torch.cat([merged for merged, _ in frames])
+            index = torch.cat([where + i * tokens.tokens_per_frame for i, (_, where) in enumerate(frames)])
+        return tokens.replaced(kept, index, prumerge_tokens_in=grid.shape[0] * grid.shape[1], prumerge_tokens_out=len(kept))

@@ -21,6 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
+
+from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
+from dycoke_eval.config import ConfigError
 
 MODES = ("paper", "official")
 
@@ -140,3 +144,48 @@ def random_keep_indices(features: torch.Tensor, k: float, mode: str, generator: 
         chosen = torch.arange(tokens) if reference < 0 else torch.randperm(tokens, generator=generator)[:keep].sort().values
         pieces.append(chosen.to(features.device) + frame * tokens)
     return torch.cat(pieces)
+
+
+TTM_SELECTIONS = ("similarity", "random")
+
+
+@dataclass
+class TokenTemporalMerging(PreLLMStage):
+    """DyCoke's TTM as a pre-LLM stage; `selection: random` is Table 5's seeded random choice of the same count."""
+
+    k: float = 0.7  # pruning rate of each compared frame
+    mode: str = "paper"  # paper | official
+    selection: str = "similarity"  # similarity | random
+    seed: int = 0  # for selection=random, with the sample's name
+    compile_ttm: bool = False  # paper mode: the similarity as one torch.compile'd kernel (the first sample compiles)
+    name: str = "ttm"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.k < 1:
+            raise ConfigError(f"k={self.k}: DyCoke's pruning rates must be in [0, 1)")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
+        if self.compile_ttm and self.mode != "paper":
+            raise ConfigError(f"compile_ttm=true applies to mode=paper; mode={self.mode} keeps the released code's exact ops")
+        if self.selection not in TTM_SELECTIONS:
+            raise ConfigError(f"ttm_selection={self.selection!r}; use one of {', '.join(TTM_SELECTIONS)}")
+
+    def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
+        grid = tokens.grid()
+        if self.selection == "random":
+            generator = torch.Generator().manual_seed(per_sample_seed(self.seed, sample))
+            kept = random_keep_indices(grid, self.k, self.mode, generator)
+        else:
+            kept = self._keep_indices(grid)
+        notes = list(ttm_plan(tokens.frames, self.mode).notes)
+        return tokens.keep(kept, ttm_tokens_in=grid.shape[0] * grid.shape[1], ttm_tokens_out=int(kept.numel()), ttm_notes=notes)
+
+    def _keep_indices(self, grid: torch.Tensor) -> torch.Tensor:
+        try:
+            return ttm_keep_indices(grid, self.k, self.mode, compiled=self.compile_ttm)
+        except BackendCompilerFailed as error:  # raised only with compile_ttm: a missing C++ compiler, say
+            reason = str(error).strip().splitlines()[0]
+            raise ConfigError(f"compile_ttm=true: torch.compile failed ({reason}); set method.compile_ttm=false") from None
+
+    def planned_tokens(self, counts: PlannedCounts) -> float:
+        return float(ttm_keep_indices(torch.zeros(counts.frames, counts.tokens_per_frame, 1), self.k, self.mode).numel())

@@ -1,9 +1,11 @@
-"""LLaVA-OneVision at its real dimensions with random weights, built without any download.
+"""The HF configs of the checkpoints the harness knows, built without any download.
 
-For measuring latency and memory where neither checkpoints nor data can be had: the vision
-tower is SigLIP-so400m as LLaVA-OV uses it (384 px, patch 14, 26 layers, no pooling head) and the
-language model is Qwen2 at 0.5B / 7B / 72B (SPEC section 1, supplementary Table 8). The tokenizer
-is the tiny offline one, enough to build prompts. **Accuracy is meaningless with these weights.**
+One source for the real dimensions (SPEC section 1, supplementary Table 8): the FLOPs plans of
+`dycoke_eval.accounting` read them before any model is loaded, and `random_weights: true` builds
+the real architecture from them with random weights (latency and memory only; **accuracy is
+meaningless with these weights**). The vision tower is SigLIP-so400m as LLaVA-OV uses it (384 px,
+patch 14, 26 layers, no pooling head); the language model is Qwen2 at 0.5B / 7B / 72B. `tiny` is
+the offline test model. The tokenizer is the tiny offline one, enough to build prompts.
 """
 
 from __future__ import annotations
@@ -32,27 +34,37 @@ QWEN2 = {
     "7b": LanguageModelShape(3584, 18944, 28, 28, 4, 152064, False),
     "72b": LanguageModelShape(8192, 29568, 80, 64, 8, 152064, False),
 }
+ARCHITECTURES = ("tiny", *QWEN2)
 
 
-def build_random_llava_onevision(size: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa"):
-    """(model, processor) for LLaVA-OV-`size` with random weights, initialised directly on `device`."""
-    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+def architecture_config(name: str, tokenizer=None):
+    """The LlavaOnevisionConfig of a known architecture (`tiny`, `0.5b`, `7b`, `72b`)."""
+    from transformers import Qwen2Config, SiglipVisionConfig
 
-    from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer, llava_onevision_config
+    from dycoke_eval.config import ConfigError
+    from dycoke_eval.offline.tiny_model import build_tokenizer, llava_onevision_config, tiny_config
 
-    if size not in QWEN2:
-        raise ValueError(f"random_weights architecture {size!r}; use one of {', '.join(QWEN2)}")
-    tokenizer = build_tokenizer()
-    shape = QWEN2[size]
-    config = llava_onevision_config(
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"model.architecture={name!r}; known architectures: {', '.join(ARCHITECTURES)}")
+    tokenizer = tokenizer or build_tokenizer()
+    if name == "tiny":
+        return tiny_config(tokenizer)
+    shape = QWEN2[name]
+    return llava_onevision_config(
         tokenizer,
         vision_config=SiglipVisionConfig(**SIGLIP_SO400M),
         text_config=Qwen2Config(**vars(shape), max_position_embeddings=32768),
         tie_word_embeddings=shape.tie_word_embeddings,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
-    processor = build_processor(tokenizer, SIGLIP_SO400M["image_size"], SIGLIP_SO400M["patch_size"])
-    return model, processor
+
+
+def build_random_model(size: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa"):
+    """The adapter of LLaVA-OV-`size` with random weights, initialised directly on `device`."""
+    from dycoke_eval.models import adapter_class
+    from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = architecture_config(size, tokenizer)
+    processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
+    adapter = adapter_class(config)
+    return adapter.from_config(config, processor, device=device, dtype=dtype, attn_implementation=attn_implementation)

@@ -18,6 +18,7 @@ PATCH_SIZE = 8
 PATCHES_PER_SIDE = IMAGE_SIZE // PATCH_SIZE
 TOKENS_PER_FRAME = math.ceil(PATCHES_PER_SIDE / 2) ** 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
 BUILD_VERSION = 4  # bump when the recipe changes so cached copies are rebuilt
 
 # The chat template of the llava-hf OneVision checkpoints, as transformers' own processor tests
@@ -106,19 +107,11 @@ def llava_onevision_config(tokenizer, vision_config, text_config, **kwargs):
     )
 
 
-def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Path:
-    """Build and save the tiny checkpoint at `path` (a processor and a model), deterministically.
+def tiny_config(tokenizer, vision_use_head: bool = False):
+    """The tiny model's LlavaOnevisionConfig: SigLIP 56 px / patch 8, Qwen2 with 8 layers of width 64."""
+    from transformers import Qwen2Config, SiglipVisionConfig
 
-    `vision_use_head=True` keeps SigLIP's attention-pooling head, which the real checkpoints drop.
-    """
-    import torch
-    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
-
-    path = Path(path)
-    tokenizer = build_tokenizer()
-    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
-    processor = build_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE, pinpoints)
-    config = llava_onevision_config(
+    return llava_onevision_config(
         tokenizer,
         vision_config=SiglipVisionConfig(
             image_size=IMAGE_SIZE,
@@ -141,9 +134,23 @@ def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Pa
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        image_grid_pinpoints=pinpoints,
+        image_grid_pinpoints=PINPOINTS,
         tie_word_embeddings=True,
     )
+
+
+def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Path:
+    """Build and save the tiny checkpoint at `path` (a processor and a model), deterministically.
+
+    `vision_use_head=True` keeps SigLIP's attention-pooling head, which the real checkpoints drop.
+    """
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE, PINPOINTS)
+    config = tiny_config(tokenizer, vision_use_head)
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -26,16 +26,6 @@ from dycoke_eval.config import ConfigError
 ROUTABLE_KERNELS = ("sdpa", "eager")  # kernels a routed method computes with (flash-attention takes no arbitrary mask)
 
 
-def language_model(model) -> torch.nn.Module:
-    """The decoder stack of a LLaVA-OneVision model."""
-    return model.model.language_model
-
-
-def vision_tower(model) -> torch.nn.Module:
-    """The SigLIP encoder of a LLaVA-OneVision model."""
-    return model.model.vision_tower
-
-
 def check_routable(attn_implementation: str, method: str) -> None:
     """Refuse, before any model is loaded, a kernel that a method routing attention cannot compute with."""
     if attn_implementation not in ROUTABLE_KERNELS:

@@ -1,4 +1,4 @@
-"""Dropping sequence positions from the hidden states from one decoder layer on (FastV-style).
+"""Dropping sequence positions from the hidden states from a decoder layer on (FastV-style), and capturing outputs.
 
 Forward pre-hooks (`with_kwargs=True`) on the decoder layers >= `first_layer` slice the hidden
 states and everything positional that the decoder passes to each layer: the rotary
@@ -9,23 +9,28 @@ the keys the pruned layers cached. They are removed on exit.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-from dycoke_eval.plumbing.attention import language_model
-
 
 @contextmanager
-def prefill_position_pruning(model, first_layer: int, kept_positions: Callable[[], torch.Tensor | None]) -> Iterator[None]:
-    """Within the block, layers >= `first_layer` see only `kept_positions()` of the prefill sequence."""
+def prefill_position_pruning(
+    decoder: torch.nn.Module, first_layer: int, present_at: Callable[[int], torch.Tensor | None]
+) -> Iterator[None]:
+    """Within the block, each layer >= `first_layer` of `decoder` sees only `present_at(layer)` of the prefill sequence.
+
+    `present_at` gives ascending prompt positions (None: all), each layer's a subset of the layer
+    before's, so several stages can drop in turn (a layer schedule).
+    """
 
     prompt: dict[str, int] = {}
 
-    def slice_inputs(module, args, kwargs):
-        keep, position_ids = kept_positions(), kwargs["position_ids"]
-        full = position_ids.shape[-1]
+    def slice_inputs(layer, module, args, kwargs):
+        position_ids = kwargs["position_ids"]
+        keep, full = present_at(layer), position_ids.shape[-1]
         mask = kwargs.get("attention_mask")
         if keep is None:
             return None
@@ -36,9 +41,9 @@ def prefill_position_pruning(model, first_layer: int, kept_positions: Callable[[
             kwargs["attention_mask"] = mask.index_select(-1, torch.cat([keep, generated]))
             return args, kwargs
         prompt["length"] = full
-        hidden = args[0]
-        if hidden.shape[1] == full:  # the first pruned layer; later ones already get the short sequence
-            hidden = hidden.index_select(1, keep)
+        hidden, before = args[0], present_at(layer - 1)
+        if hidden.shape[1] != keep.numel():  # the states still hold positions this layer drops
+            hidden = hidden.index_select(1, keep if before is None else torch.searchsorted(before, keep))
         cos, sin = kwargs["position_embeddings"]
         kwargs["position_embeddings"] = (cos.index_select(-2, keep), sin.index_select(-2, keep))
         kwargs["position_ids"] = position_ids.index_select(-1, keep)
@@ -46,8 +51,11 @@ def prefill_position_pruning(model, first_layer: int, kept_positions: Callable[[
             kwargs["attention_mask"] = mask.index_select(-2, keep).index_select(-1, keep)
         return (hidden, *args[1:]), kwargs
 
-    layers = language_model(model).layers[first_layer:]
-    handles = [layer.register_forward_pre_hook(slice_inputs, with_kwargs=True) for layer in layers]
+    handles = [
+        layer.register_forward_pre_hook(functools.partial(slice_inputs, index), with_kwargs=True)
+        for index, layer in enumerate(decoder.layers)
+        if index >= first_layer
+    ]
     try:
         yield
     finally:

@@ -1,0 +1,254 @@
+"""The one place where compression touches a model: it composes a method's stages and owns all plumbing.
+
+`Compressor(adapter, method)` runs a method's pre-LLM stages on the encoded video, and around
+`generate` (`Compressor.generating`) installs what its prefill and decode stages need: one routed
+attention function for the decoder (scoring, subset attention), forward pre-hooks that drop
+positions from prefill hidden states, and a cache that holds pruned entries aside. Everything is
+removed on exit, so one loaded model runs any number of methods in turn.
+
+It also computes the standard counts for every method alike (README "Token counts"): visual
+tokens entering the LLM, after each stage, seen by each layer in prefill and attended by each layer
+per decode step, and one retained ratio.
+
+`reference=True` computes the same selections by masking instead of dropping, gathering or holding
+aside: the slow reference the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from dycoke_eval.compression.stages import (
+    CompressionMethod,
+    DecodeStage,
+    PrefillStage,
+    PreLLMStage,
+    Selector,
+    VideoTokens,
+)
+from dycoke_eval.config import ConfigError
+from dycoke_eval.methods.kv_selection import attended_key_index, last_query_attention
+from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
+from dycoke_eval.plumbing.attention import attention_kernel, kernel_name, masked_attention, routed_attention, subset_attention
+from dycoke_eval.plumbing.cache import PrunableLayer
+from dycoke_eval.plumbing.hooks import prefill_position_pruning
+
+ENCODER_ROUTED_SIGNALS = frozenset({"keys", "attention_received"})  # captured through the tower's attention function
+
+
+def routes_attention(method: CompressionMethod) -> bool:
+    """Whether the method computes attention through our own function (so the kernel must be sdpa or eager)."""
+    stages = method.stages()
+    return any(isinstance(s, (PrefillStage, DecodeStage)) for s in stages) or bool(method.signals() & ENCODER_ROUTED_SIGNALS)
+
+
+@dataclass
+class SelectedTokens:
+    """What the pre-LLM stages left: the tokens, their counts after each stage, and the stages' figures."""
+
+    tokens: VideoTokens
+    by_stage: dict[str, int]
+    figures: dict[str, Any]
+
+
+@dataclass
+class GenerationFigures:
+    """Per-sample counts from one generation, filled when `Compressor.generating` exits."""
+
+    prefill_visual_by_layer: list[int] = field(default_factory=list)
+    decode_visual_by_layer: list[float] = field(default_factory=list)
+    by_stage: dict[str, float] = field(default_factory=dict)  # prefill: kept from its layer on; decode: attended, step mean
+    figures: dict[str, Any] = field(default_factory=dict)  # the stages' own figures, and the kernel used
+
+    def retained_ratio(self, full_visual_tokens: int, decode_steps: int) -> float:
+        """Visual tokens attended, averaged over layers and forward passes (prefill, each decode step), over the full count."""
+        per_layer = [
+            (prefill + decode_steps * decode) / (1 + decode_steps)
+            for prefill, decode in zip(self.prefill_visual_by_layer, self.decode_visual_by_layer, strict=True)
+        ]
+        return mean(per_layer) / full_visual_tokens
+
+
+class Compressor:
+    """One method on one model, for one run of samples. Holds no per-sample state except a released-code carry-over."""
+
+    def __init__(self, adapter: ModelAdapter, method: CompressionMethod, reference: bool = False) -> None:
+        stages = method.stages()
+        self.adapter, self.method, self.reference = adapter, method, reference
+        self.pre_llm = [s for s in stages if isinstance(s, PreLLMStage)]
+        self.prefill = sorted((s for s in stages if isinstance(s, PrefillStage)), key=lambda s: s.layer)
+        self.decode = [s for s in stages if isinstance(s, DecodeStage)]
+        if len(self.decode) > 1:
+            raise ConfigError(f"method {method.name!r} has {len(self.decode)} decode stages; one is supported")
+        if self.prefill and self.decode:
+            raise ConfigError(f"method {method.name!r} combines prefill and decode stages, which is not supported yet")
+        # The released DyCoke code never resets its previous attention vector between samples: official mode keeps it.
+        self._carried: dict[int, Selector] = {id(s): s.new_selector() for s in self.decode if s.carries_state}
+
+    def select(self, encoded: EncodedVideo, sample: str = "") -> SelectedTokens:
+        """Run the pre-LLM stages in order on the video's tokens."""
+        layout = encoded.layout
+        tokens, by_stage, figures = VideoTokens.from_grid(encoded.grid, layout.rows, layout.cols), {}, {}
+        for stage in self.pre_llm:
+            tokens = stage.select(tokens, encoded.signals, sample)
+            by_stage[_unique(stage.name, by_stage)] = int(tokens.features.shape[0])
+            figures.update(tokens.figures)
+        return SelectedTokens(tokens, by_stage, figures)
+
+    @contextmanager
+    def generating(self, inputs: GenerationInputs) -> Iterator[GenerationFigures]:
+        """Around `generate`: install the prefill and decode stages' plumbing; the figures are complete on exit."""
+        decoder = self.adapter.language_model
+        layers = decoder.config.num_hidden_layers
+        result = GenerationFigures(
+            prefill_visual_by_layer=[inputs.visual_length] * layers, decode_visual_by_layer=[float(inputs.visual_length)] * layers
+        )
+        if not (self.prefill or self.decode):
+            yield result
+            return
+        kernel = attention_kernel(decoder)
+        with ExitStack() as stack:
+            if self.prefill:
+                route = _PrefillRoute(self, inputs, kernel, stack)
+            else:
+                route = _DecodeRoute(self, inputs, kernel, layers)
+            stack.enter_context(routed_attention(decoder, "compressed", route.attention))
+            yield result
+        route.finish(result)
+        result.figures["attention_kernel"] = kernel_name(decoder)
+
+    def selector_for(self, stage: DecodeStage) -> Selector:
+        carried = self._carried.get(id(stage))
+        if carried is None:
+            return stage.new_selector()
+        carried.reset()
+        return carried
+
+
+class _PrefillRoute:
+    """Prefill stages on their layer schedule: score at `layer - 1`, keep from `layer` on (dropped, or masked)."""
+
+    def __init__(self, compressor: Compressor, inputs: GenerationInputs, kernel, stack: ExitStack) -> None:
+        self.stages, self.reference, self.kernel = compressor.prefill, compressor.reference, kernel
+        self.prompt_length = inputs.input_ids.shape[1]
+        self.span = (inputs.visual_start, inputs.visual_start + inputs.visual_length)
+        self.visual_length = inputs.visual_length
+        self.schedule: list[tuple[int, torch.Tensor]] = []  # (first layer, prompt positions present from it on)
+        if not self.reference:
+            first = self.stages[0].layer
+            stack.enter_context(prefill_position_pruning(compressor.adapter.language_model, first, self.present_at))
+
+    def present_at(self, layer: int) -> torch.Tensor | None:
+        """Prompt positions whose states reach `layer` (None: all of them)."""
+        present = None
+        for first, positions in self.schedule:
+            if first <= layer:
+                present = positions
+        return present
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        layer, prefill = module.layer_idx, query.shape[2] > 1
+        present = self.present_at(layer)
+        if prefill:
+            for stage in self.stages:
+                if layer == stage.score_layer:
+                    self._score(stage, query, key, attention_mask, present, kwargs["scaling"])
+        if self.reference and present is not None:
+            generated = torch.arange(self.prompt_length, key.shape[2], device=key.device)
+            index = torch.cat([present, generated])
+            return masked_attention(self.kernel, module, query, key, value, attention_mask, index, **kwargs)
+        return self.kernel(module, query, key, value, attention_mask, **kwargs)
+
+    def _score(self, stage: PrefillStage, query, key, attention_mask, present, scaling) -> None:
+        present = torch.arange(self.prompt_length, device=key.device) if present is None else present
+        if self.reference and key.shape[2] != present.numel():  # the reference still holds every key: score the present ones
+            key = key.index_select(2, present)
+            attention_mask = None if attention_mask is None else attention_mask.index_select(-1, present)
+        probabilities = last_query_attention(query, key, scaling, attention_mask)
+        visual = ((present >= self.span[0]) & (present < self.span[1])).nonzero().flatten()
+        kept = present[visual[stage.keep(probabilities[visual])]]
+        others = present[(present < self.span[0]) | (present >= self.span[1])]
+        self.schedule.append((stage.layer, torch.cat([others, kept]).sort().values))
+
+    def finish(self, result: GenerationFigures) -> None:
+        for layer in range(len(result.prefill_visual_by_layer)):
+            present = self.present_at(layer)
+            if present is not None:
+                visual = int(((present >= self.span[0]) & (present < self.span[1])).sum())
+                result.prefill_visual_by_layer[layer] = visual
+                result.decode_visual_by_layer[layer] = float(visual)  # decoding attends to what the layer cached
+        seen: dict[str, int] = {}
+        for stage, (_, positions) in zip(self.stages, self.schedule, strict=False):
+            seen[_unique(stage.name, seen)] = int(((positions >= self.span[0]) & (positions < self.span[1])).sum())
+        result.by_stage.update(seen)
+
+
+class _DecodeRoute:
+    """A decode stage: each step scores at `score_layer`; layers >= `first_layer` attend to the kept visual tokens.
+
+    Layers above the scoring layer hold their pruned entries aside in a `PrunableLayer` cache (on the CPU
+    with `offload_pruned`), re-partitioned only when the kept set changes; the scoring layer keeps every
+    key (it must score them all) and attends through a gather.
+    """
+
+    def __init__(self, compressor: Compressor, inputs: GenerationInputs, kernel, layers: int) -> None:
+        stage = self.stage = compressor.decode[0]
+        self.kernel, self.reference = kernel, compressor.reference
+        self.selector = compressor.selector_for(stage)
+        self.span = stage.span(inputs.visual_start, inputs.visual_length)
+        self.visual_length = inputs.visual_length
+        self.aside = [] if self.reference else [i for i in range(layers) if i > stage.score_layer and i >= stage.first_layer]
+        cold = "cpu" if getattr(stage, "offload_pruned", False) else None
+        self.cache = Cache(layers=[PrunableLayer(cold) if i in self.aside else DynamicLayer() for i in range(layers)])
+        if self.aside:
+            inputs.kwargs["past_key_values"] = self.cache
+        self.index: torch.Tensor | None = None  # keys the pruned layers attend to at this step
+        self.applied: torch.Tensor | None = None  # the kept set the held-aside layers hold
+        self.attended: list[int] = []  # visual tokens the pruned layers attended, per decode step
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        layer, decoding = module.layer_idx, query.shape[2] == 1 and key.shape[2] > 1
+        stage = self.stage
+        if decoding and layer == stage.score_layer:
+            probabilities = last_query_attention(query, key, kwargs["scaling"], attention_mask)
+            kept = self.selector.step(probabilities[self.span[0] : self.span[1]])
+            self.index = None if kept is None else attended_key_index(key.shape[2], self.span, kept)
+            outside = self.visual_length - (self.span[1] - self.span[0])
+            self.attended.append(self.visual_length if kept is None else int(kept.numel()) + outside)
+            if self.aside and kept is not self.applied:  # re-partition only when the kept set changes
+                hot = self.index if kept is not None else torch.arange(key.shape[2], device=key.device)
+                for i in self.aside:
+                    self.cache.layers[i].keep_hot(hot)
+                self.applied = kept
+        if decoding and layer in self.aside:  # its cache returned only the kept entries and the new token
+            if attention_mask is not None:
+                attention_mask = attention_mask.index_select(-1, self.cache.layers[layer].hot_positions)
+            return self.kernel(module, query, key, value, attention_mask, **kwargs)
+        if decoding and layer >= stage.first_layer and self.index is not None:
+            attend = masked_attention if self.reference else subset_attention
+            return attend(self.kernel, module, query, key, value, attention_mask, self.index, **kwargs)
+        return self.kernel(module, query, key, value, attention_mask, **kwargs)
+
+    def finish(self, result: GenerationFigures) -> None:
+        pruned = mean(self.attended) if self.attended else self.visual_length  # no decode step: nothing pruned
+        for layer in range(self.stage.first_layer, len(result.decode_visual_by_layer)):
+            result.decode_visual_by_layer[layer] = pruned
+        result.by_stage[self.stage.name] = pruned
+        result.figures.update(self.selector.figures(), attended_visual_mean=pruned)
+        result.figures["kv_held_aside_bytes"] = sum(self.cache.layers[i].cold_bytes() for i in self.aside)
+
+
+def _unique(name: str, taken: dict[str, Any]) -> str:
+    """`name`, or `name#2`, ... when a method has two stages of one kind."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}#{n}"
+    return candidate

@@ -1,0 +1,243 @@
+"""Compression as stages: small dataclasses that only score and select, composed into methods.
+
+Three kinds, by where they act:
+* `PreLLMStage`: video tokens (plus captured encoder signals) in, kept or merged tokens and their
+  grid positions out, before the language model (TTM, PruMerge, random, pooling).
+* `PrefillStage`: at layer `layer - 1` of prefill, scored by the last prompt token's attention over
+  the visual tokens; from layer `layer` on only the kept ones remain (FastV).
+* `DecodeStage`: at each decode step, scored by the newest token's attention at `score_layer`;
+  layers >= `first_layer` attend to the kept visual tokens (DyCoke's dynamic KV pruning).
+
+A stage is also a method of one stage. A composed method (`CompressionMethod` subclass) holds the
+settings people override and returns its stages (DyCoke = TTM + dynamic KV pruning). Stages never
+touch the model: `dycoke_eval.compression.dispatcher` owns all plumbing. They keep no per-sample
+state: whatever a sample needs (a decode selector) is made fresh by `new_selector` and held by the
+dispatcher, and per-sample figures come back as values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import torch
+
+from dycoke_eval.config import ConfigError
+
+IMPLEMENTATION_FLAGS = frozenset({"offload_pruned"})  # where a stage keeps its data, not what it computes: not a setting
+
+
+@dataclass
+class VideoTokens:
+    """Video tokens on their way to the LLM: features [M, D] and their flat grid positions [M] (into F*rows*cols).
+
+    A merged token carries the position of the token it was merged into; -1 marks a token at no
+    grid position (PruMerge's per-frame remainder). `figures` are the last stage's per-sample
+    figures (counts, notes), returned as values.
+    """
+
+    features: torch.Tensor
+    index: torch.Tensor
+    frames: int
+    rows: int
+    cols: int
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_grid(cls, grid: torch.Tensor, rows: int, cols: int) -> VideoTokens:
+        frames, tokens, dim = grid.shape
+        return cls(grid.reshape(-1, dim), torch.arange(frames * tokens, device=grid.device), frames, rows, cols)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.rows * self.cols
+
+    def grid(self) -> torch.Tensor:
+        """[F, N, D], for stages that need whole frames; an error if an earlier stage already dropped tokens."""
+        whole = self.features.shape[0] == self.frames * self.tokens_per_frame
+        if not whole or not torch.equal(self.index, torch.arange(self.index.numel(), device=self.index.device)):
+            raise ConfigError("this stage needs every video token; put it first in the method's stages")
+        return self.features.view(self.frames, self.tokens_per_frame, -1)
+
+    def replaced(self, features: torch.Tensor, index: torch.Tensor, **figures: Any) -> VideoTokens:
+        """New tokens at grid positions `index`, with this stage's figures."""
+        return VideoTokens(features, index, self.frames, self.rows, self.cols, figures)
+
+    def keep(self, kept: torch.Tensor, **figures: Any) -> VideoTokens:
+        """The tokens at rows `kept` (in that order)."""
+        return self.replaced(self.features[kept], self.index[kept], **figures)
+
+
+@dataclass
+class PlannedCounts:
+    """Video tokens each LLM layer sees in prefill and in decoding, before a run (FLOPs plans).
+
+    Counted over the video grid without newline tokens, as the papers' FLOPs columns count them.
+    """
+
+    frames: int
+    rows: int
+    cols: int
+    prefill: list[float]
+    decode: list[float]
+
+    @classmethod
+    def full(cls, frames: int, rows: int, cols: int, layers: int) -> PlannedCounts:
+        visual = float(frames * rows * cols)
+        return cls(frames, rows, cols, [visual] * layers, [visual] * layers)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def grid_tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+    def with_layers(self, prefill: list[float], decode: list[float]) -> PlannedCounts:
+        return PlannedCounts(self.frames, self.rows, self.cols, prefill, decode)
+
+    def uniform(self, tokens: float) -> PlannedCounts:
+        """Every layer sees `tokens` (what a pre-LLM stage leaves)."""
+        return self.with_layers([tokens] * len(self.prefill), [tokens] * len(self.decode))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may check about the model before a run."""
+
+    layers: int  # decoder layers
+    signals: frozenset[str]  # encoder signals the checkpoint can give
+
+
+class CompressionMethod:
+    """A method: settings plus the stages they make. The base is the identity (full tokens)."""
+
+    name: str = "base"
+
+    def keeps_positions(self) -> bool:
+        """Whether kept tokens keep their original positions (explicit position ids) rather than consecutive ones."""
+        return any(getattr(stage, "keep_positions", False) for stage in self.stages())
+
+    def stages(self) -> list[Stage]:
+        return []
+
+    def validate_for(self, model: ModelInfo) -> None:
+        """Raise ConfigError naming the bad setting if the method cannot run on this model."""
+        for stage in self.stages():
+            stage.check(model)
+
+    def plan(self, counts: PlannedCounts) -> PlannedCounts:
+        for stage in self.stages():
+            counts = stage.plan(counts)
+        return counts
+
+    def planned_retained_ratio(self, counts: PlannedCounts) -> float:
+        """The share of visual tokens kept, as the method's paper reports it; by default the plan's mean."""
+        planned = self.plan(counts)
+        passes = planned.prefill + planned.decode
+        return sum(passes) / len(passes) / counts.grid_tokens
+
+    def signals(self) -> frozenset[str]:
+        """Encoder signals the method's pre-LLM stages need, captured in the encoder pass."""
+        needed = [stage.needs() for stage in self.stages() if isinstance(stage, PreLLMStage)]
+        return frozenset().union(*needed)
+
+    def describe(self) -> dict[str, Any]:
+        """The method's settings, recorded with every result."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
+        settings = {k: v for k, v in settings.items() if not k.startswith("_") and k not in IMPLEMENTATION_FLAGS}
+        return {"name": self.name, **{k: v for k, v in settings.items() if k != "name"}}
+
+
+class Stage(CompressionMethod):
+    """One step of compression; on its own, a method of one stage."""
+
+    def stages(self) -> list[Stage]:
+        return [self]
+
+    def check(self, model: ModelInfo) -> None:
+        """Raise ConfigError if this stage cannot run on the model (a layer beyond its depth, say)."""
+
+    def plan(self, counts: PlannedCounts) -> PlannedCounts:
+        return counts
+
+
+class PreLLMStage(Stage):
+    def needs(self) -> frozenset[str]:
+        """Encoder signals (`keys`, `attention_received`, `probe_attention`) this stage scores with."""
+        return frozenset()
+
+    def check(self, model: ModelInfo) -> None:
+        missing = self.needs() - model.signals
+        if missing:
+            raise ConfigError(
+                f"{self.name} needs the encoder signal(s) {sorted(missing)}, which this checkpoint cannot give "
+                f"(it gives {sorted(model.signals)})"
+            )
+
+    def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
+        """The tokens that go on; `sample` names the sample (task/doc) for stages whose choice is random per video."""
+        raise NotImplementedError
+
+    def planned_tokens(self, counts: PlannedCounts) -> float:
+        """Video tokens this stage leaves, for plans."""
+        raise NotImplementedError
+
+    def plan(self, counts: PlannedCounts) -> PlannedCounts:
+        return counts.uniform(self.planned_tokens(counts))
+
+
+def per_sample_seed(seed: int, sample: str) -> int:
+    """A seed of its own for each sample (task/doc), so a random choice differs from video to video and reruns agree."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample}".encode()).digest()[:8], "little")
+
+
+class PrefillStage(Stage):
+    layer: int  # the first layer that sees only the kept tokens; scored at layer - 1
+
+    @property
+    def score_layer(self) -> int:
+        return self.layer - 1
+
+    def check(self, model: ModelInfo) -> None:
+        if not 1 <= self.layer < model.layers:
+            raise ConfigError(
+                f"layer={self.layer}: the language model has {model.layers} layers; choose 1 <= layer < {model.layers}"
+            )
+
+    def keep(self, visual_attention: torch.Tensor) -> torch.Tensor:
+        """[V] the last prompt token's attention over the visual tokens present -> kept positions among them, ascending."""
+        raise NotImplementedError
+
+
+class Selector(Protocol):
+    """A decode stage's per-sample state: fed each step's visual attention, it returns the kept positions or None."""
+
+    def step(self, visual_attention: torch.Tensor) -> torch.Tensor | None: ...
+
+    def figures(self) -> dict[str, Any]: ...
+
+
+class DecodeStage(Stage):
+    first_layer: int  # layers >= this attend only to the kept visual tokens while decoding
+    carries_state: bool = False  # True: one selector serves every sample of a run (a released-code quirk)
+
+    @property
+    def score_layer(self) -> int:
+        return self.first_layer
+
+    def check(self, model: ModelInfo) -> None:
+        if self.first_layer >= model.layers:
+            raise ConfigError(
+                f"l={self.first_layer}: the language model has {model.layers} layers (0..{model.layers - 1}); "
+                f"choose l < {model.layers}"
+            )
+
+    def span(self, visual_start: int, visual_length: int) -> tuple[int, int]:
+        """The prompt positions the selection chooses among (by default every visual token)."""
+        return visual_start, visual_start + visual_length
+
+    def new_selector(self) -> Selector:
+        raise NotImplementedError

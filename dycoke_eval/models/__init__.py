@@ -1,0 +1,63 @@
+"""Model adapters, one per model family, chosen from the checkpoint's HF config (`model_type`).
+
+A new family is one module here with a `ModelAdapter` subclass, one line in `ADAPTERS`, and a
+`conf/model/*.yaml` per checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from dycoke_eval.accounting import LanguageModelDims
+from dycoke_eval.config import ConfigError
+from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
+from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {model_type: LlavaOneVisionAdapter for model_type in LlavaOneVisionAdapter.model_types}
+
+__all__ = ["ADAPTERS", "EncodedVideo", "GenerationInputs", "ModelAdapter", "VideoLayout", "adapter_class", "planning_geometry"]
+
+
+def adapter_class(config: Any, pretrained: str = "") -> type[ModelAdapter]:
+    """The adapter for a checkpoint's config, or a ConfigError naming the supported families."""
+    adapter = ADAPTERS.get(config.model_type)
+    if adapter is None:
+        raise ConfigError(
+            f"pretrained={pretrained!r} is a {config.model_type!r} checkpoint; supported model families: "
+            f"{', '.join(sorted(ADAPTERS))} (e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf)"
+        )
+    return adapter
+
+
+def planning_geometry(model_cfg: Any, frames: int) -> tuple[LanguageModelDims, VideoLayout]:
+    """A model config's (`conf/model/*`) language-model dimensions and video layout, without loading weights.
+
+    Read from the HF config of its `architecture` (known without a download), else the checkpoint's
+    config. Cells written before model adapters recorded hand-typed `accounting` dimensions instead.
+    """
+    if "accounting" in model_cfg:
+        side = math.isqrt(model_cfg.tokens_per_frame)
+        return LanguageModelDims(**model_cfg.accounting), VideoLayout(frames, side, side)
+    config = checkpoint_config(model_cfg.get("architecture"), model_cfg.pretrained)
+    adapter = adapter_class(config, model_cfg.pretrained)
+    return adapter.dimensions(config), adapter.video_layout(config, frames)
+
+
+@functools.cache
+def checkpoint_config(architecture: str | None, pretrained: str) -> Any:
+    """The HF config of a known architecture (`tiny`, `0.5b`, ...), else the checkpoint's own (hub or local files)."""
+    if architecture:
+        from dycoke_eval.offline.architectures import architecture_config
+
+        return architecture_config(architecture)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(pretrained)
+    except OSError as error:
+        raise ConfigError(
+            f"pretrained={pretrained!r}: its config could not be read ({str(error).splitlines()[0]}); "
+            "set model.architecture to a known one or make the checkpoint available"
+        ) from None

@@ -1,0 +1,168 @@
+"""What the harness needs from a video LLM family, in one interface (`ModelAdapter`).
+
+The wrapper, the compression dispatcher and the accounting never look inside a model: they ask its
+adapter. An adapter owns loading, frames -> encoder outputs (with an optional capture of encoder
+signals that pre-LLM stages need), the layout of the video tokens (frames x rows x cols and where
+newline tokens go), prompt rendering, assembling `generate`'s inputs (placeholders, and explicit
+position ids for methods that keep original positions), the decoder stack, and the dimensions
+used for FLOPs accounting, read from the HF config.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from dycoke_eval.accounting import LanguageModelDims
+
+NEWLINE_PLACEMENTS = ("none", "video_end", "row_end")
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """How a model lays a video out as LLM tokens: a grid per frame plus newline tokens.
+
+    `newlines`: `video_end` (LLaVA-OneVision: one after the whole video), `row_end` (LLaVA-Video:
+    one after every row of every frame) or `none`.
+    """
+
+    frames: int
+    rows: int
+    cols: int
+    newlines: str = "video_end"
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def grid_tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+    @property
+    def newline_tokens(self) -> int:
+        return {"none": 0, "video_end": 1, "row_end": self.frames * self.rows}[self.newlines]
+
+    @property
+    def full_tokens(self) -> int:
+        """Visual tokens of the full-token model: the grid plus its newline tokens."""
+        return self.grid_tokens + self.newline_tokens
+
+
+@dataclass
+class EncodedVideo:
+    """A video after the vision tower, projector and pooling: what every compression method starts from."""
+
+    grid: torch.Tensor  # [F, N, D] video tokens, frame-major, rows then cols within a frame
+    layout: VideoLayout
+    newline: torch.Tensor | None = None  # [D] the model's newline embedding, if its layout has newlines
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # captured encoder signals, pooled like `grid`
+    frame_count: int = 0  # frames in the video file
+    indices: list[int] = field(default_factory=list)  # the frame indices that were encoded
+
+    def nbytes(self) -> int:
+        tensors = [self.grid, *self.signals.values(), *([self.newline] if self.newline is not None else [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class GenerationInputs:
+    """`generate`'s keyword arguments for one prompt, and where the visual tokens sit in it."""
+
+    kwargs: dict[str, Any]  # input_ids, attention_mask, encoder outputs, position_ids when positions are kept
+    visual_start: int  # index of the first visual token in input_ids
+    visual_length: int  # visual tokens in the prompt (newline tokens included)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.kwargs["input_ids"]
+
+
+class ModelAdapter(ABC):
+    """One model family. Subclasses register their HF `model_type`s in `dycoke_eval.models.ADAPTERS`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    signals: ClassVar[frozenset[str]] = frozenset()  # encoder signals `encode` can capture
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @classmethod
+    @abstractmethod
+    def load(cls, pretrained: str, *, device: str, dtype: torch.dtype, attn_implementation: str, device_map: str | None):
+        """The checkpoint's model (eval mode, on `device` unless a device map spreads it) and processor."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Any, processor: Any, *, device: str, dtype: torch.dtype, attn_implementation: str):
+        """Random weights at the config's dimensions, built on `device` without a download (latency and memory only)."""
+
+    @classmethod
+    @abstractmethod
+    def dimensions(cls, config: Any) -> LanguageModelDims:
+        """The language model's hidden size, FFN width and layer count (eq. 8), from the HF config."""
+
+    @classmethod
+    @abstractmethod
+    def video_layout(cls, config: Any, frames: int) -> VideoLayout:
+        """The token layout of a `frames`-frame video, from the HF config alone (plans need no weights)."""
+
+    @classmethod
+    def available_signals(cls, config: Any) -> frozenset[str]:
+        """The encoder signals this checkpoint can give (a checkpoint may lack a head, say)."""
+        return cls.signals
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def layout(self, frames: int) -> VideoLayout:
+        return self.video_layout(self.config, frames)
+
+    def dims(self) -> LanguageModelDims:
+        return self.dimensions(self.config)
+
+    @property
+    @abstractmethod
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (a PreTrainedModel with `.layers`), where prefill and decode stages act."""
+
+    @property
+    @abstractmethod
+    def vision_tower(self) -> torch.nn.Module:
+        """The vision encoder (a PreTrainedModel)."""
+
+    @abstractmethod
+    def preprocess(self, frames: Any) -> Any:
+        """Decoded frames [T, H, W, 3] -> the vision tower's inputs (timed apart from the encoder)."""
+
+    @abstractmethod
+    def encode(self, pixels: Any, signals: frozenset[str] = frozenset()) -> EncodedVideo:
+        """`preprocess`'s output -> pooled, projected video tokens, plus the requested encoder signals."""
+
+    @abstractmethod
+    def assemble(self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept tokens [M, D] at grid positions `index` [M] -> the LLM's visual sequence [V, D] with newline tokens
+        placed as the layout puts them, and each token's position within the full-token visual sequence [V]."""
+
+    @abstractmethod
+    def render_prompt(self, form: str, question: str) -> str:
+        """The prompt text (`paper` or `checkpoint` form) with one video placeholder before the question."""
+
+    @abstractmethod
+    def generation_inputs(
+        self, prompt_ids: torch.Tensor, visual: torch.Tensor, positions: torch.Tensor | None, full_visual_length: int
+    ) -> GenerationInputs:
+        """`generate`'s inputs with `visual` [V, D] in place of the prompt's video placeholder.
+
+        `positions` (a [V] index into the full-token visual sequence of `full_visual_length`) keeps each token's
+        original position; None numbers the shortened sequence consecutively.
+        """
