@@ -41,11 +41,11 @@ def total_flops(prefill_tokens: Sequence[float], decode_tokens: Sequence[float],
     return sum(prefill_flops(n, dims) for n in prefill_tokens) + sum(decode_flops(n, dims) for n in decode_tokens)
 
 
-def planned_flops(method, dims: LanguageModelDims, frames: int, rows: int, cols: int) -> tuple[float, float, float]:
+def planned_flops(method, dims: LanguageModelDims, layout) -> tuple[float, float, float]:
     """(method's eq. 8 FLOPs, full tokens' FLOPs, the method's planned retained ratio) for one video layout."""
     from dycoke_eval.compression.stages import PlannedCounts
 
-    full = PlannedCounts.full(frames, rows, cols, dims.layers)
+    full = PlannedCounts.full(layout, dims.layers)
     planned = method.plan(full)
     return (
         total_flops(planned.prefill, planned.decode, dims),
@@ -67,7 +67,7 @@ def plan_row(cfg) -> dict[str, object]:
 
     method = instantiate(cfg.method)
     dims, layout = planning_geometry(cfg.model, cfg.frames)
-    flops, full, retained = planned_flops(method, dims, layout.frames, layout.rows, layout.cols)
+    flops, full, retained = planned_flops(method, dims, layout)
     settings = {k: v for k, v in method.describe().items() if k not in ("name", "paper_retained_ratio")}
     return {
         "model": cfg.model.name,

@@ -57,7 +57,7 @@ class EvenlySpread(PreLLMStage):
         return tokens.keep(torch.linspace(0, count - 1, int(count * self.fraction)).long())
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
-        return counts.grid_tokens * self.fraction
+        return counts.layout.grid_tokens * self.fraction
 
 
 def build_adapter(device: str, dtype: torch.dtype) -> LlavaOneVisionAdapter:
@@ -132,7 +132,7 @@ def main() -> None:
         compressor = Compressor(adapter, method)
         kept = compressor.select(encoded).tokens
         visual, _ = adapter.assemble(encoded, kept.features, kept.index)
-        flops = planned_flops(method, dims, layout.frames, layout.rows, layout.cols)[0]
+        flops = planned_flops(method, dims, layout)[0]
 
         def run(clock, compressor=compressor, visual=visual):
             inputs = adapter.generation_inputs(prompt, visual, None, layout.full_tokens)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from dycoke_eval.config import ConfigError
+from dycoke_eval.models.base import VideoLayout
 
 IMPLEMENTATION_FLAGS = frozenset({"offload_pruned"})  # where a stage keeps its data, not what it computes: not a setting
 
@@ -76,27 +77,17 @@ class PlannedCounts:
     Counted over the video grid without newline tokens, as the papers' FLOPs columns count them.
     """
 
-    frames: int
-    rows: int
-    cols: int
+    layout: VideoLayout
     prefill: list[float]
     decode: list[float]
 
     @classmethod
-    def full(cls, frames: int, rows: int, cols: int, layers: int) -> PlannedCounts:
-        visual = float(frames * rows * cols)
-        return cls(frames, rows, cols, [visual] * layers, [visual] * layers)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.rows * self.cols
-
-    @property
-    def grid_tokens(self) -> int:
-        return self.frames * self.tokens_per_frame
+    def full(cls, layout: VideoLayout, layers: int) -> PlannedCounts:
+        visual = float(layout.grid_tokens)
+        return cls(layout, [visual] * layers, [visual] * layers)
 
     def with_layers(self, prefill: list[float], decode: list[float]) -> PlannedCounts:
-        return PlannedCounts(self.frames, self.rows, self.cols, prefill, decode)
+        return PlannedCounts(self.layout, prefill, decode)
 
     def uniform(self, tokens: float) -> PlannedCounts:
         """Every layer sees `tokens` (what a pre-LLM stage leaves)."""
@@ -137,7 +128,7 @@ class CompressionMethod:
         """The share of visual tokens kept, as the method's paper reports it; by default the plan's mean."""
         planned = self.plan(counts)
         passes = planned.prefill + planned.decode
-        return sum(passes) / len(passes) / counts.grid_tokens
+        return sum(passes) / len(passes) / counts.layout.grid_tokens
 
     def signals(self) -> frozenset[str]:
         """Encoder signals the method's pre-LLM stages need, captured in the encoder pass."""

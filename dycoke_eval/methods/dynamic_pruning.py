@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from dycoke_eval.compression.stages import DecodeStage
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.kv_selection import DynamicSelector
-from dycoke_eval.methods.ttm import MODES
+from dycoke_eval.methods.ttm import check_dycoke_setting
 
 
 @dataclass
@@ -28,10 +28,7 @@ class DynamicKVPruning(DecodeStage):
     name: str = "dp"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.p < 1:
-            raise ConfigError(f"p={self.p}: DyCoke's pruning rates must be in [0, 1)")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
+        check_dycoke_setting("p", self.p, self.mode)
         if self.l < 0:
             raise ConfigError(f"l={self.l}: the evaluation layer must be >= 0")
 

@@ -48,4 +48,5 @@ class Pooling(PreLLMStage):
         return tokens.replaced(pooled, index)
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
-        return float(counts.frames * pooled_side(counts.rows, self.ratio) * pooled_side(counts.cols, self.ratio))
+        layout = counts.layout
+        return float(layout.frames * pooled_side(layout.rows, self.ratio) * pooled_side(layout.cols, self.ratio))

@@ -191,7 +191,7 @@ class PruMerge(PreLLMStage):
         super().check(model)
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
-        return counts.grid_tokens * self.planned_ratio
+        return counts.layout.grid_tokens * self.planned_ratio
 
     def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
         grid = tokens.grid()

@@ -40,4 +40,4 @@ class RandomTokens(PreLLMStage):
         return tokens.keep(kept)
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
-        return float(random_keep_count(counts.grid_tokens, self.ratio))
+        return float(random_keep_count(counts.layout.grid_tokens, self.ratio))

@@ -149,6 +149,14 @@ def random_keep_indices(features: torch.Tensor, k: float, mode: str, generator: 
 TTM_SELECTIONS = ("similarity", "random")
 
 
+def check_dycoke_setting(name: str, rate: float, mode: str) -> None:
+    """A DyCoke pruning rate (`k` or `p`) in [0, 1) and a known mode, or a ConfigError naming the bad value."""
+    if not 0 <= rate < 1:
+        raise ConfigError(f"{name}={rate}: DyCoke's pruning rates must be in [0, 1)")
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r}; use one of {', '.join(MODES)}")
+
+
 @dataclass
 class TokenTemporalMerging(PreLLMStage):
     """DyCoke's TTM as a pre-LLM stage; `selection: random` is Table 5's seeded random choice of the same count."""
@@ -161,10 +169,7 @@ class TokenTemporalMerging(PreLLMStage):
     name: str = "ttm"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.k < 1:
-            raise ConfigError(f"k={self.k}: DyCoke's pruning rates must be in [0, 1)")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
+        check_dycoke_setting("k", self.k, self.mode)
         if self.compile_ttm and self.mode != "paper":
             raise ConfigError(f"compile_ttm=true applies to mode=paper; mode={self.mode} keeps the released code's exact ops")
         if self.selection not in TTM_SELECTIONS:
@@ -188,4 +193,5 @@ class TokenTemporalMerging(PreLLMStage):
             raise ConfigError(f"compile_ttm=true: torch.compile failed ({reason}); set method.compile_ttm=false") from None
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
-        return float(ttm_keep_indices(torch.zeros(counts.frames, counts.tokens_per_frame, 1), self.k, self.mode).numel())
+        layout = counts.layout
+        return float(ttm_keep_indices(torch.zeros(layout.frames, layout.tokens_per_frame, 1), self.k, self.mode).numel())
