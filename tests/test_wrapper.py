@@ -172,3 +172,19 @@ def test_output_is_read_as_the_papers_class_does_then_cut_at_the_tasks_stop_stri
 def test_an_unknown_prompt_form_fails_at_construction(tiny_checkpoint):
     with pytest.raises(ConfigError, match="prompt='chat'; use one of paper, checkpoint"):
         CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu", prompt="chat")
+
+
+def test_an_encoded_video_is_reused_only_with_the_encoder_signals_it_was_made_with(tiny_checkpoint, video, monkeypatch):
+    import dycoke_eval.wrapper as wrapper
+    from dycoke_eval.config import instantiate_method
+    from dycoke_eval.encoder_cache import EncoderCache
+
+    monkeypatch.setattr(wrapper, "ENCODER_CACHE", EncoderCache(capacity_mb=64))
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu")
+    hits = []
+    for name in ("full", "fastv", "prumerge", "prumerge_official"):  # the last two capture keys and scores
+        lm.method = instantiate_method(name)
+        lm.sample_records.clear()
+        lm.generate_until(make_requests(lm, [video], task=f"cache-{name}"))
+        hits.append(lm.sample_records[-1].encoder_cache_hit)
+    assert hits == [False, True, False, True]
