@@ -78,9 +78,10 @@ def run_cell(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
 
     from dycoke_eval import checkpoints
+    from dycoke_eval.accounting import plan_row
     from dycoke_eval.encoder_cache import ENCODER_CACHE
     from dycoke_eval.plumbing.attention import kernel_name
-    from dycoke_eval.results import cell_directory, format_efficiency, is_complete, write_cell
+    from dycoke_eval.store import cell_directory, format_efficiency, is_complete, write_cell
 
     cell_dir = cell_directory(cfg)
     if is_complete(cell_dir, cfg) and not cfg.force:
@@ -145,7 +146,7 @@ def run_cell(cfg: DictConfig) -> Path:
         "random_weights": bool(cfg.model.get("random_weights")),
         "measured": bool(cfg.measure),
     }
-    write_cell(cell_dir, cfg, output, records, method, runtime)
+    write_cell(cell_dir, cfg, output, records, method.describe(), plan_row(cfg), runtime)
     if cfg.measure:
         print(format_efficiency(cell_dir.name, records))
     resumed = sum(record["from_journal"] for record in records)

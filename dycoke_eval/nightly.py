@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from dycoke_eval.provenance import git_state, package_versions
-from dycoke_eval.results import method_label
+from dycoke_eval.store import CellStore, method_label, write_json_atomic
 
 DEFAULT_BASELINE = Path("results") / "baselines" / "nightly.json"  # relative to where the command runs, like results/
 JUDGED_METRICS = ("gpt_eval_score", "gpt_eval_accuracy")
@@ -59,28 +59,24 @@ def collect(results_dir: Path, run_name: str) -> dict[str, dict[str, float]]:
     figures: dict[str, dict[str, float]] = {}
     generate_seconds: dict[str, float] = {}
     full_key: dict[str, str] = {}  # model -> the key of its full-token cell
-    for run_file in sorted((results_dir / "cells").glob("*/run.json")):
-        run = json.loads(run_file.read_text())
-        if not run.get("complete") or run["config"].get("run_name") != run_name:
+    for cell in CellStore(results_dir).cells():
+        if not cell.run.complete or cell.run.run_name != run_name:
             continue
-        model = run["config"]["model"]["name"]
-        method = f"{model}/{method_label(run['method'])}"
-        if run["method"]["name"] == "full":
+        model = cell.run.model
+        method = f"{model}/{method_label(cell.run.method)}"
+        if cell.run.method["name"] == "full":
             full_key[model] = method
-        results = json.loads((run_file.parent / "results.json").read_text())
         row = {
             f"{task}/{metric.split(',')[0]}": value
-            for task, metrics in results["results"].items()
+            for task, metrics in cell.metrics.items()
             for metric, value in metrics.items()
             if isinstance(value, (int, float)) and "_stderr" not in metric and metric not in ("judged", "judge_failed")
         }
-        summaries = [s for s in results.get("dycoke_eval", {}).values() if s.get("visual_tokens_full_mean")]
-        if summaries:
-            row["visual_token_share"] = mean(s["visual_tokens_in_mean"] / s["visual_tokens_full_mean"] for s in summaries)
-            achieved = [
-                s["method_stats_mean"]["retained_ratio"] for s in summaries if "retained_ratio" in s.get("method_stats_mean", {})
-            ]
-            row["retained_ratio"] = mean(achieved) if achieved else row["visual_token_share"]
+        if (share := cell.visual_token_share()) is not None:
+            row["visual_token_share"] = share
+            measured = cell.retained_ratio()
+            row["retained_ratio"] = share if measured is None else measured  # a method that measures none keeps this share
+            summaries = [s for s in cell.summaries.values() if s.get("visual_tokens_full_mean")]
             generate_seconds[method] = mean(s["seconds_mean"].get("generate", 0.0) for s in summaries)
         figures[method] = row
     for method, seconds in generate_seconds.items():
@@ -128,7 +124,7 @@ def refresh(results_dir: Path, run_name: str, path: Path) -> dict[str, Any]:
         "methods": current,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(baseline, indent=2, sort_keys=True))
+    write_json_atomic(path, baseline, sort_keys=True)
     print(f"baseline: {path} ({len(current)} methods, from {results_dir}, commit {baseline['source']['git']['commit']})")
     return baseline
 

@@ -9,8 +9,9 @@ accuracy against TFLOPs with its data (`plots.py`). Rows follow the paper
 its own group. Columns are the table's metrics, each as ours / paper / difference. Best and
 second-best among the pruning methods (every row but full tokens) are marked per model and
 metric, bold and underlined as in the paper; a value we do not have is a dash. FLOPs columns
-come from `accounting.plan_row`, so ours are the eq. 8 cost of the cell that was run; our retained
-ratio is the measured one (mean over tasks) where the cell recorded it, else the planned one.
+come from the cell's plan (`accounting.plan_row`, recorded in run.json when the cell ran), so ours
+are the eq. 8 cost of the cell that was run; our retained ratio is the measured one (mean over
+tasks) where the cell recorded it, else the planned one. Cells are read through `store.py`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
-from dycoke_eval.accounting import plan_row
+from dycoke_eval.accounting import PLAN_COLUMNS
 from dycoke_eval.plots import plot_accuracy_vs_flops
-from dycoke_eval.results import method_settings
+from dycoke_eval.store import CellStore, method_settings
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the paper's published numbers, shipped with the package
 SETTINGS = ("model", "method", "k", "l", "p", "layer", "ratio", "frames")  # what a paper row names
@@ -56,40 +56,29 @@ NOT_RANKED = {"retained_ratio", "flops_ratio", "tflops", "params", "accuracy_std
 def cell_rows(results_dir: Path) -> pd.DataFrame:
     """One row per finished cell: its settings, its plan figures and its metrics in the paper's columns."""
     rows = []
-    for run_file in sorted((results_dir / "cells").glob("*/run.json")):
-        run = json.loads(run_file.read_text())
-        if not run.get("complete"):
-            if run.get("failed_samples"):
-                print(
-                    f"report: skipped {run_file.parent.name}: {run['failed_samples']} samples failed "
-                    "(rerun its command to retry them)"
-                )
+    for cell in CellStore(results_dir).cells():
+        if not cell.run.complete:
+            if cell.run.failed_samples:
+                print(f"report: skipped {cell.name}: {cell.run.failed_samples} samples failed (rerun its command to retry them)")
             continue
-        config = OmegaConf.create(run["config"])
-        if "accounting" not in config.model:
-            print(f"report: skipped {run_file.parent.name}: written before FLOPs accounting existed (re-run it with force=true)")
+        plan = cell.plan()
+        if plan is None:
+            print(f"report: skipped {cell.missing_plan()}")
             continue
-        plan = plan_row(config)
-        row = {key: plan[key] for key in ("model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio")}
-        row.update({name: run["method"].get(name) for name in NAMED_SETTINGS})
-        row["settings"] = json.dumps(method_settings(run["method"]), sort_keys=True)  # every setting: no two collide
-        saved = json.loads((run_file.parent / "results.json").read_text())
-        achieved = [
-            task["method_stats_mean"]["retained_ratio"]
-            for task in saved.get("dycoke_eval", {}).values()
-            if "retained_ratio" in task.get("method_stats_mean", {})
-        ]
-        if achieved:  # measured (DyCoke's decode-time attendance, PruMerge's adaptive count) beats the plan
-            row["retained_ratio"] = sum(achieved) / len(achieved)
-        results = saved["results"]
-        for task, metrics in results.items():
+        row = {key: plan.get(key) for key in PLAN_COLUMNS}
+        row.update({name: cell.run.method.get(name) for name in NAMED_SETTINGS})
+        row["settings"] = json.dumps(method_settings(cell.run.method), sort_keys=True)  # every setting: no two collide
+        measured = cell.retained_ratio()  # DyCoke's decode-time attendance, PruMerge's adaptive count: beats the plan
+        if measured is not None:
+            row["retained_ratio"] = measured
+        for task, metrics in cell.metrics.items():
             for metric, column, scale in TASK_METRICS.get(task.removeprefix("fixture_").removesuffix("_deferred"), []):
                 value = metrics.get(f"{metric},none")
                 row[column] = value * scale if isinstance(value, (int, float)) else math.nan
         codes = [code for code in MVBENCH_CODES.values() if code in row]
         if len(codes) == len(MVBENCH_CODES):  # the paper's average is over all 20 subtasks
             row["avg"] = row["accuracy"] = sum(row[code] for code in codes) / len(codes)
-        row.update(_efficiency_columns(saved.get("dycoke_eval", {})))
+        row.update(_efficiency_columns(cell.summaries))
         rows.append(row)
     frame = pd.DataFrame(rows)
     if "latency_per_example_s" in frame:  # speed-up against full tokens of the same model and frames, in this run
@@ -247,17 +236,15 @@ def write_table(table: int, frame: pd.DataFrame, out_dir: Path) -> str:
 def efficiency_summary(results_dir: Path) -> pd.DataFrame:
     """Measured cells against full tokens of the same model and frames: speed, memory and KV-cache ratios."""
     rows = []
-    for run_file in sorted((results_dir / "cells").glob("*/run.json")):
-        run = json.loads(run_file.read_text())
-        per_task = json.loads((run_file.parent / "results.json").read_text()).get("dycoke_eval", {})
-        summaries = [s for s in per_task.values() if "latency_total_s" in s]
-        if not run.get("complete") or not summaries:
+    for cell in CellStore(results_dir).cells():
+        summaries = [s for s in cell.summaries.values() if "latency_total_s" in s]
+        if not cell.run.complete or not summaries:
             continue
-        shared = _efficiency_columns(per_task)
+        shared = _efficiency_columns(cell.summaries)
         samples = sum(s["samples"] - s["failed"] for s in summaries)
         rows.append({
-            "model": run["config"]["model"]["name"], "frames": run["config"]["frames"], "method": run["method"]["name"],
-            "k": run["method"].get("k"), "samples": samples, "device": run.get("runtime", {}).get("device"),
+            "model": cell.run.model, "frames": cell.run.config.get("frames"), "method": cell.run.method.get("name"),
+            "k": cell.run.method.get("k"), "samples": samples, "device": cell.run.runtime.get("device"),
             "latency_per_example_s": shared["latency_per_example_s"],
             "prefill_s": sum(s.get("prefill_mean_s", math.nan) * (s["samples"] - s["failed"]) for s in summaries) / samples,
             "decode_ms_per_token": shared.get("decode_ms_per_token", math.nan),

@@ -14,13 +14,10 @@ failed and is not journaled, so the next run of the cell retries it.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple
 from pathlib import Path
 from typing import Any
 
@@ -37,38 +34,13 @@ from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCach
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.plumbing.attention import check_routable
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
+from dycoke_eval.store import SampleJournal, SampleRecord
 from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
 from dycoke_eval.video_frames import SampledVideo, VideoDecodeError, sample_video
 
 
 class VideoUnavailable(Exception):
     """The sample's video is missing or cannot be decoded; the sample is recorded as failed."""
-
-
-@dataclass
-class SampleRecord:
-    task: str
-    doc_id: int
-    status: str = "ok"  # ok | failed
-    video_path: str | None = None
-    error: str | None = None
-    frames: int = 0
-    video_frame_count: int | None = None  # frames in the video file
-    sampled_indices: list[int] = field(default_factory=list)  # the frame indices that entered the model
-    visual_tokens_in: int = 0  # visual tokens that entered the LLM (newline tokens included)
-    visual_tokens_full: int = 0  # what the full-token model would have used
-    visual_tokens_by_stage: dict[str, int] = field(default_factory=dict)  # visual tokens after each stage, in order
-    prefill_visual_by_layer: list[int] = field(default_factory=list)  # visual tokens each LLM layer processed in prefill
-    decode_visual_by_layer: list[float] = field(default_factory=list)  # per layer: visual tokens attended, decode-step mean
-    retained_ratio: float | None = None  # the standard retained ratio (README "Token counts")
-    output_tokens: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    method_stats: dict[str, Any] = field(default_factory=dict)
-    encoder_cache_hit: bool = False  # decode and encoder skipped: features reused from an earlier cell
-    memory: dict[str, float] = field(default_factory=dict)  # measure mode: peak memory (GB)
-    kv_cache_bytes: int = 0  # measure mode: every key and value the cache holds after generation, held-aside ones too
-    decode_step_seconds: list[float] = field(default_factory=list)  # measure mode: every decode step
-    from_journal: bool = False  # answered by an earlier, interrupted run of this cell
 
 
 class CompressedVideoLM(lmms):
@@ -332,36 +304,6 @@ class CompressedVideoLM(lmms):
         return [asdict(record) for record in self.sample_records]
 
 
-class SampleJournal:
-    """Finished samples of one cell, appended and synced one by one, so a killed run resumes where it stopped."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._done: dict[str, tuple[str, SampleRecord]] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the kill
-                    continue
-                self._done[entry["key"]] = (entry["answer"], SampleRecord(**{**entry["record"], "from_journal": True}))
-        self.resumed = len(self._done)
-
-    @staticmethod
-    def key(task: str, doc_id: int, context: str, gen_kwargs: dict) -> str:
-        payload = json.dumps([task, int(doc_id), context, gen_kwargs], sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()
-
-    def get(self, key: str) -> tuple[str, SampleRecord] | None:
-        return self._done.get(key)
-
-    def add(self, key: str, answer: str, record: SampleRecord) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as journal:
-            journal.write(json.dumps({"key": key, "answer": answer, "record": asdict(record)}, default=str) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
-        self._done[key] = (answer, record)
 
 
 def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, Any]) -> CompressionMethod:

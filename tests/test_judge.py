@@ -10,6 +10,7 @@ import lmms_eval.tasks
 import pytest
 from conftest import run_module
 
+from dycoke_eval.judge.__main__ import main as judge_main
 from dycoke_eval.judge.cells import aggregate, judge_cell
 from dycoke_eval.judge.client import Judge, JudgeRequest, JudgeSettings
 from dycoke_eval.judge.prompts import MalformedReply, build_messages, parse_reply
@@ -153,7 +154,7 @@ def test_the_offline_default_reports_judged_metrics_from_a_local_judge_and_never
     assert SECRET not in proc.stdout + proc.stderr
 
 
-def test_saved_results_are_judged_later_without_a_model(offline_dir, server, tmp_path):
+def test_saved_results_are_judged_later_without_a_model(offline_dir, server, tmp_path, monkeypatch, capsys):
     url, state = server
     results_dir = tmp_path / "results"
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir), "OPENAI_API_KEY": "", "HOME": str(tmp_path)}
@@ -163,10 +164,10 @@ def test_saved_results_are_judged_later_without_a_model(offline_dir, server, tmp
     assert json.loads(results_file.read_text())["results"]["fixture_video_dc499"]["gpt_eval_score,none"] == "not judged"
     assert state.requests == 0
 
-    no_judge = run_module("dycoke_eval.judge", str(results_dir), env=env)
-    assert no_judge.returncode == 2 and "no judge configured" in no_judge.stderr
-    judged = run_module("dycoke_eval.judge", str(results_dir), f"judge.base_url={url}", env=env)
-    assert judged.returncode == 0, judged.stderr[-2000:]
+    monkeypatch.setenv("OPENAI_API_KEY", "")  # the judge runs in this process: reading files needs no model
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert judge_main([str(results_dir)]) == 2 and "no judge configured" in capsys.readouterr().err
+    assert judge_main([str(results_dir), f"judge.base_url={url}"]) == 0
     metrics = json.loads(results_file.read_text())["results"]["fixture_video_dc499"]
     assert isinstance(metrics["gpt_eval_score,none"], (int, float)) and metrics["judged"] == 2
 

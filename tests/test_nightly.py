@@ -6,6 +6,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, run_module
 
+from dycoke_eval.nightly import main as nightly
+
 CELL = ["tasks.names=[fixture_videomme,fixture_mvbench_action_antonym]", "frames=4", "limit=2", "run_name=nightly"]
 
 
@@ -16,10 +18,10 @@ FULL, DYCOKE = (
 
 
 def run_cells(results_dir, offline_dir):
+    """Full tokens and DyCoke (its default k=0.7), as one multirun: one process, one checkpoint load."""
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
-    for method in (["method=full"], ["method=dycoke", "method.k=0.7"]):
-        proc = run_module("dycoke_eval", *CELL, *method, f"results_dir={results_dir}", env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("dycoke_eval", "-m", *CELL, "method=full,dycoke", f"results_dir={results_dir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return results_dir
 
 
@@ -28,8 +30,7 @@ def baseline(offline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly")
     path = root / "nightly.json"
     run_cells(root / "baseline_run", offline_dir)
-    proc = run_module("dycoke_eval.nightly", "refresh", str(root / "baseline_run"), "--baseline", str(path))
-    assert proc.returncode == 0, proc.stderr
+    assert nightly(["refresh", str(root / "baseline_run"), "--baseline", str(path)]) == 0
     data = json.loads(path.read_text())
     data["bands"]["generate_time_vs_full"] = 100.0  # the tiny model's millisecond timings are noise, not a signal
     path.write_text(json.dumps(data))
@@ -43,26 +44,35 @@ def test_the_baseline_records_where_it_came_from(baseline):
     assert 0 < data["methods"][DYCOKE]["visual_token_share"] < 1 == data["methods"][FULL]["visual_token_share"]
 
 
-def test_an_unchanged_run_passes(baseline, offline_dir):
+def test_an_unchanged_run_passes(baseline, offline_dir, capsys):
     root, path = baseline
     rerun = run_cells(root / "rerun", offline_dir)
-    proc = run_module("dycoke_eval.nightly", "compare", str(rerun), "--baseline", str(path))
-    assert proc.returncode == 0, proc.stdout
-    assert "no regression" in proc.stdout
+    code = nightly(["compare", str(rerun), "--baseline", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "no regression" in out
 
 
-def test_a_degraded_method_fails_naming_the_figure_and_the_size_of_the_change(baseline, tmp_path):
+def test_a_degraded_method_fails_naming_the_figure_and_the_size_of_the_change(baseline, tmp_path, capsys):
     root, path = baseline
     data = json.loads(path.read_text())
     data["methods"][DYCOKE]["visual_token_share"] += 0.3  # as if the code used to keep far more tokens than it does now
     degraded = tmp_path / "nightly.json"
     degraded.write_text(json.dumps(data))
-    proc = run_module("dycoke_eval.nightly", "compare", str(root / "baseline_run"), "--baseline", str(degraded))
-    assert proc.returncode == 1
-    report = proc.stdout.split("REGRESSION:")[1]
+    capsys.readouterr()
+    assert nightly(["compare", str(root / "baseline_run"), "--baseline", str(degraded)]) == 1
+    report = capsys.readouterr().out.split("REGRESSION:")[1]
     (line,) = [row for row in report.splitlines() if "visual_token_share" in row]
     assert line.split()[0] == DYCOKE and float(line.split()[4]) == pytest.approx(-0.3)  # the change column
     assert FULL not in [row.split()[0] for row in report.splitlines()[2:] if row.strip()]
+
+
+def hand_made_cell(results_dir, name, method, results):
+    cell = results_dir / "cells" / name
+    cell.mkdir(parents=True)
+    run = {"complete": True, "config": {"run_name": "nightly", "model": {"name": "tiny"}}, "method": method.describe()}
+    (cell / "run.json").write_text(json.dumps(run))
+    (cell / "results.json").write_text(json.dumps(results))
 
 
 def test_two_settings_of_one_method_are_two_entries_never_compared_with_each_other(tmp_path):
@@ -70,20 +80,29 @@ def test_two_settings_of_one_method_are_two_entries_never_compared_with_each_oth
     from dycoke_eval.nightly import collect
 
     for ratio, score in ((0.35, 40.0), (0.5, 45.0)):
-        cell = tmp_path / "cells" / f"fastv_{ratio}"
-        cell.mkdir(parents=True)
-        run = {
-            "complete": True,
-            "config": {"run_name": "nightly", "model": {"name": "tiny"}},
-            "method": FastV(ratio=ratio).describe(),
-        }
-        (cell / "run.json").write_text(json.dumps(run))
-        (cell / "results.json").write_text(json.dumps({"results": {"videomme": {"videomme_perception_score,none": score}}}))
+        results = {"results": {"videomme": {"videomme_perception_score,none": score}}}
+        hand_made_cell(tmp_path, f"fastv_{ratio}", FastV(ratio=ratio), results)
     figures = collect(tmp_path, "nightly")
     assert figures == {
         "tiny/fastv(layer=5,ratio=0.35)": {"videomme/videomme_perception_score": 40.0},
         "tiny/fastv(layer=5,ratio=0.5)": {"videomme/videomme_perception_score": 45.0},
     }
+
+
+def test_the_retained_ratio_is_the_standard_measured_one_else_the_visual_token_share(tmp_path):
+    from dycoke_eval.methods.fastv import FastV
+    from dycoke_eval.nightly import collect
+
+    summary = {"visual_tokens_in_mean": 50, "visual_tokens_full_mean": 100, "seconds_mean": {"generate": 1.0}}
+    measured = {"retained_ratio_mean": 0.2, "method_stats_mean": {"retained_ratio": 0.9}}
+    for ratio, extra in ((0.35, measured), (0.5, {})):
+        hand_made_cell(
+            tmp_path, f"fastv_{ratio}", FastV(ratio=ratio), {"results": {}, "dycoke_eval": {"v": {**summary, **extra}}}
+        )
+    figures = collect(tmp_path, "nightly")
+    assert figures["tiny/fastv(layer=5,ratio=0.35)"]["retained_ratio"] == 0.2  # the standard field, not method_stats
+    unmeasured = figures["tiny/fastv(layer=5,ratio=0.5)"]
+    assert unmeasured["retained_ratio"] == unmeasured["visual_token_share"] == 0.5
 
 
 def test_judged_metrics_are_compared_only_with_a_judge(baseline):

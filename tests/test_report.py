@@ -8,21 +8,24 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from dycoke_eval.accounting import plan_row
 from dycoke_eval.config import CONF_DIR
-from dycoke_eval.report import render, render_report
+from dycoke_eval.report import cell_rows, render, render_report
 
 QA = {"activitynetqa_deferred": {"gpt_eval_accuracy,none": 50.0, "gpt_eval_score,none": 2.8},
       "nextqa_mc_test": {"exact_match,none": 0.78}, "videomme": {"videomme_perception_score,none": 58.0}}  # fmt: skip
 
 
-def write_cell(results_dir, name, overrides, metrics):
+def write_cell(results_dir, name, overrides, metrics, **run_fields):
+    """A cell folder as written before run.json recorded its plan (format 1), unless `run_fields` add one."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["tasks=table1", *overrides])
     cell = results_dir / "cells" / name
     cell.mkdir(parents=True)
     run = {"config": OmegaConf.to_container(cfg, resolve=True), "method": instantiate(cfg.method).describe(), "complete": True}
-    (cell / "run.json").write_text(json.dumps(run))
+    (cell / "run.json").write_text(json.dumps({**run, **{key: value(cfg) for key, value in run_fields.items()}}))
     (cell / "results.json").write_text(json.dumps({"results": metrics}))
+    return cell
 
 
 @pytest.fixture
@@ -110,3 +113,23 @@ def test_cells_that_differ_in_any_method_setting_never_share_a_row(tmp_path):
     assert table["PruMerge [variant=plus]"] == pytest.approx(65.0)
     assert table["Ours ($K=0.7, L=3, P=0.7$) [mode=official]"] == pytest.approx(77.0)
     assert table["Ours ($K=0.7, L=3, P=0.7$) [mode=paper]"] == pytest.approx(75.0)
+
+
+def test_the_plan_recorded_at_run_time_is_used_without_the_methods_code(tmp_path):
+    cell = write_cell(tmp_path, "fastv", ["model=llava_ov_7b", "method=fastv"], QA, format=lambda _: 2, plan=plan_row)
+    run = json.loads((cell / "run.json").read_text())
+    run["config"]["method"]["_target_"] = "dycoke_eval.methods.renamed.FastV"  # today's code could not rebuild it
+    run["plan"]["tflops"] = 12.5
+    (cell / "run.json").write_text(json.dumps(run))
+    (row,) = cell_rows(tmp_path).to_dict("records")
+    assert row["method"] == "fastv" and row["tflops"] == 12.5 and row["nextqa_mc"] == pytest.approx(78.0)
+
+
+def test_a_cell_without_a_plan_is_skipped_naming_the_cell_and_the_fix(tmp_path, capsys):
+    cell = write_cell(tmp_path, "old_fastv", ["model=llava_ov_7b", "method=fastv"], QA)
+    run = json.loads((cell / "run.json").read_text())
+    del run["config"]["model"]["accounting"]
+    (cell / "run.json").write_text(json.dumps(run))
+    assert cell_rows(tmp_path).empty
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "old_fastv" in line]
+    assert line.startswith("report: skipped cell old_fastv: no plan") and "force=true" in line

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dycoke_eval.judge.cells import format_judge_summary, judge_cell
     from dycoke_eval.judge.client import Judge
+    from dycoke_eval.store import cells_below
 
     option = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("judge=")), "gpt4o_mini")
     overrides = dict(o.split("=", 1) for o in args.overrides if o.startswith("judge."))
@@ -37,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.enabled():
         print(f"dycoke_eval.judge: no judge configured: set ${settings.api_key_env} or judge.base_url=...", file=sys.stderr)
         return 2
-    cells = sorted(path.parent for path in args.results_dir.rglob("results.json"))
+    cells = cells_below(args.results_dir)
     if not cells:
-        print(f"dycoke_eval.judge: no results.json below {args.results_dir}", file=sys.stderr)
+        print(f"dycoke_eval.judge: no readable results.json below {args.results_dir}", file=sys.stderr)
         return 2
     judge = Judge(settings)
     for cell in cells:
         summary = judge_cell(cell, judge)
         if summary:
-            print(f"{cell}:\n{format_judge_summary(summary)}")
+            print(f"{cell.path}:\n{format_judge_summary(summary)}")
     return 0
 
 

@@ -8,22 +8,21 @@ the predictions, so a later judge (or judge model) replaces the earlier verdicts
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
 from dycoke_eval.judge.client import Judge, JudgeRequest, JudgeResult
 from dycoke_eval.judging import NOT_JUDGED
+from dycoke_eval.store import Cell, read_cell
 
 MAX_LISTED_FAILURES = 20
 
 
-def pending_requests(samples_path: Path) -> list[tuple[int, JudgeRequest]]:
-    """(doc_id, request) for every logged prediction of a GPT-judged task."""
+def pending_requests(samples: list[dict[str, Any]]) -> list[tuple[int, JudgeRequest]]:
+    """(doc_id, request) for every logged prediction of a GPT-judged task (lmms-eval's logged samples)."""
     pending = []
-    for line in samples_path.read_text().splitlines():
-        sample = json.loads(line)
+    for sample in samples:
         item = sample.get("gpt_eval_score")
         if isinstance(item, dict) and "judge_kind" in item:
             request = JudgeRequest(item["judge_kind"], str(item["question"]), str(item["answer"]), str(item["pred"]))
@@ -50,19 +49,18 @@ def _cost(judge: Judge, outcomes: list[JudgeResult]) -> dict[str, Any]:
             "from_cache": sum(o.cached for o in outcomes)}  # fmt: skip
 
 
-def judge_cell(cell_dir: Path, judge: Judge) -> dict[str, dict[str, Any]]:
-    """Judge every GPT-judged task of one cell folder and update its results.json; returns a summary per task."""
-    results_path = cell_dir / "results.json"
-    results = json.loads(results_path.read_text())
+def judge_cell(cell: Cell | Path, judge: Judge) -> dict[str, dict[str, Any]]:
+    """Judge every GPT-judged task of one cell (or cell folder) and update its results.json; returns a summary per task."""
+    cell = cell if isinstance(cell, Cell) else read_cell(cell)
+    results = cell.results
     summaries = {}
-    for samples_path in sorted(cell_dir.glob("samples_*.jsonl")):
-        task = samples_path.stem.removeprefix("samples_")
-        pending = pending_requests(samples_path)
+    for task in cell.sample_tasks():
+        pending = pending_requests(cell.samples(task))
         if not pending:
             continue
         outcomes = judge.judge_all([request for _, request in pending], description=f"Judging {task}")
         kind = pending[0][1].kind
-        _write_verdicts(cell_dir / f"judgements_{task}.jsonl", pending, outcomes)
+        cell.write_judgements(task, _verdict_rows(pending, outcomes))
         verdicts = [outcome.verdict for outcome in outcomes if outcome.status == "judged"]
         metrics = aggregate(kind, verdicts) if verdicts else {}
         failures = [
@@ -81,20 +79,16 @@ def judge_cell(cell_dir: Path, judge: Judge) -> dict[str, dict[str, Any]]:
         }
         results.setdefault("dycoke_eval", {}).setdefault(task, {})["judge"] = summaries[task]
     results.setdefault("dycoke_eval_judge", {}).update(judge.settings.describe())
-    tmp = results_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    tmp.replace(results_path)
+    cell.write_results(results)
     return summaries
 
 
-def _write_verdicts(path: Path, pending: list[tuple[int, JudgeRequest]], outcomes: list[JudgeResult]) -> None:
-    rows = [
+def _verdict_rows(pending: list[tuple[int, JudgeRequest]], outcomes: list[JudgeResult]) -> list[dict[str, Any]]:
+    """One line of judgements_<task>.jsonl per sample: the verdict, or why there is none."""
+    return [
         {"doc_id": doc_id, "status": o.status, "verdict": o.verdict, "error": o.error, "cached": o.cached, "usage": o.usage}
         for (doc_id, _), o in zip(pending, outcomes, strict=True)
     ]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
 
 
 def format_judge_summary(summaries: dict[str, dict[str, Any]]) -> str:
