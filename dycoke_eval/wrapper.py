@@ -304,8 +304,6 @@ class CompressedVideoLM(lmms):
         return [asdict(record) for record in self.sample_records]
 
 
-
-
 def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, Any]) -> CompressionMethod:
     """A method object (from our Hydra app) or a name plus `method.<key>=value` args (from lmms-eval's CLI)."""
     overrides = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith("method.")}

@@ -16,13 +16,16 @@ QA = {"activitynetqa_deferred": {"gpt_eval_accuracy,none": 50.0, "gpt_eval_score
       "nextqa_mc_test": {"exact_match,none": 0.78}, "videomme": {"videomme_perception_score,none": 58.0}}  # fmt: skip
 
 
-def write_cell(results_dir, name, overrides, metrics, **run_fields):
-    """A cell folder as written before run.json recorded its plan (format 1), unless `run_fields` add one."""
+def write_cell(results_dir, name, overrides, metrics, recorded_plan=True, **run_fields):
+    """A cell folder as the app writes it (format 2, its plan recorded); `recorded_plan=False` writes one from
+    before run.json recorded plans, whose config has no accounting dimensions either. `run_fields` add to run.json."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["tasks=table1", *overrides])
     cell = results_dir / "cells" / name
     cell.mkdir(parents=True)
     run = {"config": OmegaConf.to_container(cfg, resolve=True), "method": instantiate(cfg.method).describe(), "complete": True}
+    if recorded_plan:
+        run.update(format=2, plan=plan_row(cfg))
     (cell / "run.json").write_text(json.dumps({**run, **{key: value(cfg) for key, value in run_fields.items()}}))
     (cell / "results.json").write_text(json.dumps({"results": metrics}))
     return cell
@@ -126,10 +129,7 @@ def test_the_plan_recorded_at_run_time_is_used_without_the_methods_code(tmp_path
 
 
 def test_a_cell_without_a_plan_is_skipped_naming_the_cell_and_the_fix(tmp_path, capsys):
-    cell = write_cell(tmp_path, "old_fastv", ["model=llava_ov_7b", "method=fastv"], QA)
-    run = json.loads((cell / "run.json").read_text())
-    del run["config"]["model"]["accounting"]
-    (cell / "run.json").write_text(json.dumps(run))
+    write_cell(tmp_path, "old_fastv", ["model=llava_ov_7b", "method=fastv"], QA, recorded_plan=False)
     assert cell_rows(tmp_path).empty
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "old_fastv" in line]
     assert line.startswith("report: skipped cell old_fastv: no plan") and "force=true" in line

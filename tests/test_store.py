@@ -112,12 +112,19 @@ def test_a_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+LEGACY_GEOMETRY = {
+    "tiny": {"accounting": {"hidden": 64, "ffn": 128, "layers": 8}, "tokens_per_frame": 16},
+    "llava_ov_7b": {"accounting": {"hidden": 3584, "ffn": 18944, "layers": 28}, "tokens_per_frame": 196},
+}
+
+
 def legacy_cell(results_dir, name, cfg, method_stats_ratio=0.3):
     """A folder as written before run.json had `format` and `plan`, by hand."""
     cell = results_dir / "cells" / name
     cell.mkdir(parents=True)
     run = {"config": OmegaConf.to_container(cfg, resolve=True), "method": instantiate(cfg.method).describe(), "complete": True,
            "failed_samples": 0, "tasks": {}}  # fmt: skip
+    run["config"]["model"].update(LEGACY_GEOMETRY[cfg.model.name])  # the hand-typed dimensions configs held then
     (cell / "run.json").write_text(json.dumps(run))
     summary = {"samples": 2, "failed": 0, "visual_tokens_in_mean": 30, "visual_tokens_full_mean": 65,
                "method_stats_mean": {"retained_ratio": method_stats_ratio}}  # fmt: skip
