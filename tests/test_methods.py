@@ -1,7 +1,7 @@
 """Every method and stage, through the dispatcher and `generate` on the tiny model: one matrix over conf/method.
 
-A new method adds its config (picked up by `METHODS`) and, if it keeps tokens in video order before
-the LLM, one line in `SHORTENING_METHODS`.
+A new method adds its config (picked up by `METHODS`), a new stage one entry in `STAGES`, and, if it
+keeps tokens in video order before the LLM, one line in `SHORTENING_METHODS`.
 """
 
 import os
@@ -20,7 +20,10 @@ from dycoke_eval.compression.dispatcher import Compressor
 from dycoke_eval.compression.stages import CompressionMethod, VideoTokens
 from dycoke_eval.config import ConfigError, group_options, instantiate_method
 from dycoke_eval.methods.dycoke import DyCoke
+from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.methods.fastv import FastV, fastv_keep_count
+from dycoke_eval.methods.pooling import Pooling
+from dycoke_eval.methods.prumerge import PruMerge
 from dycoke_eval.methods.random_tokens import RandomTokens
 from dycoke_eval.methods.ttm import TokenTemporalMerging, ttm_keep_indices
 from dycoke_eval.offline.videos import synthetic_frames
@@ -114,6 +117,23 @@ def test_every_method_generates_counts_its_tokens_and_leaves_the_model_as_it_fou
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_computes_the_same_selection_fast_and_as_the_masked_reference(lm, video, own_hooks, name):
     assert_fast_path_matches_masked_reference(lm, video, instantiate_method(name))
+    assert_model_restored(lm, own_hooks)
+
+
+STAGES = [  # every stage on its own, as a method of one stage
+    TokenTemporalMerging(k=0.5),
+    DynamicKVPruning(l=1, threshold=1.1),
+    FastV(layer=2),
+    PruMerge(variant="plus"),
+    RandomTokens(ratio=0.3),
+    Pooling(ratio=0.25),
+]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
+def test_every_stage_alone_matches_its_masked_reference_and_leaves_the_model_as_it_found_it(lm, video, own_hooks, stage):
+    record = assert_fast_path_matches_masked_reference(lm, video, stage)
+    assert list(record.visual_tokens_by_stage) == [stage.name]
     assert_model_restored(lm, own_hooks)
 
 
