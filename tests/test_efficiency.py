@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_module
+from conftest import run_app
 
 from dycoke_eval.offline.architectures import build_random_llava_onevision
 from dycoke_eval.report import render_report
@@ -20,9 +20,7 @@ def measured(offline_dir, tmp_path_factory):
     results = tmp_path_factory.mktemp("measured")
     outputs = {}
     for method in ("full", "dycoke"):
-        proc = run_module(
-            "dycoke_eval", *MEASURED, f"method={method}", f"results_dir={results}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)}
-        )
+        proc = run_app(*MEASURED, f"method={method}", f"results_dir={results}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[method] = proc.stdout
     return results, outputs
