@@ -53,9 +53,7 @@ def prepare_environment(cfg: DictConfig) -> list[Path]:
 
 def resolve_tasks(names: list[str], task_dirs: list[Path]):
     """A TaskManager that knows our task YAMLs, after checking every requested name exists."""
-    from lmms_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=[str(path) for path in task_dirs])
+    manager = task_manager(task_dirs)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         known_sets = {opt: _task_set_names(opt) for opt in group_options("tasks")}
@@ -65,6 +63,33 @@ def resolve_tasks(names: list[str], task_dirs: list[Path]):
         lines += [f"any of lmms-eval's {len(manager.all_tasks)} tasks is valid too: `python -m lmms_eval tasks` lists them"]
         raise ConfigError("\n".join(lines))
     return manager
+
+
+_TASK_MANAGERS: dict[tuple, Any] = {}
+
+
+def task_manager(task_dirs: list[Path]):
+    """lmms-eval's TaskManager for `task_dirs`, built once per process for the same folders.
+
+    Building one indexes all of lmms-eval's ~2,000 task YAMLs (seconds of CPU), and every cell of a
+    sweep asks for the same one. The key holds the folders and their YAMLs' names and text, so a task
+    written or renamed in them later is still found. The index is all a reused manager carries over;
+    the tasks themselves are loaded afresh from their YAMLs by each evaluation.
+    """
+    import collections
+
+    from lmms_eval.tasks import TaskManager
+
+    include = [str(path) for path in task_dirs]
+    key = tuple((path, _yaml_texts(Path(path))) for path in include)
+    if (manager := _TASK_MANAGERS.get(key)) is None:
+        manager = _TASK_MANAGERS[key] = TaskManager(include_path=include)
+    manager.task_group_map = collections.defaultdict(list)  # per-load bookkeeping (duplicate subtasks), fresh as a new one's
+    return manager
+
+
+def _yaml_texts(folder: Path) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(path), path.read_text()) for path in folder.rglob("*.yaml") if path.is_file()))
 
 
 def _task_set_names(option: str) -> list[str]:
@@ -215,6 +240,35 @@ def main(cfg: DictConfig) -> None:
         if _in_multirun():
             raise  # the sweeper goes on with the other cells and reports this one at the end
         sys.exit(f"dycoke_eval: {error}")
+
+
+def run_in_process(overrides: list[str]) -> int:
+    """`python -m dycoke_eval *overrides`, run in this process; returns the exit status the command would give.
+
+    Hydra reads `overrides` from the command line exactly as it does for the command (a run or a sweep,
+    its error messages), and `main` handles failures as it does there: a message on stderr and status 1.
+    The process keeps what a run leaves behind: the environment it sets, the loaded checkpoint, the
+    encoder cache and the task index (the caller isolates runs where that matters, as the tests do).
+    """
+    argv = sys.argv
+    sys.argv = [str(Path(__file__).with_name("__main__.py")), *overrides]  # what `python -m dycoke_eval` sees
+    try:
+        main()
+    except SystemExit as exit_:
+        return _exit_status(exit_.code)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def _exit_status(code: Any) -> int:
+    """The status the interpreter exits with for `sys.exit(code)`, printing the message as it does."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def _in_multirun() -> bool:

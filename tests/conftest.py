@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from dycoke_eval.offline.fixtures import ensure_offline_world
 from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
@@ -40,3 +46,66 @@ def run_module(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO_R
     """Run `python -m <args>` in a fresh interpreter, as a user would from a shell (never with a real judge key)."""
     environment = {**os.environ, "OPENAI_API_KEY": "", **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=600)
+
+
+def run_app(*overrides: str, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """`python -m dycoke_eval *overrides` in this process, as `run_module("dycoke_eval", ...)` runs it in a fresh one.
+
+    The app's own in-process entry (`dycoke_eval.app.run_in_process`) parses the overrides as the command
+    line does and gives the command's exit status. Around it, what a fresh interpreter would not share
+    with the tests is set aside and put back: the environment (the run sets HF_HOME, HF_HUB_OFFLINE, ...),
+    the loaded checkpoint and its load count, the encoder cache, Hydra's global state, logging and the
+    random generators. What is kept is lmms-eval's task index (`app.task_manager`): that is the point.
+    """
+    import lmms_eval.models  # noqa: F401  it binds its log sink to sys.stdout when imported: the real one, not the capture
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from dycoke_eval import checkpoints
+    from dycoke_eval.app import run_in_process
+    from dycoke_eval.encoder_cache import ENCODER_CACHE, EncoderCache
+
+    saved_environ, saved_cwd = dict(os.environ), Path.cwd()
+    saved_checkpoint = (checkpoints._loaded, checkpoints.LOAD_COUNT)
+    saved_cache = dict(vars(ENCODER_CACHE))
+    saved_hydra_config = HydraConfig.instance().cfg
+    saved_logging = _logging_state()
+    saved_random = (random.getstate(), np.random.get_state())
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update({"OPENAI_API_KEY": "", **(env or {})})
+        os.chdir(cwd)
+        checkpoints._loaded, checkpoints.LOAD_COUNT = None, 0  # as in a fresh process
+        vars(ENCODER_CACHE).clear()
+        vars(ENCODER_CACHE).update(vars(EncoderCache()))
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), torch.random.fork_rng():
+            returncode = run_in_process(list(overrides))
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        checkpoints._loaded, checkpoints.LOAD_COUNT = saved_checkpoint
+        vars(ENCODER_CACHE).clear()
+        vars(ENCODER_CACHE).update(saved_cache)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = saved_hydra_config
+        _restore_logging(saved_logging)
+        random.setstate(saved_random[0])
+        np.random.set_state(saved_random[1])
+    return subprocess.CompletedProcess(["dycoke_eval", *overrides], returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def _logging_state() -> dict[logging.Logger, tuple]:
+    loggers = [logging.root, *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    return {logger: (logger.level, list(logger.handlers), logger.propagate, logger.disabled) for logger in loggers}
+
+
+def _restore_logging(state: dict[logging.Logger, tuple]) -> None:
+    """Put logging back as it was before Hydra configured it for a run, closing the handlers it added."""
+    for logger, (level, handlers, propagate, disabled) in state.items():
+        for handler in set(logger.handlers) - set(handlers):
+            handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled

@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, run_module
+from conftest import REPO_ROOT, run_app
 
 PAPER = REPO_ROOT / "dycoke_eval" / "paper"
 PLAN_COLUMNS = ["model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio"]
@@ -13,7 +13,7 @@ PLAN_COLUMNS = ["model", "method", "k", "l", "p", "frames", "retained_ratio", "t
 @pytest.fixture(scope="module")
 def table1_plan(tmp_path_factory):
     results = tmp_path_factory.mktemp("plan")
-    proc = run_module("dycoke_eval", "+sweep=table1", "dry_run=true", f"results_dir={results}")
+    proc = run_app("+sweep=table1", "dry_run=true", f"results_dir={results}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (results / "cells").exists()  # a dry run runs nothing
     plan = pd.read_csv(results / "table1" / "plan.csv")
@@ -45,7 +45,7 @@ def test_tflops_are_within_five_percent_of_the_paper_but_for_one_row_the_papers_
 
 
 def test_table6s_matched_flops_claim_holds_in_our_accounting(tmp_path):
-    proc = run_module("dycoke_eval", "+sweep=table6", "dry_run=true", f"results_dir={tmp_path}")
+    proc = run_app("+sweep=table6", "dry_run=true", f"results_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = pd.read_csv(tmp_path / "table6" / "plan.csv").merge(pd.read_csv(PAPER / "table6.csv"), on=["method", "frames"])
     assert all(math.isclose(ours, paper, rel_tol=0.05) for ours, paper in zip(plan.tflops_x, plan.tflops_y, strict=True))

@@ -1,10 +1,15 @@
-"""End to end: the Hydra app and lmms-eval's own CLI on the offline world, and bad names at start."""
+"""End to end: the Hydra app and lmms-eval's own CLI on the offline world, and bad names at start.
+
+The app runs in this process (`run_app`: the command line's path, with the process state a fresh
+interpreter would not share set aside); lmms-eval's CLI runs as a command. The offline default as a
+command from a shell, from an installed wheel, is tests/test_install.py.
+"""
 
 import json
 import shutil
 
 import pytest
-from conftest import run_module
+from conftest import run_app, run_module
 
 from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES, FIXTURE_TASKS, OfflineWorld
 
@@ -30,7 +35,7 @@ def damaged_run(offline_dir, tmp_path_factory):
     world.video_path(ANET, ANET.docs[0]).unlink()
     world.video_path(SHUFFLE, SHUFFLE.docs[1]).write_bytes(b"\x00" * 64)
     results = root / "results"
-    proc = run_module("dycoke_eval", f"results_dir={results}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
+    proc = run_app(f"results_dir={results}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (cell,) = (results / "cells").iterdir()
     return cell, proc
@@ -70,7 +75,7 @@ def test_a_rerun_after_a_transient_failure_retries_exactly_the_failed_samples(da
     for task, doc in ((ANET, ANET.docs[0]), (SHUFFLE, SHUFFLE.docs[1])):  # the videos are back
         shutil.copyfile(original.video_path(task, doc), world.video_path(task, doc))
     before = {json.loads(line)["key"] for line in (cell / "journal.jsonl").read_text().splitlines()}
-    proc = run_module("dycoke_eval", f"results_dir={root / 'results'}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
+    proc = run_app(f"results_dir={root / 'results'}", "frames=8", env={"DYCOKE_OFFLINE_DIR": str(root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"2 samples generated, {len(before)} resumed from its journal" in proc.stdout
     run = json.loads((cell / "run.json").read_text())
@@ -82,8 +87,8 @@ def test_a_cell_where_every_sample_failed_exits_non_zero_with_the_reasons(offlin
     for doc in ANET.docs:
         world.video_path(ANET, doc).unlink()
     results = tmp_path / "results"
-    proc = run_module(
-        "dycoke_eval", "tasks.names=[fixture_activitynetqa]", f"results_dir={results}", "frames=4",
+    proc = run_app(
+        "tasks.names=[fixture_activitynetqa]", f"results_dir={results}", "frames=4",
         env={"DYCOKE_OFFLINE_DIR": str(tmp_path / "offline")},
     )  # fmt: skip
     assert proc.returncode != 0
@@ -111,7 +116,8 @@ def test_the_cell_folder_records_how_it_was_made(damaged_run):
 def test_lmms_eval_cli_runs_the_wrapper_by_its_registered_name(tiny_checkpoint, world, tmp_path):
     proc = run_module(
         "lmms_eval", "eval", "--model", "llava_onevision_compressed",
-        "--model_args", f"pretrained={tiny_checkpoint},frames=4,method=full",
+        # max_new_tokens: the tiny model's generation_cap, which the CLI does not read from conf/model/tiny.yaml
+        "--model_args", f"pretrained={tiny_checkpoint},frames=4,method=full,max_new_tokens=16",
         "--tasks", "fixture_nextqa_mc_test", "--include_path", str(world.task_dir),
         "--limit", "2", "--output_path", str(tmp_path),
     )  # fmt: skip
@@ -130,15 +136,13 @@ def test_lmms_eval_cli_runs_the_wrapper_by_its_registered_name(tiny_checkpoint, 
     ],
 )
 def test_an_unknown_config_name_fails_at_start_listing_the_valid_ones(offline_dir, override, expected):
-    proc = run_module("dycoke_eval", override, env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    proc = run_app(override, env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     assert proc.returncode != 0
     assert all(name in proc.stderr for name in expected), proc.stderr
 
 
 def test_an_unknown_task_fails_before_loading_the_model_listing_valid_names(offline_dir, tmp_path):
-    proc = run_module(
-        "dycoke_eval", "tasks.names=[videomem]", f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)}
-    )
+    proc = run_app("tasks.names=[videomem]", f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     assert proc.returncode != 0
     assert "unknown task 'videomme'" not in proc.stderr and "unknown task 'videomem'" in proc.stderr
     assert "did you mean videomme" in proc.stderr and "fixture_videomme" in proc.stderr
@@ -147,8 +151,8 @@ def test_an_unknown_task_fails_before_loading_the_model_listing_valid_names(offl
 
 
 def test_dycoke_runs_the_offline_default_and_reports_its_token_figures(offline_dir, tmp_path):
-    proc = run_module(
-        "dycoke_eval", "method=dycoke", "method.k=0.7", "limit=1", "frames=8", f"results_dir={tmp_path}",
+    proc = run_app(
+        "method=dycoke", "method.k=0.7", "limit=1", "frames=8", f"results_dir={tmp_path}",
         env={"DYCOKE_OFFLINE_DIR": str(offline_dir)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -159,3 +163,16 @@ def test_dycoke_runs_the_offline_default_and_reports_its_token_figures(offline_d
     for task in summary.values():
         assert task["visual_tokens_in_mean"] < task["visual_tokens_full_mean"] == 8 * 16 + 1
         assert 0 < task["method_stats_mean"]["retained_ratio"] < 1
+
+
+def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(world, tmp_path):
+    from dycoke_eval.app import resolve_tasks, task_manager
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(world.task_dir, tasks)
+    first = task_manager([tasks])
+    assert resolve_tasks(["fixture_nextqa_mc_test"], [tasks]) is first  # every cell of a sweep asks for it again
+    nextqa = (tasks / "fixture_nextqa_mc_test.yaml").read_text()
+    (tasks / "fixture_copy.yaml").write_text(nextqa.replace("task: fixture_nextqa_mc_test", "task: fixture_copy"))
+    again = resolve_tasks(["fixture_copy"], [tasks])  # a task written into the folder later is found
+    assert again is not first and "fixture_copy" in again.all_tasks and "fixture_copy" not in first.all_tasks

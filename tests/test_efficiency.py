@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_module
+from conftest import run_app
 
 from dycoke_eval.offline.architectures import build_random_model
 from dycoke_eval.report import render_report
@@ -19,17 +19,11 @@ MEASURED = ["tasks.names=[fixture_mvbench_action_antonym,fixture_mvbench_object_
 def measured(offline_dir, tmp_path_factory):
     """Full tokens and DyCoke measured as one multirun (one process); each cell's own efficiency line, by method."""
     results = tmp_path_factory.mktemp("measured")
-    proc = run_module(
-        "dycoke_eval",
-        "-m",
-        *MEASURED,
-        "method=full,dycoke",
-        f"results_dir={results}",
-        env={"DYCOKE_OFFLINE_DIR": str(offline_dir)},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    outputs = {method: "\n".join(line for line in proc.stdout.splitlines() if line.startswith(f"cell tiny__{method}__"))
-               for method in ("full", "dycoke")}  # fmt: skip
+    outputs = {}
+    for method in ("full", "dycoke"):
+        proc = run_app(*MEASURED, f"method={method}", f"results_dir={results}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[method] = proc.stdout
     return results, outputs
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_module
+from conftest import REPO_ROOT, run_app, run_module
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -90,7 +90,13 @@ SMOKE = ["+sweep=smoke", "method=full,dycoke", "frames=4", "limit=2"]
 SAMPLES_PER_CELL = 8 * 2  # eight fixture tasks, two documents each
 
 
+def sweep(results_dir: Path, offline_dir: Path) -> subprocess.CompletedProcess:
+    """The smoke sweep run to its end, in this process."""
+    return run_app(*SMOKE, f"results_dir={results_dir}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+
+
 def sweep_process(results_dir: Path, offline_dir: Path) -> subprocess.Popen:
+    """The smoke sweep as a command, in a process of its own (a test kills it)."""
     env = {**os.environ, "OPENAI_API_KEY": "", "DYCOKE_OFFLINE_DIR": str(offline_dir)}
     return subprocess.Popen(
         [sys.executable, "-m", "dycoke_eval", *SMOKE, f"results_dir={results_dir}"],
@@ -107,10 +113,9 @@ def status_lines(output: str) -> list[str]:
 
 
 def test_a_killed_sweep_resumes_where_it_stopped_and_matches_an_uninterrupted_run(offline_dir, tmp_path):
-    whole = sweep_process(tmp_path / "whole", offline_dir)
-    whole_output = whole.communicate(timeout=600)[0]
-    assert whole.returncode == 0, whole_output[-3000:]
-    lines = status_lines(whole_output)
+    whole = sweep(tmp_path / "whole", offline_dir)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    lines = status_lines(whole.stdout)
     assert len(lines) == 2 and all(line.endswith("checkpoint loads in this process: 1") for line in lines)
     assert "0 encoder-cache hits" not in lines[1]  # the second method reuses the first one's encoded videos
     for table in (1, 2):  # the sweep ends by rendering the paper tables it has data for
@@ -127,10 +132,9 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_matches_an_uninterrupted_ru
     os.killpg(interrupted.pid, signal.SIGKILL)
     interrupted.wait()
 
-    resumed = sweep_process(tmp_path / "resumed", offline_dir)
-    resumed_output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, resumed_output[-3000:]
-    lines = status_lines(resumed_output)
+    resumed = sweep(tmp_path / "resumed", offline_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    lines = status_lines(resumed.stdout)
     skipped = [line for line in lines if "complete, skipped" in line]
     (rerun,) = [re.search(r"(\d+) samples generated, (\d+) resumed", line).groups() for line in lines if line not in skipped]
     generated, resumed = map(int, rerun)
@@ -142,7 +146,7 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_matches_an_uninterrupted_ru
 def test_two_processes_under_accelerate_give_the_metrics_of_one(offline_dir, tmp_path):
     cell = ["tasks.names=[fixture_videomme,fixture_nextqa_mc_test,fixture_mvbench_action_antonym]", "frames=4"]
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
-    one = run_module("dycoke_eval", *cell, f"results_dir={tmp_path / 'one'}", env=env)
+    one = run_app(*cell, f"results_dir={tmp_path / 'one'}", env=env)
     two = run_module(
         "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "-m", "dycoke_eval", *cell, f"results_dir={tmp_path / 'two'}", env=env,
