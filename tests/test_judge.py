@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lmms_eval.tasks
 import pytest
-from conftest import run_module
+from conftest import run_app
 
 from dycoke_eval.judge.__main__ import main as judge_main
 from dycoke_eval.judge.cells import aggregate, judge_cell
@@ -138,9 +138,7 @@ JUDGED_TASKS = "tasks.names=[fixture_activitynetqa,fixture_video_dc499]"
 def test_the_offline_default_reports_judged_metrics_from_a_local_judge_and_never_writes_the_key(offline_dir, server, tmp_path):
     url, _ = server
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir), "OPENAI_API_KEY": SECRET, "HOME": str(tmp_path)}
-    proc = run_module(
-        "dycoke_eval", JUDGED_TASKS, "frames=4", f"results_dir={tmp_path / 'results'}", f"judge.base_url={url}", env=env
-    )
+    proc = run_app(JUDGED_TASKS, "frames=4", f"results_dir={tmp_path / 'results'}", f"judge.base_url={url}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = (tmp_path / "results").rglob("results.json")
     results = json.loads(results_file.read_text())
@@ -158,7 +156,7 @@ def test_saved_results_are_judged_later_without_a_model(offline_dir, server, tmp
     url, state = server
     results_dir = tmp_path / "results"
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir), "OPENAI_API_KEY": "", "HOME": str(tmp_path)}
-    generated = run_module("dycoke_eval", JUDGED_TASKS, "frames=4", "limit=2", f"results_dir={results_dir}", env=env)
+    generated = run_app(JUDGED_TASKS, "frames=4", "limit=2", f"results_dir={results_dir}", env=env)
     assert generated.returncode == 0 and "judge later with: python -m dycoke_eval.judge" in generated.stdout
     (results_file,) = results_dir.rglob("results.json")
     assert json.loads(results_file.read_text())["results"]["fixture_video_dc499"]["gpt_eval_score,none"] == "not judged"

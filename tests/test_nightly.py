@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, run_module
+from conftest import REPO_ROOT, run_app
 
 from dycoke_eval.nightly import main as nightly
 
@@ -18,9 +18,9 @@ FULL, DYCOKE = (
 
 
 def run_cells(results_dir, offline_dir):
-    """Full tokens and DyCoke (its default k=0.7), as one multirun: one process, one checkpoint load."""
+    """Full tokens and DyCoke (its default k=0.7), as one multirun in this process: one checkpoint load."""
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
-    proc = run_module("dycoke_eval", "-m", *CELL, "method=full,dycoke", f"results_dir={results_dir}", env=env)
+    proc = run_app("-m", *CELL, "method=full,dycoke", f"results_dir={results_dir}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return results_dir
 
