@@ -412,6 +412,7 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             "visual_tokens_in_mean": mean(r["visual_tokens_in"] for r in ok) if ok else None,
             "visual_tokens_full_mean": mean(r["visual_tokens_full"] for r in ok) if ok else None,
             "retained_ratio_mean": mean(ratios) if ratios else None,
+            "visual_tokens_by_stage_mean": _numeric_means([r.get("visual_tokens_by_stage", {}) for r in ok]),
             "seconds_mean": {stage: mean(r["seconds"][stage] for r in ok if stage in r["seconds"]) for stage in stages},
             "method_stats_mean": _numeric_means([r["method_stats"] for r in ok]),
             "resumed_from_journal": sum(r.get("from_journal", False) for r in rows),

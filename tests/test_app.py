@@ -164,6 +164,7 @@ def test_dycoke_runs_the_offline_default_and_reports_its_token_figures(offline_d
         assert task["visual_tokens_in_mean"] < task["visual_tokens_full_mean"] == 8 * 16 + 1
         assert 0 < task["retained_ratio_mean"] < 1
         assert task["method_stats_mean"]["ttm_tokens_out"] + 1 == task["visual_tokens_in_mean"]
+        assert task["visual_tokens_by_stage_mean"]["ttm"] == task["method_stats_mean"]["ttm_tokens_out"]
 
 
 def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(world, tmp_path):
