@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 DECODED_TOKENS = 100  # R in eq. 8
 PLAN_COLUMNS = ("model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio")
 
@@ -83,8 +81,10 @@ def plan_row(cfg) -> dict[str, object]:
     }
 
 
-def write_plan(configs: list, path: Path) -> pd.DataFrame:
-    """Print the plan of these cells as a table and write it to `path` (CSV); returns it."""
+def write_plan(configs: list, path: Path):
+    """Print the plan of these cells as a table and write it to `path` (CSV); returns it (a DataFrame)."""
+    import pandas as pd
+
     plan = pd.DataFrame([plan_row(cfg) for cfg in configs])
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.to_csv(path, index=False)

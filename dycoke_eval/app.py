@@ -51,17 +51,163 @@ def prepare_environment(cfg: DictConfig) -> list[Path]:
     return task_dirs
 
 
+def check_cell(cfg: DictConfig):
+    """Check a cell's settings before anything slow (task index, model load), in about a second; returns its method.
+
+    Frames, prompt form and task names (against the task YAMLs) are checked first, then the method's
+    settings, then the method against the model's HF config (its known `architecture`, no download).
+    """
+    from dycoke_eval.prompts import PROMPT_FORMS
+
+    if isinstance(cfg.frames, bool) or not isinstance(cfg.frames, int) or cfg.frames < 1:
+        raise ConfigError(f"frames={cfg.frames!r}: sample an integer number of frames >= 1 per video (the papers use 16 or 32)")
+    if cfg.prompt not in PROMPT_FORMS:
+        raise ConfigError(f"prompt={cfg.prompt!r}; use one of {', '.join(PROMPT_FORMS)}")
+    check_task_names(list(cfg.tasks.names), Path(cfg.offline_dir))
+
+    from dycoke_eval.compression.stages import ModelInfo, routes_attention
+    from dycoke_eval.config import check_routable
+    from dycoke_eval.models import adapter_class, checkpoint_config
+
+    method = build_method(cfg.method)
+    if routes_attention(method):
+        check_routable(cfg.model.attn_implementation, method.name)
+    if cfg.model.get("architecture"):  # known without a download; other checkpoints are checked when they load
+        config = checkpoint_config(cfg.model.architecture, cfg.model.pretrained)
+        adapter = adapter_class(config, cfg.model.pretrained)
+        method.validate_for(ModelInfo(adapter.dimensions(config).layers, adapter.available_signals(config)))
+    return method
+
+
+def build_method(method_cfg):
+    """`instantiate(method_cfg)`, with a bad setting reported as the ConfigError the method raised (not Hydra's wrapper)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(method_cfg)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
+
+
+def check_task_names(names: list[str], offline_dir: Path) -> None:
+    """Refuse unknown task names at once: a quick scan of the task YAMLs, then lmms-eval's full index, kept on disk."""
+    from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES
+    from dycoke_eval.task_configs import DEFERRED_TASKS
+
+    ours = {*FIXTURE_TASK_NAMES, *DEFERRED_TASKS}
+    if all(name in ours for name in names) or not (set(names) - ours - declared_task_names()):
+        return
+    known = ours | indexed_task_names(offline_dir)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(_unknown_tasks_message(unknown, sorted(known)))
+
+
+def declared_task_names() -> set[str]:
+    """Names declared by a `task:`, `group:` or `tag:` line of lmms-eval's task YAMLs (a fraction of a second).
+
+    Some tasks are generated from templates and appear only in lmms-eval's full index.
+    """
+    from dycoke_eval.config import lmms_eval_tasks_dir
+
+    names = set()
+    for path in lmms_eval_tasks_dir().rglob("*.yaml"):
+        for line in path.read_text(errors="ignore").splitlines():
+            key, _, value = line.partition(":")
+            if key in ("task", "group", "tag") and value.strip() and not value.strip().startswith(("!", "[")):
+                names.add(value.strip().strip("'\""))
+    return names
+
+
+def indexed_task_names(offline_dir: Path) -> set[str]:
+    """Every name lmms-eval's TaskManager knows, built once per lmms-eval version and kept in `offline_dir`."""
+    import json
+    from importlib import metadata
+
+    from dycoke_eval.store import write_json_atomic
+
+    path = offline_dir / f"lmms-eval-{metadata.version('lmms-eval')}-task-names.json"
+    if path.exists():
+        return set(json.loads(path.read_text()))
+    names = sorted(task_manager([]).all_tasks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, names)
+    return set(names)
+
+
+def _unknown_tasks_message(unknown: list[str], known: list[str]) -> str:
+    known_sets = {opt: _task_set_names(opt) for opt in group_options("tasks")}
+    hints = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}
+    lines = [f"unknown task {name!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for name, h in hints.items()]
+    lines += ["task sets (tasks=<set>): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in known_sets.items())]
+    lines += [f"any of lmms-eval's {len(known)} tasks is valid too: `python -m lmms_eval tasks` lists them"]
+    return "\n".join(lines)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Unless `verbose=true`, keep the libraries' chatter out of a run's output: our progress bars and summaries stay.
+
+    lmms-eval's task-index DEBUG lines (loguru), dataset and weight-loading progress bars, its postprocessing
+    bars and INFO lines of other libraries (`__main__` disables other libraries' tqdm bars before tqdm loads;
+    ours pass `disable` explicitly). nltk's download errors (NExT-QA's utils try to fetch data on
+    every load) are dropped from stderr while tasks load (`filtered_stderr`).
+    """
+    if verbose:
+        return
+    import logging
+
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
+
+
+NOISE_PREFIXES = ("[nltk_data]", "Postprocessing:")  # stderr lines a quiet run drops (nltk's errors, lmms-eval's bars)
+
+
+class filtered_stderr:  # noqa: N801 - used as a context manager, like contextlib's
+    """Within the block, stderr lines starting with one of NOISE_PREFIXES are dropped (unless verbose)."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+
+    def __enter__(self):
+        self.dropping = False  # print() writes a line's text and its newline separately
+        if not self.verbose:
+            self.stream, sys.stderr = sys.stderr, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.verbose:
+            sys.stderr = self.stream
+
+    def write(self, text: str) -> int:
+        kept = []
+        for line in text.splitlines(keepends=True):
+            if line.lstrip("\r").startswith(NOISE_PREFIXES) or (self.dropping and line == "\n"):
+                self.dropping = not line.endswith("\n")
+                continue
+            self.dropping = False
+            kept.append(line)
+        if kept:
+            self.stream.write("".join(kept))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def resolve_tasks(names: list[str], task_dirs: list[Path]):
     """A TaskManager that knows our task YAMLs, after checking every requested name exists."""
     manager = task_manager(task_dirs)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
-        known_sets = {opt: _task_set_names(opt) for opt in group_options("tasks")}
-        hints = {name: difflib.get_close_matches(name, manager.all_tasks, n=3) for name in unknown}
-        lines = [f"unknown task {name!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for name, h in hints.items()]
-        lines += ["task sets (tasks=<set>): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in known_sets.items())]
-        lines += [f"any of lmms-eval's {len(manager.all_tasks)} tasks is valid too: `python -m lmms_eval tasks` lists them"]
-        raise ConfigError("\n".join(lines))
+        raise ConfigError(_unknown_tasks_message(unknown, sorted(manager.all_tasks)))
     return manager
 
 
@@ -100,6 +246,8 @@ def _task_set_names(option: str) -> list[str]:
 
 def run_cell(cfg: DictConfig) -> Path:
     """Evaluate one cell and write its folder; returns the folder."""
+    method = check_cell(cfg)  # before anything slow
+
     from hydra.utils import instantiate
 
     from dycoke_eval import checkpoints
@@ -118,7 +266,6 @@ def run_cell(cfg: DictConfig) -> Path:
         (cell_dir / "journal.jsonl").unlink(missing_ok=True)
     task_dirs = prepare_environment(cfg)
     task_manager = resolve_tasks(list(cfg.tasks.names), task_dirs)
-    method = instantiate(cfg.method)
 
     from lmms_eval.evaluator import simple_evaluate
 
@@ -138,6 +285,8 @@ def run_cell(cfg: DictConfig) -> Path:
         max_new_tokens=generation_cap(cfg),
         journal=str(cell_dir / "journal.jsonl"),
     )
+    if cfg.model.build_tiny:
+        print(f"model: {cfg.model.name}, tiny and RANDOMLY initialised: its accuracies are meaningless (it exercises the path)")
     if cfg.model.get("random_weights"):
         print(f"model: {cfg.model.name} with RANDOM weights at real dimensions: latency and memory only, accuracy is meaningless")
     if cfg.measure:
@@ -146,17 +295,18 @@ def run_cell(cfg: DictConfig) -> Path:
     else:
         ENCODER_CACHE.capacity_bytes = int(cfg.encoder_cache_mb * 2**20)
     cache_before = (ENCODER_CACHE.hits, ENCODER_CACHE.seconds_saved)
-    output = simple_evaluate(
-        model=lm,
-        tasks=list(cfg.tasks.names),
-        limit=cfg.limit,
-        task_manager=task_manager,
-        log_samples=True,
-        random_seed=cfg.seed,
-        numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed,
-        bootstrap_iters=0,
-    )
+    with filtered_stderr(cfg.verbose):
+        output = simple_evaluate(
+            model=lm,
+            tasks=list(cfg.tasks.names),
+            limit=cfg.limit,
+            task_manager=task_manager,
+            log_samples=True,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            bootstrap_iters=0,
+        )
     records = _gather_records(lm)
     if lm.rank != 0:
         return Path()
@@ -228,6 +378,7 @@ def _gather_records(lm) -> list[dict[str, Any]]:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        quiet_libraries(cfg.verbose)
         if cfg.dry_run:  # a single cell's plan; sweeps plan all their cells in the grids sweeper
             from dycoke_eval.accounting import write_plan
 

@@ -23,6 +23,19 @@ class ConfigError(ValueError):
     """A bad setting, reported at start with the bad value and the fix (no traceback)."""
 
 
+ROUTABLE_KERNELS = ("sdpa", "eager")  # kernels a routed method computes with (flash-attention takes no arbitrary mask)
+
+
+def check_routable(attn_implementation: str, method: str) -> None:
+    """Refuse, before any model is loaded, a kernel that a method routing attention cannot compute with."""
+    if attn_implementation not in ROUTABLE_KERNELS:
+        raise ConfigError(
+            f"attn_implementation={attn_implementation!r}: method {method!r} computes attention through its own "
+            f"function, which supports {' and '.join(ROUTABLE_KERNELS)}; set model.attn_implementation=sdpa "
+            "(on a GPU, SDPA dispatches to a flash kernel itself)"
+        )
+
+
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. `group_options("method")`."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -27,12 +27,11 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
-from dycoke_eval.compression.dispatcher import Compressor, routes_attention
-from dycoke_eval.compression.stages import CompressionMethod, ModelInfo
-from dycoke_eval.config import ConfigError
+from dycoke_eval.compression.dispatcher import Compressor
+from dycoke_eval.compression.stages import CompressionMethod, ModelInfo, routes_attention
+from dycoke_eval.config import ConfigError, check_routable
 from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCache
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
-from dycoke_eval.plumbing.attention import check_routable
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
 from dycoke_eval.store import SampleJournal, SampleRecord
 from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory

@@ -178,3 +178,41 @@ def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(worl
     (tasks / "fixture_copy.yaml").write_text(nextqa.replace("task: fixture_nextqa_mc_test", "task: fixture_copy"))
     again = resolve_tasks(["fixture_copy"], [tasks])  # a task written into the folder later is found
     assert again is not first and "fixture_copy" in again.all_tasks and "fixture_copy" not in first.all_tasks
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=dycoke", "method.k=1.5"], "k=1.5: DyCoke's pruning rates must be in [0, 1)"),
+        (["frames=0"], "frames=0: sample an integer number of frames >= 1"),
+        (["method=dycoke", "method.l=99"], "l=99: the language model has 8 layers (0..7); choose l < 8"),
+        (["method=fastv", "method.layer=99"], "layer=99: the language model has 8 layers; choose 1 <= layer < 8"),
+        (["prompt=chat"], "prompt='chat'; use one of paper, checkpoint"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_environment_tasks_or_model_are_touched(offline_dir, monkeypatch, overrides, message):
+    """`scripts/bench_config_errors.py` times these from a shell (under 5 s each)."""
+    import dycoke_eval.app as app
+
+    def slow_path(cfg):
+        raise AssertionError("the run went past its checks into the slow part")
+
+    monkeypatch.setattr(app, "prepare_environment", slow_path)
+    proc = run_app(*overrides, env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr and "slow part" not in proc.stderr
+
+
+def test_an_unknown_task_is_refused_from_the_task_yamls_and_a_kept_index_without_rebuilding_it(offline_dir, monkeypatch):
+    import dycoke_eval.app as app
+
+    app.indexed_task_names(offline_dir)  # built once per lmms-eval version and kept in the offline dir
+
+    def rebuilt(task_dirs):
+        raise AssertionError("the task index was rebuilt")
+
+    monkeypatch.setattr(app, "task_manager", rebuilt)
+    proc = run_app("tasks.names=[videomem]", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    assert proc.returncode != 0 and "unknown task 'videomem' (did you mean videomme" in proc.stderr
+    assert "rebuilt" not in proc.stderr
+    assert app.declared_task_names() >= {"videomme", "mvbench", "activitynetqa", "nextqa_mc_test"}  # quick scan: no index

@@ -40,14 +40,6 @@ from dycoke_eval.plumbing.attention import attention_kernel, kernel_name, masked
 from dycoke_eval.plumbing.cache import PrunableLayer
 from dycoke_eval.plumbing.hooks import prefill_position_pruning
 
-ENCODER_ROUTED_SIGNALS = frozenset({"keys", "attention_received"})  # captured through the tower's attention function
-
-
-def routes_attention(method: CompressionMethod) -> bool:
-    """Whether the method computes attention through our own function (so the kernel must be sdpa or eager)."""
-    stages = method.stages()
-    return any(isinstance(s, (PrefillStage, DecodeStage)) for s in stages) or bool(method.signals() & ENCODER_ROUTED_SIGNALS)
-
 
 @dataclass
 class SelectedTokens:

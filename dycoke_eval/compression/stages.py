@@ -232,3 +232,12 @@ class DecodeStage(Stage):
 
     def new_selector(self) -> Selector:
         raise NotImplementedError
+
+
+ENCODER_ROUTED_SIGNALS = frozenset({"keys", "attention_received"})  # captured through the tower's attention function
+
+
+def routes_attention(method: CompressionMethod) -> bool:
+    """Whether the method computes attention through our own function (so the kernel must be sdpa or eager)."""
+    stages = method.stages()
+    return any(isinstance(s, (PrefillStage, DecodeStage)) for s in stages) or bool(method.signals() & ENCODER_ROUTED_SIGNALS)

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch._dynamo.exc import BackendCompilerFailed
 
 from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
 from dycoke_eval.config import ConfigError
@@ -186,9 +185,13 @@ class TokenTemporalMerging(PreLLMStage):
         return tokens.keep(kept, ttm_tokens_in=grid.shape[0] * grid.shape[1], ttm_tokens_out=int(kept.numel()), ttm_notes=notes)
 
     def _keep_indices(self, grid: torch.Tensor) -> torch.Tensor:
+        if not self.compile_ttm:
+            return ttm_keep_indices(grid, self.k, self.mode)
+        from torch._dynamo.exc import BackendCompilerFailed  # here: importing dynamo costs a second
+
         try:
-            return ttm_keep_indices(grid, self.k, self.mode, compiled=self.compile_ttm)
-        except BackendCompilerFailed as error:  # raised only with compile_ttm: a missing C++ compiler, say
+            return ttm_keep_indices(grid, self.k, self.mode, compiled=True)
+        except BackendCompilerFailed as error:  # a missing C++ compiler, say
             reason = str(error).strip().splitlines()[0]
             raise ConfigError(f"compile_ttm=true: torch.compile failed ({reason}); set method.compile_ttm=false") from None
 

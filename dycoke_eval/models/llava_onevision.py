@@ -36,8 +36,6 @@ import torch
 
 from dycoke_eval.accounting import LanguageModelDims
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
-from dycoke_eval.plumbing.attention import attention_kernel, routed_attention
-from dycoke_eval.plumbing.hooks import captured_output
 from dycoke_eval.prompts import render_prompt
 
 
@@ -112,6 +110,9 @@ class LlavaOneVisionAdapter(ModelAdapter):
     def _capturing(self, signals: frozenset[str], into: dict[str, torch.Tensor]):
         """Route the tower's attention to record the feature layer's keys and scores while it encodes."""
         from contextlib import ExitStack
+
+        from dycoke_eval.plumbing.attention import attention_kernel, routed_attention  # imported here: plans need no kernels
+        from dycoke_eval.plumbing.hooks import captured_output
 
         unknown = set(signals) - self.available_signals(self.config)
         if unknown:

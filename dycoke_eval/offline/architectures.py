@@ -39,7 +39,8 @@ ARCHITECTURES = ("tiny", *QWEN2)
 
 def architecture_config(name: str, tokenizer=None):
     """The LlavaOnevisionConfig of a known architecture (`tiny`, `0.5b`, `7b`, `72b`)."""
-    from transformers import Qwen2Config, SiglipVisionConfig
+    from transformers.models.qwen2.configuration_qwen2 import Qwen2Config  # direct imports: plans load no model code
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
 
     from dycoke_eval.config import ConfigError
     from dycoke_eval.offline.tiny_model import build_tokenizer, llava_onevision_config, tiny_config

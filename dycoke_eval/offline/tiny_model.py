@@ -94,7 +94,7 @@ def build_processor(tokenizer, image_size: int, patch_size: int, image_grid_pinp
 
 def llava_onevision_config(tokenizer, vision_config, text_config, **kwargs):
     """LLaVA-OneVision wiring as the llava-hf checkpoints have it: last-layer features, all patches, our token ids."""
-    from transformers import LlavaOnevisionConfig
+    from transformers.models.llava_onevision.configuration_llava_onevision import LlavaOnevisionConfig  # direct: quicker
 
     return LlavaOnevisionConfig(
         vision_config=vision_config,
@@ -109,7 +109,8 @@ def llava_onevision_config(tokenizer, vision_config, text_config, **kwargs):
 
 def tiny_config(tokenizer, vision_use_head: bool = False):
     """The tiny model's LlavaOnevisionConfig: SigLIP 56 px / patch 8, Qwen2 with 8 layers of width 64."""
-    from transformers import Qwen2Config, SiglipVisionConfig
+    from transformers.models.qwen2.configuration_qwen2 import Qwen2Config  # direct imports: plans load no model code
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
 
     return llava_onevision_config(
         tokenizer,

@@ -21,19 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from dycoke_eval.config import ConfigError
-
-ROUTABLE_KERNELS = ("sdpa", "eager")  # kernels a routed method computes with (flash-attention takes no arbitrary mask)
-
-
-def check_routable(attn_implementation: str, method: str) -> None:
-    """Refuse, before any model is loaded, a kernel that a method routing attention cannot compute with."""
-    if attn_implementation not in ROUTABLE_KERNELS:
-        raise ConfigError(
-            f"attn_implementation={attn_implementation!r}: method {method!r} computes attention through its own "
-            f"function, which supports {' and '.join(ROUTABLE_KERNELS)}; set model.attn_implementation=sdpa "
-            "(on a GPU, SDPA dispatches to a flash kernel itself)"
-        )
+from dycoke_eval.config import check_routable
 
 
 def kernel_name(module) -> str:
