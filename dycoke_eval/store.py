@@ -7,7 +7,7 @@ tools and the nightly read these names, so they never change):
   sample_records.jsonl    per sample: visual tokens, stage seconds, failures (`SampleRecord`)
   run.json                resolved config, method settings, plan, versions, git commit, hardware, runtime
   journal.jsonl           finished samples, appended as they finish, so a killed cell resumes (`SampleJournal`)
-  judgements_<task>.jsonl the judge's verdict per sample of a GPT-judged task
+  judgements_<task>.jsonl per sample of a GPT-judged task: the verdict held and the judge (endpoint, models) that gave it
 
 Every whole-file write goes through `write_json_atomic` / `write_jsonl_atomic`, so a reader never
 sees half a file. Reading tolerates folders written before `run.json` carried a `format`
@@ -284,6 +284,11 @@ class Cell:
         """Replace results.json (the judge's metrics and summaries); nothing else in the folder changes."""
         write_json_atomic(self.path / RESULTS_FILE, results)
         self.results = results
+
+    def judgements(self, task: str) -> list[dict[str, Any]]:
+        """The judge's rows for one task (`judgements_<task>.jsonl`); none before a judge has run."""
+        path = self.path / f"judgements_{task}.jsonl"
+        return _read_jsonl(path) if path.exists() else []
 
     def write_judgements(self, task: str, rows: list[dict[str, Any]]) -> None:
         write_jsonl_atomic(self.path / f"judgements_{task}.jsonl", rows)

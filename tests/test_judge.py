@@ -1,9 +1,13 @@
 """The judge against a real local chat-completions server on 127.0.0.1, faults included."""
 
+import hashlib
 import importlib.util
 import json
 import os
+import socket
+import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lmms_eval.tasks
@@ -119,6 +123,29 @@ def test_a_different_judge_model_is_not_served_another_models_cached_replies(ser
     assert state.requests == sent + 1
 
 
+def test_a_verdict_cached_from_one_endpoint_is_never_served_for_another(server, settings):
+    _, first_server = server
+    requests = [JudgeRequest("qa", "q", "a", "a")]
+    Judge(settings).judge_all(requests)
+    with running_judge_server(reported_model="another-judge") as (other_url, other_server):
+        (outcome,) = Judge(replace(settings, base_url=other_url)).judge_all(requests)  # same model, same request
+    assert other_server.requests == 1 and not outcome.cached and outcome.reported_model == "another-judge"
+    (again,) = Judge(settings).judge_all(requests)  # each endpoint keeps its own verdict, with the model it reported
+    assert again.cached and again.reported_model == "gpt-4o-mini" and first_server.requests == 1
+
+
+def test_a_cache_file_written_before_endpoints_were_keyed_is_not_served(server, settings):
+    _, state = server
+    request = JudgeRequest("qa", "q", "a", "a")
+    old_payload = {"model": settings.model, "messages": build_messages("qa", "q", "a", "a"), "temperature": 0.0, "max_tokens": 64}
+    old_key = hashlib.sha256(json.dumps(old_payload, sort_keys=True).encode()).hexdigest()  # the old schema's key
+    with sqlite3.connect(settings.cache_path) as old:
+        old.execute("CREATE TABLE replies (key TEXT PRIMARY KEY, reply TEXT, usage TEXT)")
+        old.execute("INSERT INTO replies VALUES (?, ?, ?)", (old_key, "{'pred': 'no', 'score': 0}", "{}"))
+    (outcome,) = Judge(settings).judge_all([request])
+    assert state.requests == 1 and not outcome.cached and outcome.verdict == {"pred": "yes", "score": 5}
+
+
 def test_metrics_match_lmms_eval_aggregations_over_the_same_verdicts(offline_dir, server):
     url, _ = server
     verdicts = [{"pred": "yes", "score": 5}, {"pred": "no", "score": 1}, {"pred": "yes", "score": 4}]
@@ -170,18 +197,82 @@ def test_saved_results_are_judged_later_without_a_model(offline_dir, server, tmp
     assert isinstance(metrics["gpt_eval_score,none"], (int, float)) and metrics["judged"] == 2
 
 
-def test_judge_failures_are_counted_per_task_and_excluded_from_the_metric(tmp_path, settings):
-    cell = tmp_path / "cell"
-    cell.mkdir()
+def make_cell(folder: Path, preds: list[str]) -> Path:
+    """A saved cell with one ActivityNet-QA-like task, `anet`, whose correct answer is always 'a cat'."""
+    folder.mkdir()
     item = {"question": "q", "answer": "a cat", "judge_kind": "qa", "judged": False}
-    preds = ["a cat", "a dog", "x [bad-score]"]
     samples = [{"doc_id": i, "gpt_eval_score": {**item, "pred": p}} for i, p in enumerate(preds)]
-    (cell / "samples_anet.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (cell / "results.json").write_text(json.dumps({"results": {"anet": {}}}))
+    (folder / "samples_anet.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (folder / "results.json").write_text(json.dumps({"results": {"anet": {}}}))
+    return folder
+
+
+def read_judgements(cell: Path) -> list[dict]:
+    return [json.loads(line) for line in (cell / "judgements_anet.jsonl").read_text().splitlines()]
+
+
+def read_results(cell: Path) -> dict:
+    return json.loads((cell / "results.json").read_text())
+
+
+def closed_port_url() -> str:
+    """The base URL of a port nothing listens on: every request is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_judge_failures_are_counted_per_task_and_excluded_from_the_metric(tmp_path, settings):
+    cell = make_cell(tmp_path / "cell", ["a cat", "a dog", "x [bad-score]"])
     summary = judge_cell(cell, Judge(settings))["anet"]
     assert (summary["judged"], summary["failed"]) == (2, 1) and summary["failures"][0]["doc_id"] == 2
     metrics = json.loads((cell / "results.json").read_text())["results"]["anet"]
     assert metrics["gpt_eval_accuracy,none"] == 50.0 and metrics["gpt_eval_score,none"] == 3
     assert (metrics["judged"], metrics["judge_failed"]) == (2, 1)
-    verdicts = [json.loads(line) for line in (cell / "judgements_anet.jsonl").read_text().splitlines()]
-    assert [v["status"] for v in verdicts] == ["judged", "judged", "failed"]
+    assert [v["status"] for v in read_judgements(cell)] == ["judged", "judged", "failed"]
+
+
+def test_the_judge_identity_is_recorded_with_each_verdict_and_the_key_nowhere(tmp_path, monkeypatch):
+    cell = make_cell(tmp_path / "cell", ["a cat", "a dog", "a cat"])
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with running_judge_server(reported_model="local-stub-judge") as (url, _):
+        with_credentials = url.replace("http://", f"http://judge:{SECRET}@")  # a key written into the URL is left out too
+        judge_cell(cell, Judge(JudgeSettings(base_url=with_credentials, cache_path=str(tmp_path / "c.sqlite"))))
+    identity = {"endpoint": url, "model": "gpt-4o-mini", "reported_model": "local-stub-judge"}
+    results = read_results(cell)
+    assert results["dycoke_eval_judge"]["endpoint"] == url and results["dycoke_eval_judge"]["model"] == "gpt-4o-mini"
+    judges = [{**identity, "verdicts": 3}]
+    assert results["dycoke_eval_judge"]["judges"] == results["dycoke_eval"]["anet"]["judge"]["judges"] == judges
+    assert [row["judge"] for row in read_judgements(cell)] == [identity] * 3
+    for path in cell.rglob("*"):
+        assert SECRET not in path.read_text(), path
+
+
+def test_a_failed_re_judge_keeps_the_earlier_verdicts_and_metrics_and_exits_non_zero(server, tmp_path, monkeypatch, capsys):
+    url, _ = server
+    cell = make_cell(tmp_path / "cell", ["a cat", "a dog", "x [flaky-reply]"])  # flaky: judged only when asked again
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert judge_main([str(cell), f"judge.base_url={url}"]) == 0
+    assert "gpt_eval_score=2.333, gpt_eval_accuracy=33.33 (3 verdicts held" in capsys.readouterr().out
+    judged = read_results(cell)["results"]["anet"]
+    verdicts = [row["verdict"] for row in read_judgements(cell)]
+
+    closed = closed_port_url()  # unreachable: every request fails
+    assert judge_main([str(cell), f"judge.base_url={closed}", "judge.max_retries=0"]) == 1
+    out, err = capsys.readouterr()
+    assert "nothing could be judged" in err and "gpt_eval_score=2.333, gpt_eval_accuracy=33.33" in out
+    assert read_results(cell)["results"]["anet"] == judged
+    rows = read_judgements(cell)
+    assert [row["verdict"] for row in rows] == verdicts and all(row["kept"] and row["judge"]["endpoint"] == url for row in rows)
+    assert all(row["last_attempt"]["judge"]["endpoint"] == closed and row["last_attempt"]["error"] for row in rows)
+
+    with running_judge_server(reported_model="judge-b") as (url_b, _):  # a new judge that fails only the flaky sample
+        assert judge_main([str(cell), f"judge.base_url={url_b}", "judge.reply_retries=0"]) == 0
+    rows = read_judgements(cell)
+    assert [row["judge"]["reported_model"] for row in rows] == ["judge-b", "judge-b", "gpt-4o-mini"]
+    assert [row["verdict"] for row in rows] == verdicts and read_results(cell)["results"]["anet"] == judged
+    summary = read_results(cell)["dycoke_eval"]["anet"]["judge"]
+    assert (summary["judged_now"], summary["failed_now"], summary["kept"]) == (2, 1, 1)
+    assert [(j["endpoint"], j["verdicts"]) for j in summary["judges"]] == [(url_b, 2), (url, 1)]

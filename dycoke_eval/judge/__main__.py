@@ -3,7 +3,10 @@
     python -m dycoke_eval.judge RESULTS_DIR [judge.model=...] [judge.base_url=...] [judge.concurrency=...]
 
 Every cell folder below RESULTS_DIR (a folder holding results.json) is judged with the settings
-of `conf/judge/` (default gpt4o_mini) and updated in place. Cached replies cost nothing.
+of `conf/judge/` (default gpt4o_mini) and updated in place, and the resulting scores are printed
+per task. Cached replies (from the same endpoint and model) cost nothing. A sample that cannot be
+judged now keeps its earlier verdict. Exits 1 when nothing could be judged (every request failed)
+or a cell's earlier judgements could not be read.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dycoke_eval.judge.cells import format_judge_summary, judge_cell
     from dycoke_eval.judge.client import Judge
-    from dycoke_eval.store import cells_below
+    from dycoke_eval.store import CellError, cells_below
 
     option = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("judge=")), "gpt4o_mini")
     overrides = dict(o.split("=", 1) for o in args.overrides if o.startswith("judge."))
@@ -43,11 +46,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dycoke_eval.judge: no readable results.json below {args.results_dir}", file=sys.stderr)
         return 2
     judge = Judge(settings)
+    status, asked, judged = 0, 0, 0
     for cell in cells:
-        summary = judge_cell(cell, judge)
+        try:
+            summary = judge_cell(cell, judge)
+        except CellError as error:
+            print(f"dycoke_eval.judge: skipped {error}", file=sys.stderr)
+            status = 1
+            continue
         if summary:
             print(f"{cell.path}:\n{format_judge_summary(summary)}")
-    return 0
+        asked += sum(s["judged_now"] + s["failed_now"] for s in summary.values())
+        judged += sum(s["judged_now"] for s in summary.values())
+    if asked and not judged:
+        print(
+            f"dycoke_eval.judge: nothing could be judged: all {asked} requests to {settings.endpoint()} failed; "
+            "earlier verdicts are kept",
+            file=sys.stderr,
+        )
+        return 1
+    return status
 
 
 if __name__ == "__main__":

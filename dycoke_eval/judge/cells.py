@@ -1,13 +1,19 @@
 """Judging a saved run cell: read its logged predictions, judge them, write the verdicts and metrics back.
 
 Generation never waits for a judge: GPT-judged tasks log each prediction with a `judge_kind`
-and show "not judged". This step fills in the metrics, over the samples that were judged, and
-records how many were judged and how many failed, with the reasons. Running it again re-reads
-the predictions, so a later judge (or judge model) replaces the earlier verdicts.
+and show "not judged". This step fills in the metrics, over the samples that hold a verdict, and
+records how many were judged and how many failed, with the reasons, and which judge (endpoint,
+requested and reported model) gave each verdict. Running it again re-reads the predictions: a
+new verdict replaces the earlier one of its sample, and a sample the new run fails to judge keeps
+its earlier verdict (for the same prediction) and that verdict's judge, so a failed re-judge
+never destroys verdicts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import Counter
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -49,56 +55,121 @@ def _cost(judge: Judge, outcomes: list[JudgeResult]) -> dict[str, Any]:
             "from_cache": sum(o.cached for o in outcomes)}  # fmt: skip
 
 
+def request_digest(request: JudgeRequest) -> str:
+    """What a verdict is a verdict on (kind, question, answer, prediction): an earlier verdict is kept only for the same."""
+    text = json.dumps([request.kind, request.question, request.answer, request.pred])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def judge_cell(cell: Cell | Path, judge: Judge) -> dict[str, dict[str, Any]]:
-    """Judge every GPT-judged task of one cell (or cell folder) and update its results.json; returns a summary per task."""
+    """Judge every GPT-judged task of one cell (or cell folder) and update its results.json; returns a summary per task.
+
+    Per sample, a new verdict replaces the earlier one; a sample that fails now keeps its earlier
+    verdict. The metrics are computed over the verdicts held. Raises CellError when an earlier
+    judgements file cannot be read (nothing is written then).
+    """
     cell = cell if isinstance(cell, Cell) else read_cell(cell)
     results = cell.results
-    summaries = {}
+    identity = judge.identity()
+    summaries, held_by_task = {}, {}
     for task in cell.sample_tasks():
         pending = pending_requests(cell.samples(task))
         if not pending:
             continue
+        earlier = _held_verdicts(cell.judgements(task))
         outcomes = judge.judge_all([request for _, request in pending], description=f"Judging {task}")
         kind = pending[0][1].kind
-        cell.write_judgements(task, _verdict_rows(pending, outcomes))
-        verdicts = [outcome.verdict for outcome in outcomes if outcome.status == "judged"]
-        metrics = aggregate(kind, verdicts) if verdicts else {}
+        rows = [
+            _verdict_row(doc_id, request, outcome, identity, earlier)
+            for (doc_id, request), outcome in zip(pending, outcomes, strict=True)
+        ]
+        cell.write_judgements(task, rows)
+        held = held_by_task[task] = [row for row in rows if row["status"] == "judged"]
+        metrics = aggregate(kind, [row["verdict"] for row in held]) if held else {}
         failures = [
-            {"doc_id": doc_id, "error": o.error} for (doc_id, _), o in zip(pending, outcomes, strict=True) if o.status == "failed"
+            {"doc_id": row["doc_id"], "error": o.error, "kept_earlier_verdict": row["status"] == "judged"}
+            for row, o in zip(rows, outcomes, strict=True)
+            if o.status == "failed"
         ]
         task_metrics = results["results"].setdefault(task, {})
         for metric in ("gpt_eval_score", "gpt_eval_accuracy") if kind == "qa" else ("gpt_eval_score",):
             task_metrics[f"{metric},none"] = metrics.get(metric, NOT_JUDGED)
-        task_metrics.update(judged=len(verdicts), judge_failed=len(failures))
+        task_metrics.update(judged=len(held), judge_failed=len(rows) - len(held))
         summaries[task] = {
-            "judge_model": judge.settings.model,
-            "judged": len(verdicts),
-            "failed": len(failures),
+            "judge_model": identity["model"],  # this run's judge; `judges` says who gave the verdicts held
+            "endpoint": identity["endpoint"],
+            "metrics": metrics,
+            "judged": len(held),  # verdicts held: the metrics are computed over these
+            "failed": len(rows) - len(held),  # samples without a verdict
+            "judged_now": len(outcomes) - len(failures),
+            "failed_now": len(failures),
+            "kept": sum(failure["kept_earlier_verdict"] for failure in failures),
+            "judges": _judges(held),
             "failures": failures[:MAX_LISTED_FAILURES],
             **_cost(judge, outcomes),
         }
         results.setdefault("dycoke_eval", {}).setdefault(task, {})["judge"] = summaries[task]
-    results.setdefault("dycoke_eval_judge", {}).update(judge.settings.describe())
-    cell.write_results(results)
+    if summaries:
+        held = [row for rows in held_by_task.values() for row in rows]
+        results["dycoke_eval_judge"] = {**judge.settings.describe(), "judges": _judges(held)}
+        cell.write_results(results)
     return summaries
 
 
-def _verdict_rows(pending: list[tuple[int, JudgeRequest]], outcomes: list[JudgeResult]) -> list[dict[str, Any]]:
-    """One line of judgements_<task>.jsonl per sample: the verdict, or why there is none."""
-    return [
-        {"doc_id": doc_id, "status": o.status, "verdict": o.verdict, "error": o.error, "cached": o.cached, "usage": o.usage}
-        for (doc_id, _), o in zip(pending, outcomes, strict=True)
-    ]
+def _held_verdicts(rows: list[dict[str, Any]]) -> dict[tuple[Any, str], dict[str, Any]]:
+    """Earlier verdicts that say which judge gave them and on which prediction, by (doc_id, request digest).
+
+    Rows written before judgements recorded these are not kept: nothing says which judge, or which
+    prediction, they belong to.
+    """
+    return {
+        (row["doc_id"], row["request"]): row
+        for row in rows
+        if row.get("status") == "judged" and row.get("verdict") and row.get("judge") and row.get("request")
+    }
+
+
+def _verdict_row(
+    doc_id: Any, request: JudgeRequest, outcome: JudgeResult, identity: dict[str, str], earlier: dict[tuple[Any, str], dict]
+) -> dict[str, Any]:
+    """One line of judgements_<task>.jsonl: the verdict held and the judge that gave it, or why there is none."""
+    digest = request_digest(request)
+    if outcome.status == "failed" and (kept := earlier.get((doc_id, digest))) is not None:
+        return {**kept, "kept": True, "last_attempt": {"error": outcome.error, "judge": identity}}
+    return {
+        "doc_id": doc_id,
+        "request": digest,
+        "status": outcome.status,
+        "verdict": outcome.verdict,
+        "error": outcome.error,
+        "cached": outcome.cached,
+        "usage": outcome.usage,
+        "judge": {**identity, "reported_model": outcome.reported_model},
+    }
+
+
+def _judges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Who gave the verdicts held: endpoint, requested and reported model, and how many verdicts each."""
+    counts = Counter(json.dumps(row["judge"], sort_keys=True) for row in rows)
+    return [{**json.loads(judge), "verdicts": count} for judge, count in counts.most_common()]
 
 
 def format_judge_summary(summaries: dict[str, dict[str, Any]]) -> str:
+    """Per task: the metric values and the verdicts they are computed over, this run's counts and cost, who judged."""
     lines = []
     for task, s in summaries.items():
+        scores = ", ".join(f"{name}={value:.4g}" for name, value in s["metrics"].items()) or NOT_JUDGED
+        lines.append(f"  {task}: {scores} ({s['judged']} verdicts held, {s['failed']} samples without a verdict)")
         lines.append(
-            f"  {task}: judged {s['judged']}, failed {s['failed']} ({s['from_cache']} from cache), "
-            f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ~${s['estimated_cost_usd']:.4f} with {s['judge_model']}"
+            f"    this run: judged {s['judged_now']}, failed {s['failed_now']} ({s['from_cache']} from cache), "
+            f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ~${s['estimated_cost_usd']:.4f} "
+            f"with {s['judge_model']} at {s['endpoint']}"
         )
+        for j in s["judges"]:
+            lines.append(f"    {j['verdicts']} verdicts from {j['model']} (reported: {j['reported_model']}) at {j['endpoint']}")
         lines += [f"    failed doc {f['doc_id']}: {f['error']}" for f in s["failures"][:3]]
-        if s["failed"] and not s["judged"]:
+        if s["kept"]:
+            lines.append(f"    {s['kept']} samples that failed now keep their earlier verdict")
+        if s["failed_now"] and not s["judged_now"]:
             lines.append("    no sample could be judged: check judge.base_url and the key, then run python -m dycoke_eval.judge")
     return "\n".join(lines)

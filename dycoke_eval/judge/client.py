@@ -4,9 +4,10 @@ Transport failures (429 honouring Retry-After, 5xx, timeouts, connection errors)
 by the SDK itself (`max_retries`, exponential backoff). A reply that arrives but does not parse
 is asked again up to `reply_retries` times. A sample that still has no verdict is recorded as
 failed with the reason; it is never scored 0 and never stops the run. Parsed replies are cached
-in SQLite, keyed by judge model, messages and parameters, so a re-run costs nothing and gives
-the same numbers. The API key is read from the environment variable named in the config and is
-never written anywhere.
+in SQLite, keyed by the endpoint (its base URL), the judge model, messages and parameters, with
+the model name the endpoint reported, so a re-run costs nothing and gives the same numbers, and
+a verdict from one judge is never served as another's. The API key is read from the environment
+variable named in the config and is never written anywhere.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from dycoke_eval.judge.prompts import MalformedReply, build_messages, parse_reply
+
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"  # the openai SDK's own default
 
 
 @dataclass
@@ -47,9 +51,23 @@ class JudgeSettings:
         """A judge is configured when a key is present, or a base URL points at a server that may need none."""
         return self.api_key() is not None or bool(self.base_url)
 
+    def request_url(self) -> str:
+        """The base URL requests go to, as the SDK would pick it: judge.base_url, else $OPENAI_BASE_URL, else OpenAI's."""
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_ENDPOINT
+
+    def endpoint(self) -> str:
+        """`request_url()` as recorded with verdicts and as the cache is keyed: any credentials in it left out."""
+        url = urlsplit(self.request_url().rstrip("/"))
+        host = url.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{url.port}" if url.port else "")
+        return urlunsplit(url._replace(netloc=netloc))
+
     def describe(self) -> dict[str, Any]:
-        """Settings as recorded with results: the variable's name, never the key."""
-        return {k: v for k, v in vars(self).items()}
+        """Settings as recorded with results, with the endpoint actually used: the variable's name, never the key.
+
+        The base URL is recorded without any credentials written into it.
+        """
+        return {**vars(self), "base_url": self.base_url and self.endpoint(), "endpoint": self.endpoint()}
 
 
 @dataclass
@@ -67,10 +85,18 @@ class JudgeResult:
     error: str | None = None
     cached: bool = False
     usage: dict[str, int] = field(default_factory=dict)
+    reported_model: str | None = None  # the `model` the endpoint named in its reply
 
 
 class ReplyCache:
-    """Parsed-and-valid judge replies in SQLite, keyed by a hash of everything that shapes the reply."""
+    """Parsed-and-valid judge replies in SQLite, keyed by a hash of the endpoint and everything that shapes the reply.
+
+    Each row also holds the endpoint, the requested model and the model the endpoint reported.
+    Files written before the endpoint was part of the key hold their rows in the `replies` table,
+    which is never read: those replies do not say which judge gave them.
+    """
+
+    TABLE = "replies_by_endpoint"
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path).expanduser()
@@ -79,18 +105,25 @@ class ReplyCache:
         # WAL without a sync per commit: each reply is committed (safe if the process dies) at no fsync cost.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT, usage TEXT)")
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.TABLE} "
+            "(key TEXT PRIMARY KEY, endpoint TEXT, model TEXT, reported_model TEXT, reply TEXT, usage TEXT)"
+        )
 
     @staticmethod
-    def key(payload: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    def key(endpoint: str, payload: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps({"endpoint": endpoint, "request": payload}, sort_keys=True).encode()).hexdigest()
 
-    def get(self, key: str) -> tuple[str, dict[str, int]] | None:
-        row = self._db.execute("SELECT reply, usage FROM replies WHERE key = ?", (key,)).fetchone()
-        return (row[0], json.loads(row[1])) if row else None
+    def get(self, key: str) -> tuple[str, dict[str, int], str | None] | None:
+        """(reply, usage, reported model) or None."""
+        row = self._db.execute(f"SELECT reply, usage, reported_model FROM {self.TABLE} WHERE key = ?", (key,)).fetchone()
+        return (row[0], json.loads(row[1]), row[2]) if row else None
 
-    def put(self, key: str, reply: str, usage: dict[str, int]) -> None:
-        self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", (key, reply, json.dumps(usage)))
+    def put(self, key: str, endpoint: str, model: str, reported_model: str | None, reply: str, usage: dict[str, int]) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO {self.TABLE} VALUES (?, ?, ?, ?, ?, ?)",
+            (key, endpoint, model, reported_model, reply, json.dumps(usage)),
+        )
         self._db.commit()
 
     def close(self) -> None:
@@ -100,6 +133,10 @@ class ReplyCache:
 class Judge:
     def __init__(self, settings: JudgeSettings) -> None:
         self.settings = settings
+
+    def identity(self) -> dict[str, str]:
+        """Which judge this is: the endpoint's base URL and the model asked for (the reply names the model that answered)."""
+        return {"endpoint": self.settings.endpoint(), "model": self.settings.model}
 
     def judge_all(self, requests: list[JudgeRequest], description: str = "Judging") -> list[JudgeResult]:
         """Judge every request (cached ones for free), with a progress bar; one result per request, in order."""
@@ -111,7 +148,7 @@ class Judge:
         settings = self.settings
         client = AsyncOpenAI(
             api_key=settings.api_key() or "not-needed",
-            base_url=settings.base_url,
+            base_url=settings.request_url(),
             timeout=settings.timeout,
             max_retries=settings.max_retries,
         )
@@ -142,9 +179,11 @@ class Judge:
             "temperature": settings.temperature,
             "max_tokens": settings.max_tokens,
         }
-        key = ReplyCache.key(payload)
+        endpoint = settings.endpoint()
+        key = ReplyCache.key(endpoint, payload)
         if (hit := cache.get(key)) is not None:
-            return JudgeResult("judged", parse_reply(request.kind, hit[0]), cached=True, usage=hit[1])
+            reply, usage, reported = hit
+            return JudgeResult("judged", parse_reply(request.kind, reply), cached=True, usage=usage, reported_model=reported)
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         error = "no attempt"
         for _ in range(1 + settings.reply_retries):
@@ -164,6 +203,7 @@ class Judge:
             except MalformedReply as failure:
                 error = f"MalformedReply: {failure}"
                 continue
-            cache.put(key, text, usage)
-            return JudgeResult("judged", verdict, usage=usage)
+            reported = getattr(response, "model", None) or None
+            cache.put(key, endpoint, settings.model, reported, text, usage)
+            return JudgeResult("judged", verdict, usage=usage, reported_model=reported)
         return JudgeResult("failed", error=error, usage=usage)

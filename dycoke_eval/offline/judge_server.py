@@ -12,7 +12,9 @@ gets {'pred': 'yes', 'score': 5}, anything else {'pred': 'no', 'score': 1}; a de
   [not-dict]       always: content with no dictionary
   [bad-score]      always: a score of 9
 
-It listens on 127.0.0.1 only and stops when the `running_judge_server` block ends.
+Its replies name the requested model, or `reported_model` when one is given (as a real server
+names the model that answered). It listens on 127.0.0.1 only and stops when the
+`running_judge_server` block ends.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class ServerState:
     delay: float = 0.0  # seconds before every reply
     slow_seconds: float = 3.0
+    reported_model: str | None = None  # the `model` named in replies; None: the requested one
     attempts: Counter = field(default_factory=Counter)  # per request body
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -97,7 +100,7 @@ def _handler(state: ServerState):
                 "id": f"chatcmpl-{state.requests}",
                 "object": "chat.completion",
                 "created": 0,
-                "model": request.get("model", "local"),
+                "model": state.reported_model or request.get("model", "local"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 10, "total_tokens": prompt_tokens + 10},
             }
@@ -107,9 +110,11 @@ def _handler(state: ServerState):
 
 
 @contextmanager
-def running_judge_server(delay: float = 0.0, slow_seconds: float = 3.0) -> Iterator[tuple[str, ServerState]]:
+def running_judge_server(
+    delay: float = 0.0, slow_seconds: float = 3.0, reported_model: str | None = None
+) -> Iterator[tuple[str, ServerState]]:
     """Serve on 127.0.0.1 (a free port) for the duration of the block; yields (base_url, state)."""
-    state = ServerState(delay=delay, slow_seconds=slow_seconds)
+    state = ServerState(delay=delay, slow_seconds=slow_seconds, reported_model=reported_model)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
