@@ -154,7 +154,7 @@ class Judge:
         )
         cache = ReplyCache(settings.cache_path)
         limit = asyncio.Semaphore(settings.concurrency)
-        progress = tqdm(total=len(requests), desc=description, unit="sample")
+        progress = tqdm(total=len(requests), desc=description, unit="sample", disable=False)  # shown even when other bars are off
 
         async def one(request: JudgeRequest) -> JudgeResult:
             async with limit:
