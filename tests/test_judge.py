@@ -276,3 +276,29 @@ def test_a_failed_re_judge_keeps_the_earlier_verdicts_and_metrics_and_exits_non_
     summary = read_results(cell)["dycoke_eval"]["anet"]["judge"]
     assert (summary["judged_now"], summary["failed_now"], summary["kept"]) == (2, 1, 1)
     assert [(j["endpoint"], j["verdicts"]) for j in summary["judges"]] == [(url_b, 2), (url, 1)]
+
+
+def test_the_local_judge_runs_as_a_command_until_interrupted():
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dycoke_eval.offline.judge_server", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = server.stdout.readline().split()[3].rstrip(":")
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "Question: q\\nCorrect Answer: a\\nPredicted Answer: a"}],
+        }
+        request = urllib.request.Request(
+            f"{url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        reply = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        assert reply["model"] == "gpt-4o-mini" and reply["choices"][0]["message"]["content"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=10)
+    assert server.returncode == 0 and "stopped after 1 requests" in out

@@ -111,11 +111,11 @@ def _handler(state: ServerState):
 
 @contextmanager
 def running_judge_server(
-    delay: float = 0.0, slow_seconds: float = 3.0, reported_model: str | None = None
+    delay: float = 0.0, slow_seconds: float = 3.0, reported_model: str | None = None, port: int = 0
 ) -> Iterator[tuple[str, ServerState]]:
-    """Serve on 127.0.0.1 (a free port) for the duration of the block; yields (base_url, state)."""
+    """Serve on 127.0.0.1 (`port`, or a free one) for the duration of the block; yields (base_url, state)."""
     state = ServerState(delay=delay, slow_seconds=slow_seconds, reported_model=reported_model)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(state))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -124,3 +124,26 @@ def running_judge_server(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dycoke_eval.offline.judge_server [--port N]`: serve until Ctrl-C, printing the base URL to use."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dycoke_eval.offline.judge_server", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one)")
+    parser.add_argument("--reported-model", default=None, help="the model name its replies give (default: the requested one)")
+    args = parser.parse_args(argv)
+    with running_judge_server(reported_model=args.reported_model, port=args.port) as (url, state):
+        print(f"local judge at {url}: judge with  python -m dycoke_eval.judge RESULTS_DIR judge.base_url={url}", flush=True)
+        print("its verdicts are deterministic stand-ins, not GPT's; Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print(f"stopped after {state.requests} requests")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
