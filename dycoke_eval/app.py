@@ -317,7 +317,7 @@ def run_cell(cfg: DictConfig) -> Path:
         "attention_kernels": sorted({r["method_stats"].get("attention_kernel") for r in records} - {None})
         or [kernel_name(lm.adapter.language_model)],
         "prompt": cfg.prompt,
-        "max_new_tokens": generation_cap(cfg),
+        "max_new_tokens": lm.max_new_tokens,  # the cap in force, the checkpoint's own included
         "random_weights": bool(cfg.model.get("random_weights")),
         "measured": bool(cfg.measure),
     }

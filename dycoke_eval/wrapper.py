@@ -32,6 +32,7 @@ from dycoke_eval.compression.stages import CompressionMethod, ModelInfo, routes_
 from dycoke_eval.config import ConfigError, check_routable
 from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCache
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
+from dycoke_eval.offline.tiny_model import checkpoint_generation_cap
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
 from dycoke_eval.store import SampleJournal, SampleRecord
 from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
@@ -75,7 +76,9 @@ class CompressedVideoLM(lmms):
         self.prompt = prompt
         if routes_attention(method):
             check_routable(attn_implementation, method.name)
-        self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None  # caps the task's own setting
+        # Caps the task's own setting; a tiny random checkpoint carries its own cap (lmms-eval's CLI path included).
+        caps = [int(cap) for cap in (max_new_tokens, checkpoint_generation_cap(pretrained)) if cap]
+        self.max_new_tokens = min(caps) if caps else None
         self.journal = SampleJournal(journal) if journal else None
 
         from accelerate import Accelerator

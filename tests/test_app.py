@@ -6,10 +6,14 @@ command from a shell, from an installed wheel, is tests/test_install.py.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import run_app, run_module
+from conftest import REPO_ROOT, run_app
 
 from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES, FIXTURE_TASKS, OfflineWorld
 
@@ -113,18 +117,19 @@ def test_the_cell_folder_records_how_it_was_made(damaged_run):
     assert {r["visual_tokens_in"] for r in records if r["status"] == "ok"} == {8 * 16 + 1}
 
 
-def test_lmms_eval_cli_runs_the_wrapper_by_its_registered_name(tiny_checkpoint, world, tmp_path):
-    proc = run_module(
-        "lmms_eval", "eval", "--model", "llava_onevision_compressed",
-        # max_new_tokens: the tiny model's generation_cap, which the CLI does not read from conf/model/tiny.yaml
-        "--model_args", f"pretrained={tiny_checkpoint},frames=4,method=full,max_new_tokens=16",
-        "--tasks", "fixture_nextqa_mc_test", "--include_path", str(world.task_dir),
-        "--limit", "2", "--output_path", str(tmp_path),
-    )  # fmt: skip
+def test_the_readmes_offline_lmms_eval_command_runs_as_written(offline_dir, tmp_path):
+    """The README's block, run by bash with only the offline dir and the output folder put in."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    (block,) = [b for b in readme.split("```bash\n")[1:] if "--include_path" in b.split("```")[0]]
+    command = block.split("```")[0].replace("~/.cache/dycoke-eval/offline", str(offline_dir)).replace("logs/", f"{tmp_path}/")
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # `python` is this environment's, as in an activated venv
+    env = {**os.environ, "PATH": path}
+    proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = tmp_path.rglob("*_results.json")
-    metrics = json.loads(results_file.read_text())["results"]["fixture_nextqa_mc_test"]
-    assert "exact_match,none" in metrics
+    results = json.loads(results_file.read_text())
+    assert "exact_match,none" in results["results"]["fixture_nextqa_mc_test"]
+    assert results["n-samples"]["fixture_nextqa_mc_test"]["effective"] == 2
 
 
 @pytest.mark.parametrize(

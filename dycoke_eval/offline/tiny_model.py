@@ -19,7 +19,9 @@ PATCHES_PER_SIDE = IMAGE_SIZE // PATCH_SIZE
 TOKENS_PER_FRAME = math.ceil(PATCHES_PER_SIDE / 2) ** 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
-BUILD_VERSION = 4  # bump when the recipe changes so cached copies are rebuilt
+BUILD_VERSION = 5  # bump when the recipe changes so cached copies are rebuilt
+GENERATION_CAP = 16  # new tokens per answer: a random model stops when it happens to emit <|im_end|>
+MARKER = "dycoke_tiny.json"  # the build's version and its generation cap, beside the weights
 
 # The chat template of the llava-hf OneVision checkpoints, as transformers' own processor tests
 # write it (tests/models/llava_onevision/test_processing_llava_onevision.py): a space after the
@@ -159,14 +161,20 @@ def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Pa
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    (path / "dycoke_tiny.json").write_text(json.dumps({"build_version": BUILD_VERSION}))
+    (path / MARKER).write_text(json.dumps({"build_version": BUILD_VERSION, "generation_cap": GENERATION_CAP}))
     return path
 
 
 def ensure_tiny_checkpoint(path: str | Path) -> Path:
     """Return `path` holding the tiny checkpoint, building it only when absent or stale."""
     path = Path(path)
-    marker = path / "dycoke_tiny.json"
+    marker = path / MARKER
     if marker.exists() and json.loads(marker.read_text()).get("build_version") == BUILD_VERSION:
         return path
     return build_tiny_checkpoint(path)
+
+
+def checkpoint_generation_cap(pretrained: str) -> int | None:
+    """The cap a tiny checkpoint carries in its marker (None for any other checkpoint), so every path applies it."""
+    marker = Path(pretrained) / MARKER
+    return json.loads(marker.read_text()).get("generation_cap") if marker.is_file() else None
