@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,18 @@ from dycoke_eval.config import CONF_DIR, ConfigError, group_options
 
 class CellFailed(Exception):
     """Every sample of a cell failed: nothing was measured, and the cell is not recorded as complete."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a cell: its journal keeps every finished sample, and the same command resumes."""
+
+    def __init__(self, cell_dir: Path) -> None:
+        journal = cell_dir / "journal.jsonl"
+        saved = len(journal.read_text().splitlines()) if journal.exists() else 0
+        super().__init__(
+            f"interrupted: {saved} finished samples of cell {cell_dir.name} are saved; "
+            "run the same command again to resume where it stopped"
+        )
 
 
 def prepare_environment(cfg: DictConfig) -> list[Path]:
@@ -295,7 +309,7 @@ def run_cell(cfg: DictConfig) -> Path:
     else:
         ENCODER_CACHE.capacity_bytes = int(cfg.encoder_cache_mb * 2**20)
     cache_before = (ENCODER_CACHE.hits, ENCODER_CACHE.seconds_saved)
-    with filtered_stderr(cfg.verbose):
+    with filtered_stderr(cfg.verbose), interruptible(cell_dir):
         output = simple_evaluate(
             model=lm,
             tasks=list(cfg.tasks.names),
@@ -391,6 +405,18 @@ def main(cfg: DictConfig) -> None:
         if _in_multirun():
             raise  # the sweeper goes on with the other cells and reports this one at the end
         sys.exit(f"dycoke_eval: {error}")
+    except Interrupted as error:
+        print(f"\ndycoke_eval: {error}", file=sys.stderr)
+        sys.exit(130)  # the shell's status for Ctrl-C
+
+
+@contextmanager
+def interruptible(cell_dir: Path) -> Iterator[None]:
+    """Ctrl-C inside the block becomes `Interrupted`: one line saying what is saved, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(cell_dir) from None
 
 
 def run_in_process(overrides: list[str]) -> int:

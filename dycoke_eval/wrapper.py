@@ -144,13 +144,15 @@ class CompressedVideoLM(lmms):
         raise NotImplementedError("llava_onevision_compressed only supports single-round generate_until tasks")
 
     def generate_until(self, requests) -> list[str]:
+        keys = [SampleJournal.key(task, doc_id, context, kwargs) for context, kwargs, _, doc_id, task, _ in _args(requests)]
+        saved = {key: done for key in keys if self.journal is not None and (done := self.journal.get(key)) is not None}
+        progress = tqdm(total=len(keys), initial=len(saved), disable=self.rank != 0, desc=f"Generating ({self.method.name})")
+        if saved:
+            progress.set_postfix_str(f"{len(saved)} resumed from the journal")
         answers = []
-        progress = tqdm(requests, disable=self.rank != 0, desc=f"Generating ({self.method.name})")
-        for request in progress:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            key = SampleJournal.key(task, doc_id, context, gen_kwargs)
-            if self.journal is not None and (done := self.journal.get(key)) is not None:
-                answer, record = done
+        for key, (context, gen_kwargs, doc_to_visual, doc_id, task, split) in zip(keys, _args(requests), strict=True):
+            if key in saved:
+                answer, record = saved[key]
             else:
                 record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
                 try:
@@ -159,8 +161,10 @@ class CompressedVideoLM(lmms):
                     record.status, record.error, answer = "failed", str(error), ""
                 if self.journal is not None and record.status == "ok":
                     self.journal.add(key, answer, record)
+                progress.update()
             self.sample_records.append(record)
             answers.append(answer)
+        progress.close()
         return answers
 
     def _answer(self, context, gen_kwargs, doc_to_visual, doc_id, task, split, record: SampleRecord) -> str:
@@ -304,6 +308,11 @@ class CompressedVideoLM(lmms):
 
     def records_as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.sample_records]
+
+
+def _args(requests) -> list[tuple]:
+    """Each lmms-eval request's arguments: (context, gen_kwargs, doc_to_visual, doc_id, task, split)."""
+    return [request.args for request in requests]
 
 
 def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, Any]) -> CompressionMethod:

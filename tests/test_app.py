@@ -221,3 +221,27 @@ def test_an_unknown_task_is_refused_from_the_task_yamls_and_a_kept_index_without
     assert proc.returncode != 0 and "unknown task 'videomem' (did you mean videomme" in proc.stderr
     assert "rebuilt" not in proc.stderr
     assert app.declared_task_names() >= {"videomme", "mvbench", "activitynetqa", "nextqa_mc_test"}  # quick scan: no index
+
+
+def test_ctrl_c_says_in_one_line_what_is_saved_and_a_rerun_resumes_counting_the_saved_samples(offline_dir, tmp_path, monkeypatch):
+    from dycoke_eval.wrapper import CompressedVideoLM
+
+    answer, calls = CompressedVideoLM._answer, []
+
+    def interrupted_at_the_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return answer(self, *args)
+
+    overrides = ("tasks.names=[fixture_nextqa_mc_test]", "frames=4", f"results_dir={tmp_path}")
+    env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
+    monkeypatch.setattr(CompressedVideoLM, "_answer", interrupted_at_the_third)
+    proc = run_app(*overrides, env=env)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if "interrupted" in line]
+    assert "interrupted: 2 finished samples of cell tiny__full__f4__" in line and "run the same command again" in line
+    monkeypatch.setattr(CompressedVideoLM, "_answer", answer)
+    again = run_app(*overrides, env=env)
+    assert again.returncode == 0 and "1 samples generated, 2 resumed from its journal" in again.stdout
+    assert "2 resumed from the journal" in again.stderr  # the progress bar starts at the saved samples
