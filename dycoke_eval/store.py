@@ -181,12 +181,26 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def cell_directory(cfg: DictConfig) -> Path:
-    """`<model>__<method>__f<frames>__<tasks>__<hash>`, the hash over the resolved cell config."""
+    """`<model>__<method>__f<frames>__<tasks>__<hash>`, the hash over the resolved cell config.
+
+    `<tasks>` is the task set's name only while its task list is the set's own; a list overridden
+    on the command line (`tasks.names=[...]`) is named `custom`, never after a set it is not.
+    """
     config = cell_config(cfg)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
     method = cfg.method.get("name") or str(cfg.method._target_).rsplit(".", 1)[-1].lower()
-    name = f"{cfg.model.name}__{method}__f{cfg.frames}__{cfg.tasks.name}__{digest}"
+    name = f"{cfg.model.name}__{method}__f{cfg.frames}__{task_set_label(cfg.tasks)}__{digest}"
     return Path(cfg.results_dir) / "cells" / name
+
+
+def task_set_label(tasks: DictConfig) -> str:
+    """The task set's name, or `custom` when its names differ from the set's own list."""
+    from dycoke_eval.config import CONF_DIR
+
+    own = CONF_DIR / "tasks" / f"{tasks.name}.yaml"
+    if not own.is_file() or list(OmegaConf.load(own).get("names", [])) != list(tasks.names):
+        return "custom"
+    return str(tasks.name)
 
 
 def is_complete(cell_dir: Path, cfg: DictConfig) -> bool:

@@ -214,3 +214,9 @@ def test_a_sample_record_ignores_unknown_keys_and_defaults_missing_ones():
     record = SampleRecord.from_json({"task": "t", "doc_id": 3, "unknown": 1})
     assert record == SampleRecord("t", 3)
     assert SampleRecord.from_json(asdict(record)) == record
+
+
+def test_a_cell_whose_task_list_was_overridden_is_not_named_after_the_task_set(tmp_path):
+    assert "__fixtures__" in cell_directory(config(tmp_path)).name
+    overridden = cell_directory(config(tmp_path, "tasks.names=[fixture_videomme]")).name
+    assert "__custom__" in overridden and "fixtures" not in overridden
