@@ -51,17 +51,19 @@ class CellError(Exception):
 
 def write_json_atomic(path: Path, payload: Any, sort_keys: bool = False) -> None:
     """Write JSON next to `path`, then rename over it: readers see the old file or the new one, never half of one."""
-    _write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str, sort_keys=sort_keys))
+    write_text_atomic(Path(path), json.dumps(payload, indent=2, default=str, sort_keys=sort_keys))
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
     """One JSON document per line, written as `write_json_atomic` writes."""
-    _write_text_atomic(Path(path), "".join(json.dumps(row, default=str) + "\n" for row in rows))
+    write_text_atomic(Path(path), "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path` (a name of this process's own), then rename over it."""
     # The text is complete before anything touches the disk, so a payload that fails to serialise changes nothing.
-    tmp = path.with_name(path.name + ".tmp")
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w") as handle:
             handle.write(text)

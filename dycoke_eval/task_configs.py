@@ -9,6 +9,7 @@ The built-in YAMLs' location depends on where lmms-eval is installed, so none of
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,21 @@ def task_yaml(name: str, builtin_yaml: str, data_files: dict[str, str] | None = 
     return text
 
 
-def write_deferred_judge_tasks(task_dir: Path) -> Path:
-    """Write the `<task>_deferred` YAMLs into `task_dir` (for TaskManager's include_path) and return it."""
+def environment_id() -> str:
+    """A short name for this environment's lmms-eval installation: task YAMLs that include its files live apart."""
+    return hashlib.sha256(str(lmms_eval_tasks_dir().resolve()).encode()).hexdigest()[:10]
+
+
+def write_deferred_judge_tasks(tasks_root: Path) -> Path:
+    """Write the `<task>_deferred` YAMLs into `tasks_root/<environment>` (for TaskManager's include_path); returns it.
+
+    They name this environment's lmms-eval files, so two environments sharing a home directory each
+    keep their own folder instead of rewriting one back and forth; each file is written atomically.
+    """
+    from dycoke_eval.store import write_text_atomic
+
+    task_dir = tasks_root / environment_id()
     task_dir.mkdir(parents=True, exist_ok=True)
     for name, builtin_yaml in DEFERRED_TASKS.items():
-        (task_dir / f"{name}.yaml").write_text(task_yaml(name, builtin_yaml))
+        write_text_atomic(task_dir / f"{name}.yaml", task_yaml(name, builtin_yaml))
     return task_dir

@@ -84,3 +84,21 @@ def test_deferred_tasks_keep_the_builtin_task_and_only_defer_judging(tmp_path):
     assert "dataset_path" not in config  # the real dataset, as lmms-eval downloads it
     assert config["process_results"].strip() == "dycoke_eval.judging.record_unjudged_qa"
     assert [m["metric"] for m in config["metric_list"]] == ["gpt_eval_score", "gpt_eval_accuracy"]
+
+
+def test_two_environments_sharing_an_offline_dir_keep_their_own_task_yamls_and_share_the_videos(tmp_path, monkeypatch):
+    import dycoke_eval.offline.fixtures as fixtures
+    import dycoke_eval.task_configs as task_configs
+
+    first = fixtures.ensure_offline_world(tmp_path / "world")
+    video = first.video_path(fixtures.FIXTURE_TASKS[0], fixtures.FIXTURE_TASKS[0].docs[0])
+    built, first_tasks = video.stat().st_mtime_ns, first.task_dir
+    other_lmms_eval = tmp_path / "other-env" / "lmms_eval" / "tasks"
+    monkeypatch.setattr(task_configs, "lmms_eval_tasks_dir", lambda: other_lmms_eval)
+    monkeypatch.setattr(fixtures, "lmms_eval_tasks_dir", lambda: other_lmms_eval)
+    second = fixtures.ensure_offline_world(tmp_path / "world")
+    assert second.task_dir != first_tasks and first_tasks.is_dir() and second.task_dir.is_dir()
+    assert str(other_lmms_eval) in next(second.task_dir.glob("fixture_*.yaml")).read_text()
+    assert str(other_lmms_eval) not in next(first_tasks.glob("fixture_*.yaml")).read_text()
+    assert video.stat().st_mtime_ns == built  # the shared videos were not written again
+    assert not list((tmp_path / "world").rglob("*.tmp*"))  # every file was written whole, then renamed

@@ -13,13 +13,14 @@ predictions for `dycoke_eval.judge` instead of calling lmms-eval's inline judge 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dycoke_eval.config import lmms_eval_tasks_dir
 from dycoke_eval.offline.videos import write_video
-from dycoke_eval.task_configs import task_yaml
+from dycoke_eval.task_configs import environment_id, task_yaml
 
 WORLD_VERSION = 4  # bump when documents or layout change so cached worlds are rebuilt
 
@@ -197,27 +198,75 @@ class OfflineWorld:
 
     @property
     def task_dir(self) -> Path:
-        return self.root / "tasks"
+        """This environment's fixture task YAMLs (they include its lmms-eval's built-in YAMLs by absolute path)."""
+        return self.root / "tasks" / environment_id()
 
     def video_path(self, task: FixtureTask, doc: dict) -> Path:
         return self.hf_home / task.video_dir / task.video_file(doc)
 
 
 def ensure_offline_world(root: str | Path) -> OfflineWorld:
-    """Build the fixture world under `root` unless an up-to-date one is already there."""
+    """Build the fixture world under `root` unless an up-to-date one is already there.
+
+    The videos and data are the same for every environment and are stamped once (`world.json`); the
+    task YAMLs are per environment (`OfflineWorld.task_dir`, stamped there), so virtual environments
+    sharing a home directory never rebuild each other's. Every file is written atomically, the stamps last.
+    """
+    from dycoke_eval.store import write_json_atomic, write_text_atomic
+
     world = OfflineWorld(Path(root))
-    task_root = lmms_eval_tasks_dir().resolve()
-    stamp = {"world_version": WORLD_VERSION, "lmms_eval_tasks": str(task_root)}
-    marker = world.root / "world.json"
-    if marker.exists() and json.loads(marker.read_text()) == stamp:
-        return world
-    (world.root / "data").mkdir(parents=True, exist_ok=True)
-    world.task_dir.mkdir(parents=True, exist_ok=True)
-    for task in FIXTURE_TASKS:
-        data_file = world.root / "data" / f"{task.name}.jsonl"
-        data_file.write_text("".join(json.dumps(doc) + "\n" for doc in task.docs))
-        (world.task_dir / f"{task.name}.yaml").write_text(task_yaml(task.name, task.builtin_yaml, {task.split: str(data_file)}))
-        for doc in task.docs:
-            write_video(world.video_path(task, doc))
-    marker.write_text(json.dumps(stamp))
+    shared = world.root / "world.json"
+    if not _stamped(shared, {"world_version": WORLD_VERSION}):
+        (world.root / "data").mkdir(parents=True, exist_ok=True)
+        for task in FIXTURE_TASKS:
+            write_text_atomic(_data_file(world, task), "".join(json.dumps(doc) + "\n" for doc in task.docs))
+            for doc in task.docs:
+                path = world.video_path(task, doc)
+                write_video(path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}"), name=path.stem).replace(path)
+        write_json_atomic(shared, {"world_version": WORLD_VERSION})
+    own = world.task_dir / "tasks.json"
+    stamp = {"world_version": WORLD_VERSION, "lmms_eval_tasks": str(lmms_eval_tasks_dir().resolve())}
+    if not _stamped(own, stamp):
+        world.task_dir.mkdir(parents=True, exist_ok=True)
+        for task in FIXTURE_TASKS:
+            text = task_yaml(task.name, task.builtin_yaml, {task.split: str(_data_file(world, task))})
+            write_text_atomic(world.task_dir / f"{task.name}.yaml", text)
+        write_json_atomic(own, stamp)
     return world
+
+
+def _data_file(world: OfflineWorld, task: FixtureTask) -> Path:
+    return world.root / "data" / f"{task.name}.jsonl"
+
+
+def _stamped(marker: Path, stamp: dict) -> bool:
+    try:
+        return json.loads(marker.read_text()) == stamp
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def main() -> int:
+    """`eval "$(python -m dycoke_eval.offline.fixtures)"`: build the offline world and tiny model if needed, export their paths.
+
+    The offline dir is the app's (`$DYCOKE_OFFLINE_DIR`, else ~/.cache/dycoke-eval/offline); the
+    exports are what lmms-eval's own CLI needs to run a fixture task on the tiny model.
+    """
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from dycoke_eval.config import CONF_DIR
+    from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
+
+    offline_dir = Path(OmegaConf.load(CONF_DIR / "config.yaml").offline_dir)
+    world = ensure_offline_world(offline_dir / "world")
+    tiny = ensure_tiny_checkpoint(offline_dir / "tiny-llava-onevision")
+    exports = {"HF_HOME": world.hf_home, "HF_HUB_OFFLINE": 1, "HF_DATASETS_OFFLINE": 1, "DYCOKE_TASKS": world.task_dir,
+               "DYCOKE_TINY": tiny}  # fmt: skip
+    print("\n".join(f"export {name}={shlex.quote(str(value))}" for name, value in exports.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
