@@ -1,8 +1,12 @@
 """Accuracy against TFLOPs per model (the style of the paper's Figure 1, right), as PNG with its data.
 
-One plot per table and model. Each method is a point at its eq. 8 TFLOPs: filled for ours,
-hollow for the paper's value. The y value is the mean of the table's percentage metrics that the
-row has; 0-5 judge scores and plan figures are left out.
+One plot per table and model. Each method is a point at its eq. 8 TFLOPs: a filled circle for
+ours, a larger hollow diamond for the paper's value, drawn above the circles, so a point where the
+two coincide shows both. The y value is the mean of the table's percentage metrics (0-5 judge
+scores and plan figures are left out), over the same metrics for every point of a plot: those
+that every point has. The axis label and the CSV's `metrics` column name them. A point that
+has none of the metrics the others share is left out, and a note on the figure (and printed)
+names it.
 """
 
 from __future__ import annotations
@@ -18,38 +22,81 @@ import pandas as pd  # noqa: E402
 
 NOT_PERCENT = {"retained_ratio", "tflops", "flops_ratio", "activitynetqa_score", "videodc", "params", "speedup",
                "total_latency_s", "gpu_memory_gb", "latency_per_example_s", "decode_ms_per_token", "accuracy_std"}  # fmt: skip
+MARKERS = {  # ours: filled circles; the paper's: larger outlines drawn above them (zorder), so both show where they meet
+    "ours": {"marker": "o", "s": 40, "zorder": 2},
+    "paper": {"marker": "D", "s": 110, "zorder": 3, "linewidths": 1.5},
+}
 
 
-def accuracy_points(frame: pd.DataFrame) -> pd.DataFrame:
-    """model, method, source (ours|paper), tflops, accuracy: one row per plotted point."""
+def accuracy_points(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """model, method, source (ours|paper), tflops, accuracy, metrics: one row per plotted point; and notes.
+
+    Per model, `accuracy` is the mean over the percentage metrics every point of that model has
+    (`metrics` names them), so no point's mean is over a different set. Where the points share no
+    metric, those with the fewest are left out until they do; each is named in the notes.
+    """
     metrics = [m for m in dict.fromkeys(c[0] for c in frame.columns if c[0]) if m not in NOT_PERCENT]
-    points = []
-    for _, row in frame.iterrows():
+    names = frame[[("", "model"), ("", "method")]].apply(tuple, axis=1)
+    twice = names.duplicated(keep=False)  # rows of one model told apart by frames alone: the point's name says which
+    candidates = []
+    for index, row in frame.iterrows():
         tflops = row.get(("tflops", "ours"), math.nan)
+        x = tflops if not pd.isna(tflops) else row.get(("tflops", "paper"), math.nan)
+        method = f"{row[('', 'method')]}, {row.get(('', 'frames'), '?')} frames" if twice[index] else row[("", "method")]
         for source in ("ours", "paper"):
-            values = [row[(m, source)] for m in metrics if not pd.isna(row[(m, source)])]
-            x = tflops if not pd.isna(tflops) else row.get(("tflops", "paper"), math.nan)
-            if values and not pd.isna(x):
-                points.append({"model": row[("", "model")], "method": row[("", "method")], "source": source,
-                               "tflops": x, "accuracy": sum(values) / len(values), "metrics": len(values)})  # fmt: skip
-    return pd.DataFrame(points)
+            have = [m for m in metrics if not pd.isna(row[(m, source)])]
+            if have and not pd.isna(x):
+                candidates.append({"model": row[("", "model")], "method": method, "source": source, "tflops": x,
+                                   "values": {m: row[(m, source)] for m in have}})  # fmt: skip
+    points, notes = [], []
+    for model in dict.fromkeys(point["model"] for point in candidates):
+        kept = [point for point in candidates if point["model"] == model]
+        shared = _shared(kept, metrics)
+        while not shared:  # the points share no metric: leave out those with the fewest until they do
+            fewest = min(len(point["values"]) for point in kept)
+            for point in [point for point in kept if len(point["values"]) == fewest]:
+                notes.append(f"{model}: left out {point['method']} ({point['source']}): it has only {', '.join(point['values'])}")
+            kept = [point for point in kept if len(point["values"]) > fewest]
+            shared = _shared(kept, metrics)
+        for point in kept:
+            mean = sum(point["values"][m] for m in shared) / len(shared)
+            points.append({**{key: point[key] for key in ("model", "method", "source", "tflops")}, "accuracy": mean,
+                           "metrics": " ".join(shared)})  # fmt: skip
+    return pd.DataFrame(points), notes
+
+
+def _shared(points: list[dict], metrics: list[str]) -> list[str]:
+    """The metrics every point has, in the table's order; every metric where there is no point (nothing to share)."""
+    return [m for m in metrics if all(m in point["values"] for point in points)] if points else metrics
+
+
+def draw_points(axes, group: pd.DataFrame) -> None:
+    """Ours and the paper's points of one model on `axes`: a colour per method, a marker per source (`MARKERS`)."""
+    colours = dict(zip(dict.fromkeys(group.method), plt.get_cmap("tab10").colors * 3, strict=False))
+    for (method, source), point in group.groupby(["method", "source"], sort=False):
+        colour = colours[method]
+        axes.scatter(point.tflops, point.accuracy, label=f"{method} ({source})", edgecolors=colour,
+                     facecolors=colour if source == "ours" else "none", **MARKERS[source])  # fmt: skip
 
 
 def plot_accuracy_vs_flops(table: int, frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Write table{N}_{model}_accuracy_vs_tflops.png and its CSV for every model with points."""
-    points = accuracy_points(frame)
+    points, notes = accuracy_points(frame)
+    for note in notes:
+        print(f"plots: table {table}: {note}")
     written = []
     for model, group in points.groupby("model", sort=False) if not points.empty else []:
         figure, axes = plt.subplots(figsize=(6, 4))
-        colours = dict(zip(dict.fromkeys(group.method), plt.get_cmap("tab10").colors, strict=False))
-        for (method, source), point in group.groupby(["method", "source"], sort=False):
-            colour = colours[method]  # a colour per method: filled for ours, an outline for the paper's value
-            axes.scatter(point.tflops, point.accuracy, s=50, label=f"{method} ({source})", linewidths=1.5,
-                         facecolors=colour if source == "ours" else "none", edgecolors=colour)  # fmt: skip
+        draw_points(axes, group)
+        metrics = group.metrics.iloc[0].split()
+        shown = ", ".join(metrics) if len(metrics) <= 3 else f"{len(metrics)} metrics (the CSV's metrics column)"
         axes.set_xlabel("TFLOPs (eq. 8)")
-        axes.set_ylabel("mean accuracy over the table's % metrics")
+        axes.set_ylabel(f"mean of {shown}", fontsize=8)
         axes.set_title(f"Table {table}: {model}")
         axes.legend(fontsize=6, loc="best")
+        left_out = [note.removeprefix(f"{model}: ") for note in notes if note.startswith(f"{model}: ")]
+        if left_out:
+            figure.text(0.01, 0.01, "; ".join(left_out), fontsize=5)
         figure.tight_layout()
         path = out_dir / f"table{table}_{model}_accuracy_vs_tflops.png"
         figure.savefig(path, dpi=120)

@@ -12,6 +12,15 @@ metric, bold and underlined as in the paper; a value we do not have is a dash. F
 come from the cell's plan (`accounting.plan_row`, recorded in run.json when the cell ran), so ours
 are the eq. 8 cost of the cell that was run; our retained ratio is the measured one (mean over
 tasks) where the cell recorded it, else the planned one. Cells are read through `store.py`.
+
+Rows are told apart: the paper's label, with the row's settings where the paper uses one label
+twice (Table 5's "DyCoke (K=0.7, L=3, P=0.7)"); a frames column where the rows differ in frames;
+a samples column where the rows' cells evaluated different samples. Where several complete cells
+match a row (a `limit=1` run beside a full one, Table 3's measured cells beside Table 2's), the one
+with the table's evaluation (`_pick`: the same tasks, per-task sample counts and run settings as
+the table's other rows), else the row's largest, is shown, and every cell skipped is printed with
+the reason. The .tex is escaped by pandas' LaTeX writer: text between a pair of `$` is math,
+everything else is escaped.
 """
 
 from __future__ import annotations
@@ -19,11 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import yaml
 
 from dycoke_eval.accounting import PLAN_COLUMNS
+from dycoke_eval.config import CONF_DIR
 from dycoke_eval.plots import plot_accuracy_vs_flops
 from dycoke_eval.store import CellStore, method_settings
 
@@ -51,10 +65,19 @@ TASK_METRICS = {  # task (fixture_ prefix and _deferred suffix dropped) -> [(lmm
 LOWER_IS_BETTER = {"tflops", "flops_ratio", "retained_ratio", "total_latency_s", "gpu_memory_gb", "latency_per_example_s",
                    "decode_ms_per_token", "params", "accuracy_std"}  # fmt: skip
 NOT_RANKED = {"retained_ratio", "flops_ratio", "tflops", "params", "accuracy_std", "speedup"}
+RUN_SETTINGS = ("prompt", "seed", "max_new_tokens")  # run settings besides the method's that change a cell's numbers
+DEFAULT_RUN = {key: yaml.safe_load((CONF_DIR / "config.yaml").read_text())[key] for key in RUN_SETTINGS}  # preferred on ties
+FULL_KEY = ["model", "frames", "evaluation", "run"]  # speed-up: against full tokens with the same of these
 
 
 def cell_rows(results_dir: Path) -> pd.DataFrame:
-    """One row per finished cell: its settings, its plan figures and its metrics in the paper's columns."""
+    """One row per finished cell: its settings, its plan figures and its metrics in the paper's columns.
+
+    Besides the paper's columns a row says what it was computed from: `cell` (the folder's name),
+    `limit`, `run` (the run settings besides the method's that change results: prompt, seed,
+    max_new_tokens), `counts` ({task: samples scored, None where the cell recorded no count}) and
+    `sources` ({column: the tasks it is computed from}); `build_table` uses them to pick cells.
+    """
     rows = []
     for cell in CellStore(results_dir).cells():
         if not cell.run.complete:
@@ -68,29 +91,55 @@ def cell_rows(results_dir: Path) -> pd.DataFrame:
         row = {key: plan.get(key) for key in PLAN_COLUMNS}
         row.update({name: cell.run.method.get(name) for name in NAMED_SETTINGS})
         row["settings"] = json.dumps(method_settings(cell.run.method), sort_keys=True)  # every setting: no two collide
+        row["run"] = _json({key: cell.run.config.get(key) for key in RUN_SETTINGS})
+        row["cell"], row["limit"] = cell.name, cell.run.config.get("limit")
         measured = cell.retained_ratio()  # DyCoke's decode-time attendance, PruMerge's adaptive count: beats the plan
         if measured is not None:
             row["retained_ratio"] = measured
+        sources: dict[str, list[str]] = {}
         for task, metrics in cell.metrics.items():
-            for metric, column, scale in TASK_METRICS.get(task.removeprefix("fixture_").removesuffix("_deferred"), []):
+            for metric, column, scale in TASK_METRICS.get(_task_name(task), []):
                 value = metrics.get(f"{metric},none")
                 row[column] = value * scale if isinstance(value, (int, float)) else math.nan
+                sources[column] = [task]
         codes = [code for code in MVBENCH_CODES.values() if code in row]
         if len(codes) == len(MVBENCH_CODES):  # the paper's average is over all 20 subtasks
             row["avg"] = row["accuracy"] = sum(row[code] for code in codes) / len(codes)
-        row.update(_efficiency_columns(cell.summaries))
+            sources["avg"] = sources["accuracy"] = [task for code in codes for task in sources[code]]
+        efficiency = _efficiency_columns(cell.summaries)
+        row.update(efficiency)
+        measured_tasks = sorted(task for task, summary in cell.summaries.items() if "latency_total_s" in summary)
+        sources.update(dict.fromkeys([*efficiency, "speedup"], measured_tasks) if efficiency else {})
+        row["sources"] = sources
+        row["counts"] = {task: _scored(cell.summaries.get(task)) for tasks in sources.values() for task in tasks}
         rows.append(row)
     frame = pd.DataFrame(rows)
-    if "latency_per_example_s" in frame:  # speed-up against full tokens of the same model and frames, in this run
-        frame["speedup"] = 1 / _to_full(frame, "latency_per_example_s")
+    if "latency_per_example_s" in frame:  # speed-up against full tokens of the same model, frames and evaluation
+        frame["speedup"] = 1 / _to_full(frame.assign(evaluation=frame.counts.map(_json)), "latency_per_example_s", FULL_KEY)
     return frame
 
 
-def _to_full(frame: pd.DataFrame, column: str) -> pd.Series:
-    """`column` divided by the value of full tokens for the same model and frames (NaN without a full cell)."""
-    full = frame[frame.method == "full"].set_index(["model", "frames"])[column]
-    baseline = [full.get((m, f), math.nan) for m, f in zip(frame.model, frame.frames, strict=True)]
-    return frame[column] / pd.Series(baseline, index=frame.index)
+def _task_name(task: str) -> str:
+    """lmms-eval's task name as TASK_METRICS knows it: the fixture_ prefix and the _deferred suffix dropped."""
+    return task.removeprefix("fixture_").removesuffix("_deferred")
+
+
+def _scored(summary: dict | None) -> int | None:
+    """Samples of one task that have a result (samples less failed); None where the cell recorded no count."""
+    if not summary or "samples" not in summary:
+        return None
+    return summary["samples"] - summary.get("failed", 0)
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _to_full(frame: pd.DataFrame, column: str, keys: list[str]) -> pd.Series:
+    """`column` divided by the value of full tokens with the same `keys` (NaN without such a full-tokens cell)."""
+    full = frame[frame.method == "full"].drop_duplicates(keys).set_index(keys)[column]
+    baseline = [full.get(tuple(values), math.nan) for values in frame[keys].itertuples(index=False)]
+    return frame[column] / pd.Series(baseline, index=frame.index, dtype=float)
 
 
 def _efficiency_columns(summaries: dict) -> dict[str, float]:
@@ -123,7 +172,12 @@ def _key(frame: pd.DataFrame) -> pd.Series:
 def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, with_tflops: bool = False) -> pd.DataFrame | None:
     """The table as numbers: rows in the paper's order, columns (metric, ours|paper|diff); None without data.
 
-    `with_tflops` adds our planned TFLOPs where the paper's layout has none (for plots).
+    The first columns name the row: model, method (the paper's label; settings appended where the
+    paper's label alone is shared by rows of one model and frame count), frames (only where the
+    table's rows differ in frames) and samples (only where the rows' cells evaluated different
+    samples). Where several cells match a row, `_pick` chooses one; `frame.attrs["notes"]` says
+    which cells were skipped and why. `with_tflops` adds our planned TFLOPs where the paper's
+    layout has none (for plots).
     """
     paper = pd.read_csv(paper_dir / f"table{table}.csv")
     paper = paper.assign(**{name: math.nan for name in SETTINGS if name not in paper})  # tables without FastV rows
@@ -133,59 +187,229 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
     measured = set(metrics) - PLANNED  # plan figures exist for every cell; a table needs one of its measured metrics
     if ours.empty or not measured & set(ours.columns) or ours[list(measured & set(ours.columns))].isna().all().all():
         return None
+    paper["row"] = _distinct_labels(paper)
     paper_models = list(dict.fromkeys(paper.model))
     paper["key"], ours = _key(paper), ours.assign(key=_key(ours))
     extra = ours[~ours.model.isin(paper_models)]  # models the paper does not have, e.g. the tiny offline model
     # Rows for models the paper lacks: the first model's rows, once per method and settings (any frame count).
     template = paper[paper.model == paper_models[0]].drop_duplicates(subset=list(METHOD_SETTINGS))
-    rows = []
+    slots = []  # (model, paper row, label, the cells that could fill it)
     for model in paper_models + list(dict.fromkeys(extra.model)):
         group = (
             paper[paper.model == model]
             if model in paper_models
-            else template.assign(model=model, **dict.fromkeys(metrics, math.nan))
+            else template.assign(model=model, frames=math.nan, **dict.fromkeys(metrics, math.nan))
         )
         for _, paper_row in group.iterrows():
             if model in paper_models:
                 match = ours[ours.key.map(lambda key, wanted=paper_row.key: key == wanted)]
             else:  # METHOD_SETTINGS (the key without model and frames) as the paper row names them, any frame count
                 match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:-1] == wanted[1:-1])]
-            for label, our_row in _variants(paper_row["row"], match):
-                row = {("", "model"): model, ("", "method"): label}
-                for metric in metrics:
-                    mine, theirs = our_row.get(metric, math.nan), paper_row.get(metric, math.nan)
-                    row[(metric, "ours")], row[(metric, "paper")] = mine, theirs
-                    row[(metric, "diff")] = (
-                        mine - theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) else math.nan
-                    )
-                rows.append(row)
+            slots += [(model, paper_row, label, cells) for label, cells in _variants(paper_row["row"], match)]
+    picked, notes = _pick(table, slots, metrics)
+    runs = {evaluation.run for _, evaluation in picked if evaluation is not None}
+    rows = []
+    for (model, paper_row, label, _), (our_row, evaluation) in zip(slots, picked, strict=True):
+        frames = our_row.get("frames", paper_row["frames"])
+        if len(runs) > 1 and evaluation is not None:  # rows run differently (max_new_tokens, prompt, seed): say how
+            differing = [(key, value) for key, value in evaluation.run if any(dict(run).get(key) != value for run in runs)]
+            label = f"{label} [{', '.join(f'{key}={value}' for key, value in differing)}]"
+        row = {
+            ("", "model"): model,
+            ("", "method"): label,
+            ("", "frames"): "-" if pd.isna(frames) else str(int(frames)),
+            ("", "samples"): "-" if evaluation is None else _samples_text(evaluation.counts),
+        }
+        for metric in metrics:
+            mine, theirs = our_row.get(metric, math.nan), paper_row.get(metric, math.nan)
+            row[(metric, "ours")], row[(metric, "paper")] = mine, theirs
+            row[(metric, "diff")] = (
+                mine - theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) else math.nan
+            )
+        rows.append(row)
     frame = pd.DataFrame(rows)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    if frame[("", "frames")].replace("-", None).nunique() < 2:  # one frame count: the paper's caption says which
+        frame = frame.drop(columns=[("", "frames")])
+    if len({evaluation.counts for _, evaluation in picked if evaluation is not None}) < 2:  # the same samples in every row
+        frame = frame.drop(columns=[("", "samples")])
+    frame.attrs["notes"] = notes
     return frame
 
 
-def _variants(label: str, match: pd.DataFrame) -> list[tuple[str, pd.Series]]:
-    """One row per distinct method setting (and frame count) among the cells matching a paper row.
+LABEL_SETTINGS = {"k": "K", "l": "L", "p": "P", "layer": "layer", "ratio": "ratio"}  # how a label names a setting
+
+
+def _distinct_labels(paper: pd.DataFrame) -> pd.Series:
+    """The paper's row labels, with the row's settings appended where one model and frame count has the label twice.
+
+    Table 5's ablation rows are all "DyCoke" in the paper's text, told apart by its K, L and P
+    columns: here "DyCoke (K=0.7, L=3, P=0.7)". Where the methods differ too, the method is named first.
+    """
+    labels = paper["row"].copy()
+    for _, group in paper.groupby(["model", "frames", "row"], sort=False, dropna=False):
+        if len(group) < 2:
+            continue
+        for index, row in group.iterrows():
+            named = [f"{short}={row[name]:g}" for name, short in LABEL_SETTINGS.items() if not pd.isna(row[name])]
+            labels[index] = f"{row['row']} ({', '.join(([row.method] if group.method.nunique() > 1 else []) + named)})"
+    return labels
+
+
+def _variants(label: str, match: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The cells matching a paper row, in groups that each get a row: one group per method setting and frame count.
 
     Cells whose settings differ beyond what the paper row names (PruMerge's variant or mode,
-    DyCoke's mode or threshold, ...) are never merged: each gets its own row, labelled with the
-    settings that tell them apart.
+    DyCoke's mode or threshold, ...) are never merged: each group gets its own row, labelled with
+    the settings that tell them apart (frames are the frames column's). Within a group the cells
+    differ only in what they evaluated (tasks, limit, prompt, seed, max_new_tokens, measured or
+    not); `_pick` chooses among them.
     """
     if match.empty:
-        return [(label, pd.Series(dtype=object))]
-    groups = list(match.groupby(["settings", "frames"], sort=True))
-    if len(groups) == 1:
-        return [(label, groups[0][1].iloc[-1])]
-    parsed = [({**json.loads(settings), "frames": frames}, cells.iloc[-1]) for (settings, frames), cells in groups]
+        return [(label, match)]
+    parsed = [(json.loads(settings), cells) for (settings, _), cells in match.groupby(["settings", "frames"], sort=True)]
     differing = sorted({key for settings, _ in parsed for key in settings if any(s.get(key) != settings[key] for s, _ in parsed)})
-    return [(f"{label} [{', '.join(f'{key}={settings.get(key)}' for key in differing)}]", row) for settings, row in parsed]
+    if not differing:
+        return [(label, cells) for _, cells in parsed]
+    return [(f"{label} [{', '.join(f'{key}={settings.get(key)}' for key in differing)}]", cells) for settings, cells in parsed]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What a cell evaluated, as far as one table is concerned."""
+
+    run: tuple[tuple[str, Any], ...]  # RUN_SETTINGS as the cell ran them
+    counts: tuple[tuple[str, int | str], ...]  # (task, samples scored) over the tasks the table's columns come from
+    columns: tuple[str, ...]  # the table's measured columns the cell has (a column not judged yet counts)
+
+    def rank(self) -> tuple:
+        """Larger is preferred: more of the table's columns, then more samples and tasks, then the default run settings."""
+        total = sum(_number(count) for _, count in self.counts)
+        defaults = sum(DEFAULT_RUN.get(key) == value for key, value in self.run)
+        return len(self.columns), total, len(self.counts), defaults
+
+    def differences(self, other: Evaluation) -> tuple[str, str]:
+        """How this evaluation and `other` differ, as two texts: this one's side and the other's."""
+        mine, theirs = [], []
+        if self.counts != other.counts:
+            mine.append(_describe(self.counts))
+            theirs.append(_describe(other.counts))
+        run, other_run = dict(self.run), dict(other.run)
+        if run != other_run:
+            keys = [key for key in run if run[key] != other_run.get(key)]
+            mine.append(", ".join(f"{key}={run[key]}" for key in keys))
+            theirs.append(", ".join(f"{key}={other_run.get(key)}" for key in keys))
+        if self.columns != other.columns:
+            for side, columns, rest in ((mine, self.columns, other.columns), (theirs, other.columns, self.columns)):
+                missing = [column for column in rest if column not in columns]
+                without = f" (not {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})" if missing else ""
+                side.append(f"{len(columns)} of the table's measured columns{without}")
+        return "; ".join(mine), "; ".join(theirs)
+
+
+def _number(count: int | str) -> float:
+    """Samples a count stands for: a recorded count, a limit (at most that many), 'all' (as many as there are)."""
+    return count if isinstance(count, int) else math.inf if count == "all" else float(count.removeprefix("limit="))
+
+
+def _pick(table: int, slots: list, metrics: list[str]) -> tuple[list[tuple[pd.Series, Evaluation | None]], list[str]]:
+    """One cell per row, chosen so that the table's rows share one evaluation where they can; and what was skipped.
+
+    A cell's `Evaluation` for the table: its run settings (prompt, seed, max_new_tokens), the
+    samples it scored in each task the table's columns come from (from its summaries; where it
+    recorded none, its limit), and which of the table's measured columns it has. The table's
+    evaluation is the one with the most of the table's columns (Table 3 wants the measured cells,
+    not Table 2's cells of the same settings), then the one the most rows have a cell for, then the
+    largest, then the one with the default run settings. Each row takes its cell with the table's
+    evaluation, else its best by `Evaluation.rank`; among cells that evaluated the same, the one
+    without a limit, then by name. Every cell not taken is named in a note with the reason, and so
+    is every row whose evaluation is not the table's. A cell that has none of the table's tasks
+    is no candidate where the row has one that has.
+    """
+    options = []
+    for *_, cells in slots:
+        choices = [(_evaluation(row, metrics), row) for _, row in cells.iterrows()]
+        options.append([c for c in choices if c[0].counts] or choices)
+    tally = Counter(evaluation for choices in options for evaluation in {e for e, _ in choices} if evaluation.counts)
+    target = max(tally, key=lambda e: (len(e.columns), tally[e], *e.rank()[1:]), default=None)
+    picked, notes = [], []
+    for (model, _, label, _), choices in zip(slots, options, strict=True):
+        if not choices:
+            picked.append((pd.Series(dtype=object), None))
+            continue
+        best = [c for c in choices if c[0] == target] or choices
+        top = max(evaluation.rank() for evaluation, _ in best)
+        tied = [c for c in best if c[0].rank() == top]
+        evaluation, chosen = min(tied, key=lambda c: (not pd.isna(c[1]["limit"]), _json(dict(c[0].run)), c[1]["cell"]))
+        picked.append((chosen, evaluation))
+        where = f"report: table {table}: {model} {label!r}"
+        for other_evaluation, other in choices:
+            if other["cell"] == chosen["cell"]:
+                continue
+            if other_evaluation == evaluation:
+                why = f"it evaluated the same as cell {chosen['cell']}, which is shown ({_describe(evaluation.counts)})"
+            else:
+                mine, theirs = other_evaluation.differences(evaluation)
+                whose = "the table's rows have" if evaluation == target else f"cell {chosen['cell']}, which is shown, has"
+                why = f"it has {mine}; {whose} {theirs}"
+            notes.append(f"{where}: skipped cell {other['cell']}: {why}")
+        if target is not None and evaluation != target:
+            mine, theirs = evaluation.differences(target)
+            notes.append(f"{where} comes from cell {chosen['cell']}, which has {mine}; the table's rows have {theirs}")
+    return picked, notes
+
+
+def _evaluation(row: pd.Series, metrics: list[str]) -> Evaluation:
+    """The cell's `Evaluation` for a table with these metrics; 'limit=N' or 'all' for a task without a recorded count."""
+    sources, counts = row.get("sources"), row.get("counts")
+    sources, counts = (sources, counts) if isinstance(sources, dict) else ({}, {})
+    tasks = sorted({task for metric in metrics for task in sources.get(metric, ())})
+    limit = "all" if pd.isna(row.get("limit")) else f"limit={row['limit']:g}"
+    return Evaluation(
+        run=tuple(sorted(json.loads(row.get("run") or "{}").items())),
+        counts=tuple((task, counts[task] if counts.get(task) is not None else limit) for task in tasks),
+        columns=tuple(metric for metric in metrics if metric in sources),
+    )
+
+
+def _describe(counts: tuple) -> str:
+    """'3 samples in each of 2 tasks (nextqa_mc_test, videomme)', or per task where they differ."""
+    if not counts:
+        return "none of the table's tasks"
+    tasks = [task for task, _ in counts]
+    shown = ", ".join(tasks[:4]) + (f" and {len(tasks) - 4} more" if len(tasks) > 4 else "")
+    different = {count for _, count in counts}
+    if len(different) > 1:
+        return "; ".join(f"{task}: {_count_text(count)}" for task, count in counts)
+    where = f"each of {len(tasks)} tasks" if len(tasks) > 1 else "1 task"
+    return f"{_count_text(different.pop())} in {where} ({shown})"
+
+
+def _count_text(count: int | str) -> str:
+    if isinstance(count, int):
+        return f"{count} sample{'s' if count != 1 else ''}"
+    return "every sample (count not recorded)" if count == "all" else f"{count} (count not recorded)"
+
+
+def _samples_text(counts: tuple) -> str:
+    """The samples column: '3 x 2 tasks' (samples per task), where counts differ their total; the limit where not recorded."""
+    if not counts:
+        return "none"
+    values = [count for _, count in counts]
+    tasks = f"{len(values)} task{'s' if len(values) != 1 else ''}"
+    if len(set(values)) == 1:
+        return f"{values[0]} x {tasks}"
+    if all(isinstance(count, int) for count in values):
+        return f"{sum(values)} in {tasks}"
+    return f"{', '.join(dict.fromkeys(str(count) for count in values))} in {tasks}"
 
 
 def marks(frame: pd.DataFrame) -> dict[tuple[int, tuple[str, str]], str]:
-    """{(row, column): 'best' | 'second'} among pruning methods, per model and metric, for ours and the paper's values."""
+    """{(row, column): 'best' | 'second'} among pruning methods, per model (and frame count) and metric, ours and the paper's."""
     found = {}
     pruning = ~frame[("", "method")].str.startswith("Full")
-    for _, group in frame[pruning].groupby(frame[("", "model")]):
+    blocks = [column for column in (("", "model"), ("", "frames")) if column in frame.columns]
+    for _, group in frame[pruning].groupby([frame[column] for column in blocks]):
         for metric, source in [c for c in frame.columns if c[1] in ("ours", "paper") and c[0] not in NOT_RANKED]:
             values = group[(metric, source)].dropna()
             ranked = values.sort_values(ascending=metric in LOWER_IS_BETTER).drop_duplicates()
@@ -204,12 +428,13 @@ def _format(metric: str, value: float, signed: bool) -> str:
     return f"{value:{sign}.2f}"
 
 
+MARKS = {"md": {"best": "**{}**", "second": "<u>{}</u>"}, "plain": {"best": "{}", "second": "{}"}}
+LATEX_MARKS = {"best": "textbf:--rwrap;", "second": "underline:--rwrap;"}  # Styler: \textbf{...} around the escaped value
+
+
 def render(frame: pd.DataFrame, style: str) -> pd.DataFrame:
-    """Numbers as text: a dash where missing, best bold and second underlined ('md' or 'tex')."""
+    """Numbers as text: a dash where missing, best bold and second underlined ('md'), or no marks ('plain')."""
     found = marks(frame)
-    wrap = {"md": {"best": "**{}**", "second": "<u>{}</u>"}, "tex": {"best": r"\textbf{{{}}}", "second": r"\underline{{{}}}"}}[
-        style
-    ]
     text = frame.astype(object).copy()
     for column in frame.columns:
         if column[0] == "":
@@ -219,22 +444,45 @@ def render(frame: pd.DataFrame, style: str) -> pd.DataFrame:
                 text.loc[row, column] = "-"
                 continue
             shown = _format(column[0], value, signed=column[1] == "diff")
-            text.loc[row, column] = wrap[found[(row, column)]].format(shown) if (row, column) in found else shown
+            text.loc[row, column] = MARKS[style][found[(row, column)]].format(shown) if (row, column) in found else shown
     return text
+
+
+def to_latex(frame: pd.DataFrame) -> str:
+    """The table as a booktabs tabular, every text cell and header escaped by pandas' LaTeX writer (Styler).
+
+    Escaping is pandas' "latex-math": text between a pair of `$` is kept as math (the paper's labels,
+    "Ours ($K=0.7$)", render as in the paper), and everything else, a lone `$` included, is escaped
+    (`%`, `_`, `&`, `#`, `{`, ...). Best and second best are `\\textbf` and `\\underline`, which the Styler
+    puts around the escaped value.
+    """
+    flat = _flat(frame.columns)
+    styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
+    for (row, column), mark in marks(frame).items():
+        styles.loc[row, column] = LATEX_MARKS[mark]
+    styler = render(frame, "plain").set_axis(flat, axis=1).style.hide(axis="index")
+    styler = styler.format(escape="latex-math").format_index(escape="latex-math", axis=1)
+    styler = styler.apply(lambda _: styles.set_axis(flat, axis=1), axis=None)
+    labels = sum(1 for column in frame.columns if column[0] == "")
+    return styler.to_latex(hrules=True, column_format="l" * labels + "r" * (len(flat) - labels))
+
+
+def _flat(columns: pd.MultiIndex) -> list[str]:
+    return [" ".join(part for part in column if part) for column in columns]
 
 
 def write_table(table: int, frame: pd.DataFrame, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat = [" ".join(part for part in column if part) for column in frame.columns]
+    flat = _flat(frame.columns)
     markdown = render(frame, "md").set_axis(flat, axis=1).to_markdown(index=False)
     (out_dir / f"table{table}.md").write_text(f"# Table {table}\n\n{markdown}\n")
-    (out_dir / f"table{table}.tex").write_text(render(frame, "tex").set_axis(flat, axis=1).to_latex(index=False))
+    (out_dir / f"table{table}.tex").write_text(to_latex(frame))
     frame.set_axis(flat, axis=1).to_csv(out_dir / f"table{table}.csv", index=False, na_rep="-")
     return markdown
 
 
 def efficiency_summary(results_dir: Path) -> pd.DataFrame:
-    """Measured cells against full tokens of the same model and frames: speed, memory and KV-cache ratios."""
+    """Measured cells against full tokens of the same model, frames, samples and run settings: speed, memory, KV cache."""
     rows = []
     for cell in CellStore(results_dir).cells():
         summaries = [s for s in cell.summaries.values() if "latency_total_s" in s]
@@ -250,14 +498,16 @@ def efficiency_summary(results_dir: Path) -> pd.DataFrame:
             "decode_ms_per_token": shared.get("decode_ms_per_token", math.nan),
             "peak_memory_gb": shared["gpu_memory_gb"],
             "kv_cache_mib": sum(s["kv_cache_bytes_mean"] for s in summaries) / len(summaries) / 2**20,
+            "run": _json({key: cell.run.config.get(key) for key in RUN_SETTINGS}),
         })  # fmt: skip
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    frame["speedup"] = 1 / _to_full(frame, "latency_per_example_s")
-    frame["memory_ratio"] = _to_full(frame, "peak_memory_gb")
-    frame["kv_cache_ratio"] = _to_full(frame, "kv_cache_mib")
-    return frame
+    same = ["model", "frames", "samples", "run"]
+    frame["speedup"] = 1 / _to_full(frame, "latency_per_example_s", same)
+    frame["memory_ratio"] = _to_full(frame, "peak_memory_gb", same)
+    frame["kv_cache_ratio"] = _to_full(frame, "kv_cache_mib", same)
+    return frame.drop(columns="run")
 
 
 def render_report(results_dir: Path, tables: list[int] | None = None, paper_dir: Path = PAPER_DIR) -> dict[int, pd.DataFrame]:
@@ -274,6 +524,8 @@ def render_report(results_dir: Path, tables: list[int] | None = None, paper_dir:
     for table in tables or sorted(int(p.stem.removeprefix("table")) for p in paper_dir.glob("table*.csv")):
         frame = build_table(table, ours, paper_dir)
         if frame is not None:
+            for note in frame.attrs["notes"]:
+                print(note)
             markdown = write_table(table, frame, results_dir / "report")
             plot_accuracy_vs_flops(table, build_table(table, ours, paper_dir, with_tflops=True), results_dir / "report")
             print(f"\nTable {table} ({results_dir / 'report' / f'table{table}.md'}):\n{markdown}")

@@ -1,7 +1,10 @@
 """The report: the paper's layout, our values beside the paper's, marks and dashes, from hand-made cells."""
 
 import json
+import re
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -10,15 +13,19 @@ from omegaconf import OmegaConf
 
 from dycoke_eval.accounting import plan_row
 from dycoke_eval.config import CONF_DIR
-from dycoke_eval.report import cell_rows, render, render_report
+from dycoke_eval.plots import accuracy_points, draw_points
+from dycoke_eval.report import MVBENCH_CODES, PAPER_DIR, build_table, cell_rows, render, render_report, to_latex
 
 QA = {"activitynetqa_deferred": {"gpt_eval_accuracy,none": 50.0, "gpt_eval_score,none": 2.8},
       "nextqa_mc_test": {"exact_match,none": 0.78}, "videomme": {"videomme_perception_score,none": 58.0}}  # fmt: skip
+MEASURED = {"memory_peak_gb": {"peak_reserved_gb": 10.0}, "seconds_mean": {}, "prefill_mean_s": 0.1, "kv_cache_bytes_mean": 2**20}
 
 
-def write_cell(results_dir, name, overrides, metrics, recorded_plan=True, **run_fields):
+def write_cell(results_dir, name, overrides, metrics, recorded_plan=True, samples=None, measured=None, **run_fields):
     """A cell folder as the app writes it (format 2, its plan recorded); `recorded_plan=False` writes one from
-    before run.json recorded plans, whose config has no accounting dimensions either. `run_fields` add to run.json."""
+    before run.json recorded plans, whose config has no accounting dimensions either. `samples`: the per-task
+    summaries' sample count (none by default, as cells that recorded none); `measured`: efficiency figures added
+    to every task's summary. `run_fields` add to run.json."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["tasks=table1", *overrides])
     cell = results_dir / "cells" / name
@@ -27,7 +34,8 @@ def write_cell(results_dir, name, overrides, metrics, recorded_plan=True, **run_
     if recorded_plan:
         run.update(format=2, plan=plan_row(cfg))
     (cell / "run.json").write_text(json.dumps({**run, **{key: value(cfg) for key, value in run_fields.items()}}))
-    (cell / "results.json").write_text(json.dumps({"results": metrics}))
+    summaries = {task: {"samples": samples, "failed": 0, **(measured or {})} for task in metrics} if samples else {}
+    (cell / "results.json").write_text(json.dumps({"results": metrics, **({"dycoke_eval": summaries} if summaries else {})}))
     return cell
 
 
@@ -84,7 +92,8 @@ def test_markdown_latex_and_csv_are_written(report):
     results_dir, _ = report
     out = results_dir / "report"
     assert "| llava_ov_7b" in (out / "table1.md").read_text()
-    assert r"\textbf{75.00}" in (out / "table1.tex").read_text()
+    tex = (out / "table1.tex").read_text()
+    assert r"\textbf{75.00}" in tex and r"llava\_ov\_7b" in tex and r"100.00\%" in tex and "retained\\_ratio ours" in tex
     csv = (out / "table1.csv").read_text().splitlines()
     assert csv[0].startswith("model,method,retained_ratio ours,retained_ratio paper") and ",-," in csv[1]
 
@@ -133,3 +142,205 @@ def test_a_cell_without_a_plan_is_skipped_naming_the_cell_and_the_fix(tmp_path, 
     assert cell_rows(tmp_path).empty
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "old_fastv" in line]
     assert line.startswith("report: skipped cell old_fastv: no plan") and "force=true" in line
+
+
+# Which cell fills a row, and what a row says about itself
+
+
+def test_a_limited_cell_beside_a_full_one_is_skipped_with_a_warning_and_the_full_ones_numbers_are_shown(tmp_path, capsys):
+    nextqa = lambda v: {**QA, "nextqa_mc_test": {"exact_match,none": v}}  # noqa: E731
+    seven = ["model=llava_ov_7b"]
+    write_cell(tmp_path, "a_full", [*seven, "method=full"], nextqa(1 / 3), samples=3)
+    write_cell(tmp_path, "b_full_limit1", [*seven, "method=full", "limit=1"], nextqa(0.0), samples=1)  # sorts last
+    write_cell(tmp_path, "fastv", [*seven, "method=fastv"], nextqa(0.30), samples=3)
+    write_cell(tmp_path, "tiny", ["model=tiny", "method=full"], nextqa(0.5), samples=3)  # its rows without a cell: no frames
+    table = rows(render_report(tmp_path, [1])[1], "llava_ov_7b")
+    assert table.loc["Full Tokens", ("nextqa_mc", "ours")] == pytest.approx(100 / 3)
+    assert ("", "samples") not in table.columns and ("", "frames") not in table.columns  # the same samples, 32 frames
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "b_full_limit1" in line]
+    assert warning.startswith("report: table 1: llava_ov_7b 'Full Tokens': skipped cell b_full_limit1: it has 1 sample in each")
+    assert "the table's rows have 3 samples in each of 3 tasks (activitynetqa_deferred, nextqa_mc_test, videomme)" in warning
+
+
+def test_a_row_with_only_a_smaller_evaluation_shows_its_sample_count_and_says_so(tmp_path, capsys):
+    nextqa = lambda v: {**QA, "nextqa_mc_test": {"exact_match,none": v}}  # noqa: E731
+    seven = ["model=llava_ov_7b"]
+    write_cell(tmp_path, "full", [*seven, "method=full"], nextqa(1 / 3), samples=3)
+    write_cell(tmp_path, "fastv", [*seven, "method=fastv"], nextqa(0.30), samples=3)
+    write_cell(tmp_path, "dycoke_limit1", [*seven, "method=dycoke", "method.k=0.7", "limit=1"], nextqa(1.0), samples=1)
+    write_cell(tmp_path, "dycoke_limit2", [*seven, "method=dycoke", "method.k=0.7", "limit=2"], nextqa(0.5), samples=2)
+    table = rows(render_report(tmp_path, [1])[1], "llava_ov_7b")
+    assert table[("", "samples")].to_dict() == {
+        "Full Tokens": "3 x 3 tasks", "FastV": "3 x 3 tasks", "PruMerge": "-", "Ours ($K=0.3, L=3, P=0.7$)": "-",
+        "Ours ($K=0.5, L=3, P=0.7$)": "-", "Ours ($K=0.7, L=3, P=0.7$)": "2 x 3 tasks",
+    }  # fmt: skip
+    assert table.loc["Ours ($K=0.7, L=3, P=0.7$)", ("nextqa_mc", "ours")] == pytest.approx(50.0)  # the larger of the two
+    out = capsys.readouterr().out
+    assert "skipped cell dycoke_limit1: it has 1 sample in each of 3 tasks" in out
+    assert "cell dycoke_limit2, which is shown, has 2 samples in each of 3 tasks" in out
+    assert "'Ours ($K=0.7, L=3, P=0.7$)' comes from cell dycoke_limit2, which has 2 samples in each of 3 tasks" in out
+    assert "| samples" in (tmp_path / "report" / "table1.md").read_text()
+
+
+def test_speedup_is_against_full_tokens_that_evaluated_the_same_samples(tmp_path):
+    mvbench = {"mvbench_action_antonym": {"mvbench_accuracy,none": 50.0}}
+    measured = lambda seconds: {**MEASURED, "latency_total_s": seconds}  # noqa: E731
+    seven = ["model=llava_ov_7b", "frames=16"]
+    write_cell(tmp_path, "full", [*seven, "method=full"], mvbench, samples=4, measured=measured(8.0))
+    write_cell(tmp_path, "full_limit1", [*seven, "method=full", "limit=1"], mvbench, samples=1, measured=measured(5.0))
+    write_cell(tmp_path, "dycoke", [*seven, "method=dycoke", "method.k=0.7"], mvbench, samples=4, measured=measured(4.0))
+    table = render_report(tmp_path, [3])[3]
+    table = rows(table[table[("", "frames")] == "16"], "llava_ov_7b")
+    assert table.loc["Full Tokens", ("latency_per_example_s", "ours")] == pytest.approx(2.0)  # 8 s over 4, not 5 s over 1
+    assert table.loc["Ours ($K = 0.7$)", ("speedup", "ours")] == pytest.approx(2.0)
+    summary = pd.read_csv(tmp_path / "report" / "efficiency.csv").set_index("samples")
+    assert summary.loc[4].set_index("method").loc["dycoke", "speedup"] == pytest.approx(2.0)
+
+
+def test_rows_that_differ_in_frames_show_their_frames(tmp_path):
+    mvbench = {"mvbench_action_antonym": {"mvbench_accuracy,none": 50.0}}
+    for frames in (16, 32):
+        write_cell(tmp_path, f"full{frames}", ["model=llava_ov_7b", "method=full", f"frames={frames}"], mvbench, samples=4,
+                   measured={**MEASURED, "latency_total_s": frames / 4})  # fmt: skip
+    table = render_report(tmp_path, [3])[3]
+    seven = table[table[("", "model")] == "llava_ov_7b"].set_index([("", "frames"), ("", "method")])
+    assert seven.loc[("16", "Full Tokens"), ("latency_per_example_s", "ours")] == pytest.approx(1.0)
+    assert seven.loc[("32", "Full Tokens"), ("latency_per_example_s", "ours")] == pytest.approx(2.0)
+    header = (tmp_path / "report" / "table3.md").read_text().splitlines()[2]
+    assert [name.strip() for name in header.split("|")[1:4]] == ["model", "method", "frames"]
+
+
+def test_ablation_rows_say_which_settings_they_ran(tmp_path):
+    nextqa = lambda v: {"nextqa_mc_test": {"exact_match,none": v}}  # noqa: E731
+    seven = ["model=llava_ov_7b", "method=dycoke", "method.k=0.7"]
+    write_cell(tmp_path, "l3", seven, nextqa(0.75))
+    write_cell(tmp_path, "l10", [*seven, "method.l=10"], nextqa(0.70))
+    write_cell(tmp_path, "no_dp", ["model=llava_ov_7b", "method=dycoke_no_dp", "method.k=0.7"], nextqa(0.65))
+    table = rows(render_report(tmp_path, [5])[5], "llava_ov_7b")[("nextqa_mc", "ours")]
+    assert list(table.index) == [
+        "Full Tokens", "w/o DP", "Random Pruning", "DyCoke (K=0.7, L=3, P=0.7)", "DyCoke (K=0.7, L=10, P=0.7)",
+        "DyCoke (K=0.7, L=3, P=0.9)", "DyCoke (K=0.9, L=0, P=0.9)",
+    ]  # fmt: skip
+    assert table.dropna().to_dict() == pytest.approx(
+        {"w/o DP": 65.0, "DyCoke (K=0.7, L=3, P=0.7)": 75.0, "DyCoke (K=0.7, L=10, P=0.7)": 70.0}
+    )
+
+
+@pytest.mark.parametrize("table", range(1, 8))
+def test_no_table_has_two_rows_that_read_the_same(table):
+    """Every paper row, and a model the paper lacks, rendered: no two rows with the same model, frames and label."""
+    metrics = {column for path in PAPER_DIR.glob("table*.csv") for column in pd.read_csv(path).columns}
+    ours = pd.DataFrame([{
+        "model": "tiny", "method": "full", "frames": 8, "settings": "{}", "run": "{}", "cell": "tiny_full", "limit": None,
+        "counts": {}, "sources": {}, **dict.fromkeys(metrics - {"table", "row", "model", "method", "frames"}, 1.0),
+    }])  # fmt: skip
+    frame = build_table(table, ours)
+    shown = [column for column in (("", "model"), ("", "frames"), ("", "method")) if column in frame.columns]
+    names = frame[shown].apply(tuple, axis=1)
+    assert not names.duplicated().any(), names[names.duplicated(keep=False)].tolist()
+
+
+# Plots
+
+
+def test_every_point_of_a_plot_averages_the_same_metrics(tmp_path):
+    seven = ["model=llava_ov_7b"]
+    write_cell(tmp_path, "full", [*seven, "method=full"], QA)  # ActivityNet-QA, NExT-QA and VideoMME
+    write_cell(tmp_path, "fastv", [*seven, "method=fastv"], {"nextqa_mc_test": {"exact_match,none": 0.70}})  # NExT-QA only
+    render_report(tmp_path, [1])
+    points = pd.read_csv(tmp_path / "report" / "table1_llava_ov_7b_accuracy_vs_tflops.csv")
+    assert set(points.metrics) == {"nextqa_mc"}
+    ours = points[points.source == "ours"].set_index("method").accuracy
+    assert ours.to_dict() == pytest.approx({"Full Tokens": 78.0, "FastV": 70.0})  # not Full's mean of three
+    paper = points[points.source == "paper"].set_index("method").accuracy
+    assert paper["FastV"] == pytest.approx(78.2)
+
+
+def test_a_point_sharing_no_metric_with_the_others_is_left_out_with_a_note(capsys):
+    frame = pd.DataFrame(
+        [["m", "Full Tokens", 10.0, 50.0, 60.0, float("nan")], ["m", "FastV", 5.0, float("nan"), 40.0, 45.0],
+         ["m", "Odd", 7.0, 30.0, float("nan"), float("nan")]],
+        columns=pd.MultiIndex.from_tuples([("", "model"), ("", "method"), ("tflops", "ours"), ("a", "ours"), ("b", "ours"),
+                                           ("c", "ours")]),
+    ).assign(**{name: float("nan") for name in ()})  # fmt: skip
+    for metric in ("tflops", "a", "b", "c"):
+        frame[(metric, "paper")] = float("nan")
+    points, notes = accuracy_points(frame)
+    assert notes == ["m: left out Odd (ours): it has only a"]
+    assert points.set_index("method").accuracy.to_dict() == {"Full Tokens": 60.0, "FastV": 40.0} and set(points.metrics) == {"b"}
+
+
+def test_the_papers_point_is_drawn_above_ours_in_another_marker_so_coinciding_points_both_show():
+    figure, axes = plt.subplots()
+    points = pd.DataFrame({"method": ["DyCoke", "DyCoke"], "source": ["ours", "paper"], "tflops": [17.9, 17.9],
+                           "accuracy": [58.0, 58.0]})  # fmt: skip
+    draw_points(axes, points)
+    ours, paper = axes.collections
+    plt.close(figure)
+    assert paper.get_zorder() > ours.get_zorder() and paper.get_sizes()[0] > ours.get_sizes()[0]
+    assert paper.get_facecolor().size == 0 or paper.get_facecolor()[0][3] == 0  # an outline: ours shows through it
+    assert not np.array_equal(paper.get_paths()[0].vertices, ours.get_paths()[0].vertices)  # a different marker
+
+
+# LaTeX
+
+
+def test_latex_escapes_text_and_headers_keeps_paired_dollars_as_math_and_the_marks():
+    columns = [("", "model"), ("", "method"), ("nextqa_mc", "ours"), ("nextqa_mc", "paper"), ("nextqa_mc", "diff"),
+               ("retained_ratio", "ours")]  # fmt: skip
+    frame = pd.DataFrame(
+        [["llava_ov_7b", "Full Tokens", 80.0, 79.4, 0.6, 1.0], ["llava_ov_7b", "Ours ($K=0.7$)", 75.0, 78.2, -3.2, 0.14],
+         ["llava_ov_7b", "50% a_b & c #1 costs $5", 70.0, 78.0, -8.0, 0.35]],
+        columns=pd.MultiIndex.from_tuples(columns),
+    )  # fmt: skip
+    tex = to_latex(frame)
+    assert r"llava\_ov\_7b & Ours ($K=0.7$) & \textbf{75.00} & \textbf{78.20} & -3.20 & 14.00\% \\" in tex
+    assert r"50\% a\_b \& c \#1 costs \$5 & \underline{70.00}" in tex
+    assert r"model & method & nextqa\_mc ours & nextqa\_mc paper & nextqa\_mc diff & retained\_ratio ours \\" in tex
+    assert r"\begin{tabular}{llrrrr}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    body = re.sub(r"\\[$%_&#]", "", tex)  # escaped characters out
+    body = re.sub(r"\$[^$]*\$", "", body)  # math out
+    assert not set("%_#$") & set(body) and body.count("&") == 4 * 5  # only column separators are left
+
+
+def test_tables_sharing_settings_take_the_cells_run_for_them(tmp_path, capsys):
+    """Table 3's measured, one-token cells and Table 2's cells have the same settings: each table takes its own."""
+    mvbench = lambda v: {f"mvbench_{name}": {"mvbench_accuracy,none": v} for name in MVBENCH_CODES}  # noqa: E731
+    measured = {**MEASURED, "latency_total_s": 4.0}
+    sixteen = ["model=llava_ov_7b", "frames=16"]
+    write_cell(tmp_path, "full", [*sixteen, "method=full"], mvbench(50.0), samples=2)
+    write_cell(tmp_path, "full_measured", [*sixteen, "method=full", "measure=true", "max_new_tokens=1"], mvbench(40.0), samples=2,
+               measured=measured)  # fmt: skip
+    write_cell(tmp_path, "dycoke_measured", [*sixteen, "method=dycoke", "method.k=0.7", "measure=true", "max_new_tokens=1"],
+               mvbench(45.0), samples=2, measured=measured)  # fmt: skip
+    tables = render_report(tmp_path, [2, 3])
+    table3 = tables[3][tables[3][("", "frames")] == "16"]
+    table3 = rows(table3, "llava_ov_7b")
+    assert table3.loc["Full Tokens", ("accuracy", "ours")] == pytest.approx(40.0)  # the measured cell's, with latency
+    assert table3.loc["Full Tokens", ("latency_per_example_s", "ours")] == pytest.approx(80.0 / 40)
+    table2 = rows(tables[2], "llava_ov_7b")[("AA", "ours")]
+    assert table2["Full Tokens"] == pytest.approx(40.0)  # as the DyCoke row was run: one output token
+    out = capsys.readouterr().out
+    assert "report: table 3: llava_ov_7b 'Full Tokens': skipped cell full: it has max_new_tokens=None; 1 of the" in out
+    assert "report: table 2: llava_ov_7b 'Full Tokens': skipped cell full: it has max_new_tokens=None; the table's rows" in out
+
+    write_cell(tmp_path, "fastv", [*sixteen, "method=fastv"], mvbench(48.0), samples=2)  # now two rows each way
+    table2 = rows(render_report(tmp_path, [2])[2], "llava_ov_7b")[("AA", "ours")]
+    assert table2["Full Tokens [max_new_tokens=None]"] == pytest.approx(50.0)  # a tie: the tasks' own generation length
+    assert table2["Ours ($K = 0.7$) [max_new_tokens=1]"] == pytest.approx(45.0)  # its only cell, labelled as it ran
+    out = capsys.readouterr().out
+    assert "report: table 2: llava_ov_7b 'Full Tokens': skipped cell full_measured: it has max_new_tokens=1;" in out
+    assert "report: table 2: llava_ov_7b 'Ours ($K = 0.7$)' comes from cell dycoke_measured, which has max_new_tokens=1" in out
+
+
+def test_best_and_second_best_are_marked_within_one_frame_count(tmp_path):
+    for frames, seconds in ((16, 1.0), (32, 3.0)):
+        for method, factor in (("fastv", 1.0), ("prumerge", 2.0)):
+            write_cell(tmp_path, f"{method}{frames}", ["model=llava_ov_7b", f"method={method}", f"frames={frames}"],
+                       {"mvbench_action_antonym": {"mvbench_accuracy,none": 50.0}}, samples=4,
+                       measured={**MEASURED, "latency_total_s": seconds * factor})  # fmt: skip
+    table = render_report(tmp_path, [3])[3]
+    text = rows(render(table, "md"), "llava_ov_7b").set_index(("", "frames"), append=True)[("latency_per_example_s", "ours")]
+    text.index = [(frames, method) for method, frames in text.index]
+    assert text[("16", "FastV")] == "**0.25**" and text[("16", "PruMerge")] == "<u>0.50</u>"
+    assert text[("32", "FastV")] == "**0.75**" and text[("32", "PruMerge")] == "<u>1.50</u>"  # not against 16 frames'
