@@ -510,15 +510,22 @@ def efficiency_summary(results_dir: Path) -> pd.DataFrame:
     return frame.drop(columns="run")
 
 
-def render_report(results_dir: Path, tables: list[int] | None = None, paper_dir: Path = PAPER_DIR) -> dict[int, pd.DataFrame]:
-    """Write every table with data under results_dir/report; returns the tables written."""
+def render_report(
+    results_dir: Path, tables: list[int] | None = None, paper_dir: Path = PAPER_DIR, show: bool = False
+) -> dict[int, pd.DataFrame]:
+    """Write every table with data under results_dir/report; returns the tables written.
+
+    Prints one line per table (its path, rows and the cells it shows) unless `show`, which prints the tables too.
+    """
     efficiency = efficiency_summary(results_dir)
     if not efficiency.empty:
         (results_dir / "report").mkdir(parents=True, exist_ok=True)
         efficiency.to_csv(results_dir / "report" / "efficiency.csv", index=False)
         markdown = efficiency.to_markdown(index=False, floatfmt=".3f")
         (results_dir / "report" / "efficiency.md").write_text(f"# Efficiency against full tokens (same run)\n\n{markdown}\n")
-        print(f"\nEfficiency ({results_dir / 'report' / 'efficiency.md'}):\n{markdown}")
+        print(f"efficiency: {results_dir / 'report' / 'efficiency.md'} ({len(efficiency)} measured cells)")
+        if show:
+            print(markdown)
     ours = cell_rows(results_dir)
     written = {}
     for table in tables or sorted(int(p.stem.removeprefix("table")) for p in paper_dir.glob("table*.csv")):
@@ -528,7 +535,11 @@ def render_report(results_dir: Path, tables: list[int] | None = None, paper_dir:
                 print(note)
             markdown = write_table(table, frame, results_dir / "report")
             plot_accuracy_vs_flops(table, build_table(table, ours, paper_dir, with_tflops=True), results_dir / "report")
-            print(f"\nTable {table} ({results_dir / 'report' / f'table{table}.md'}):\n{markdown}")
+            filled = int(frame[[c for c in frame.columns if c[1] == "ours"]].notna().any(axis=1).sum())
+            where = results_dir / "report" / f"table{table}.md"
+            print(f"table {table}: {where} (also .tex, .csv and plots): {filled} of {len(frame)} rows have our values")
+            if show:
+                print(markdown)
             written[table] = frame
     if not written:
         print(f"report: no finished cell under {results_dir / 'cells'} has a metric of any paper table")
@@ -541,8 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("results_dir", type=Path)
     parser.add_argument("--tables", type=int, nargs="*", help="only these tables (default: every table with data)")
+    parser.add_argument("--show", action="store_true", help="print the tables too, not only where they were written")
     args = parser.parse_args(argv)
-    render_report(args.results_dir, args.tables)
+    render_report(args.results_dir, args.tables, show=args.show)
     return 0
 
 

@@ -344,3 +344,14 @@ def test_best_and_second_best_are_marked_within_one_frame_count(tmp_path):
     text.index = [(frames, method) for method, frames in text.index]
     assert text[("16", "FastV")] == "**0.25**" and text[("16", "PruMerge")] == "<u>0.50</u>"
     assert text[("32", "FastV")] == "**0.75**" and text[("32", "PruMerge")] == "<u>1.50</u>"  # not against 16 frames'
+
+
+def test_rendering_prints_where_each_table_went_not_the_table(report, capsys):
+    results, _ = report
+    render_report(results, tables=[1])
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("table 1:")]
+    assert str(results / "report" / "table1.md") in line and "rows have our values" in line
+    assert max(len(line) for line in out.splitlines()) < 300  # no 900-character table rows
+    render_report(results, tables=[1], show=True)
+    assert "Full Tokens" in capsys.readouterr().out
