@@ -300,7 +300,7 @@ def run_cell(cfg: DictConfig) -> Path:
         journal=str(cell_dir / "journal.jsonl"),
     )
     if cfg.model.build_tiny:
-        print(f"model: {cfg.model.name}, tiny and RANDOMLY initialised: its accuracies are meaningless (it exercises the path)")
+        print(f"model: {cfg.model.name} (RANDOM weights: its accuracies are meaningless; the run exercises the path)")
     if cfg.model.get("random_weights"):
         print(f"model: {cfg.model.name} with RANDOM weights at real dimensions: latency and memory only, accuracy is meaningless")
     if cfg.measure:
