@@ -188,7 +188,7 @@ def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(worl
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method=dycoke", "method.k=1.5"], "k=1.5: DyCoke's pruning rates must be in [0, 1)"),
+        (["method=dycoke", "method.k=1.5"], "k=1.5: DyCoke's TTM pruning rate must be in [0, 1]"),
         (["frames=0"], "frames=0: sample an integer number of frames >= 1"),
         (["method=dycoke", "method.l=99"], "l=99: the language model has 8 layers (0..7); choose l < 8"),
         (["method=fastv", "method.layer=99"], "layer=99: the language model has 8 layers; choose 1 <= layer < 8"),

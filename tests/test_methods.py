@@ -181,7 +181,7 @@ def test_dycoke_without_pruning_says_what_full_says(lm, video):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"k": 1.0}, "k=1.0"),
+        ({"k": 1.5}, "k=1.5"),
         ({"p": -0.1}, "p=-0.1"),
         ({"mode": "exact"}, "paper, official"),
         ({"l": -1}, "l=-1"),

@@ -126,12 +126,32 @@ def test_official_mode_says_where_it_departs_from_the_released_code():
     assert ttm_plan(32, "official").reference[30] == -1  # the last window's frame 2 stays whole
 
 
-@pytest.mark.parametrize("k", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("k", [-0.1, 1.01, 1.5])
 def test_k_outside_zero_one_is_refused(k):
-    with pytest.raises(ValueError, match=r"k=.*\[0, 1\)"):
+    with pytest.raises(ValueError, match=r"k=.*\[0, 1\]"):
         ttm_keep_indices(features(4), k)
 
 
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="paper, official"):
         ttm_keep_indices(features(4), 0.5, "exact")
+
+
+def test_k_one_keeps_exactly_the_frames_kept_whole():
+    kept = ttm_keep_indices(features(8), 1.0, "paper")
+    assert kept.tolist() == list(range(0, N)) + list(range(4 * N, 5 * N))  # frames 0 and 4, the windows' first
+
+
+@pytest.mark.parametrize(
+    "k, mode, share",  # SPEC-fastvid section 5: FastVID's DyCoke rows on LLaVA-OV, 32 frames of 196 tokens
+    [(0.9, "paper", 0.323), (1.0, "paper", 0.25), (0.9, "official", 0.351), (1.0, "official", 0.281)],
+)
+def test_fastvids_dycoke_rows_keep_the_share_of_video_tokens_the_spec_gives(k, mode, share):
+    from omegaconf import OmegaConf
+
+    from dycoke_eval.accounting import plan_row
+    from dycoke_eval.config import compose_option
+
+    method = compose_option("method", "dycoke_ttm", {"method.k": k, "method.mode": mode})
+    cfg = OmegaConf.create({"model": compose_option("model", "llava_ov_7b"), "method": method, "frames": 32})
+    assert plan_row(cfg)["retained_ratio"] == pytest.approx(share, abs=5e-4)

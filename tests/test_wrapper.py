@@ -147,7 +147,7 @@ def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
     [
         (
             {"method": "dycokee"},
-            "valid method options: dycoke, dycoke_no_dp, dycoke_random, fastv, full, pooling, prumerge, "
+            "valid method options: dycoke, dycoke_no_dp, dycoke_random, dycoke_ttm, fastv, full, pooling, prumerge, "
             "prumerge_official, random",
         ),
         ({"frames": 0}, "frames=0"),

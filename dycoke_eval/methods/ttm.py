@@ -129,8 +129,8 @@ def _official_similarity(features: torch.Tensor, plan: TTMPlan) -> torch.Tensor:
 
 
 def _check_rate(k: float) -> None:
-    if not 0 <= k < 1:
-        raise ValueError(f"k={k}: TTM's pruning rate must be in [0, 1)")
+    if not 0 <= k <= 1:
+        raise ValueError(f"k={k}: TTM's pruning rate must be in [0, 1] (1: compared frames keep nothing)")
 
 
 def random_keep_indices(features: torch.Tensor, k: float, mode: str, generator: torch.Generator) -> torch.Tensor:
@@ -149,9 +149,15 @@ TTM_SELECTIONS = ("similarity", "random")
 
 
 def check_dycoke_setting(name: str, rate: float, mode: str) -> None:
-    """A DyCoke pruning rate (`k` or `p`) in [0, 1) and a known mode, or a ConfigError naming the bad value."""
-    if not 0 <= rate < 1:
-        raise ConfigError(f"{name}={rate}: DyCoke's pruning rates must be in [0, 1)")
+    """A DyCoke pruning rate and a known mode, or a ConfigError naming the bad value.
+
+    TTM's `k` may be 1 (compared frames keep nothing: FastVID's 25% DyCoke row); the decode rate `p`
+    stays below 1, since a decode step must attend to some visual token.
+    """
+    upper_ok = rate <= 1 if name == "k" else rate < 1
+    if not (0 <= rate and upper_ok):
+        interval = "[0, 1]" if name == "k" else "[0, 1)"
+        raise ConfigError(f"{name}={rate}: DyCoke's {'TTM' if name == 'k' else 'decode'} pruning rate must be in {interval}")
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r}; use one of {', '.join(MODES)}")
 
