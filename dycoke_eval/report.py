@@ -39,7 +39,7 @@ import yaml
 from dycoke_eval.accounting import PLAN_COLUMNS
 from dycoke_eval.config import CONF_DIR
 from dycoke_eval.plots import plot_accuracy_vs_flops
-from dycoke_eval.store import CellStore, method_settings
+from dycoke_eval.store import Cell, CellStore, method_settings
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the paper's published numbers, shipped with the package
 SETTINGS = ("model", "method", "k", "l", "p", "layer", "ratio", "frames")  # what a paper row names
@@ -70,8 +70,8 @@ DEFAULT_RUN = {key: yaml.safe_load((CONF_DIR / "config.yaml").read_text())[key] 
 FULL_KEY = ["model", "frames", "evaluation", "run"]  # speed-up: against full tokens with the same of these
 
 
-def cell_rows(results_dir: Path) -> pd.DataFrame:
-    """One row per finished cell: its settings, its plan figures and its metrics in the paper's columns.
+def cell_rows(cells: list[Cell]) -> pd.DataFrame:
+    """One row per finished cell (from a `CellStore`): its settings, its plan figures and its metrics in the paper's columns.
 
     Besides the paper's columns a row says what it was computed from: `cell` (the folder's name),
     `limit`, `run` (the run settings besides the method's that change results: prompt, seed,
@@ -79,7 +79,7 @@ def cell_rows(results_dir: Path) -> pd.DataFrame:
     `sources` ({column: the tasks it is computed from}); `build_table` uses them to pick cells.
     """
     rows = []
-    for cell in CellStore(results_dir).cells():
+    for cell in cells:
         if not cell.run.complete:
             if cell.run.failed_samples:
                 print(f"report: skipped {cell.name}: {cell.run.failed_samples} samples failed (rerun its command to retry them)")
@@ -481,10 +481,10 @@ def write_table(table: int, frame: pd.DataFrame, out_dir: Path) -> str:
     return markdown
 
 
-def efficiency_summary(results_dir: Path) -> pd.DataFrame:
+def efficiency_summary(cells: list[Cell]) -> pd.DataFrame:
     """Measured cells against full tokens of the same model, frames, samples and run settings: speed, memory, KV cache."""
     rows = []
-    for cell in CellStore(results_dir).cells():
+    for cell in cells:
         summaries = [s for s in cell.summaries.values() if "latency_total_s" in s]
         if not cell.run.complete or not summaries:
             continue
@@ -517,7 +517,8 @@ def render_report(
 
     Prints one line per table (its path, rows and the cells it shows) unless `show`, which prints the tables too.
     """
-    efficiency = efficiency_summary(results_dir)
+    cells = CellStore(results_dir).cells()  # read once: the efficiency summary and the tables share them
+    efficiency = efficiency_summary(cells)
     if not efficiency.empty:
         (results_dir / "report").mkdir(parents=True, exist_ok=True)
         efficiency.to_csv(results_dir / "report" / "efficiency.csv", index=False)
@@ -526,7 +527,7 @@ def render_report(
         print(f"efficiency: {results_dir / 'report' / 'efficiency.md'} ({len(efficiency)} measured cells)")
         if show:
             print(markdown)
-    ours = cell_rows(results_dir)
+    ours = cell_rows(cells)
     written = {}
     for table in tables or sorted(int(p.stem.removeprefix("table")) for p in paper_dir.glob("table*.csv")):
         frame = build_table(table, ours, paper_dir)

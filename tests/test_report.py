@@ -15,6 +15,7 @@ from dycoke_eval.accounting import plan_row
 from dycoke_eval.config import CONF_DIR
 from dycoke_eval.plots import accuracy_points, draw_points
 from dycoke_eval.report import MVBENCH_CODES, PAPER_DIR, build_table, cell_rows, render, render_report, to_latex
+from dycoke_eval.store import CellStore
 
 QA = {"activitynetqa_deferred": {"gpt_eval_accuracy,none": 50.0, "gpt_eval_score,none": 2.8},
       "nextqa_mc_test": {"exact_match,none": 0.78}, "videomme": {"videomme_perception_score,none": 58.0}}  # fmt: skip
@@ -133,13 +134,13 @@ def test_the_plan_recorded_at_run_time_is_used_without_the_methods_code(tmp_path
     run["config"]["method"]["_target_"] = "dycoke_eval.methods.renamed.FastV"  # today's code could not rebuild it
     run["plan"]["tflops"] = 12.5
     (cell / "run.json").write_text(json.dumps(run))
-    (row,) = cell_rows(tmp_path).to_dict("records")
+    (row,) = cell_rows(CellStore(tmp_path).cells()).to_dict("records")
     assert row["method"] == "fastv" and row["tflops"] == 12.5 and row["nextqa_mc"] == pytest.approx(78.0)
 
 
 def test_a_cell_without_a_plan_is_skipped_naming_the_cell_and_the_fix(tmp_path, capsys):
     write_cell(tmp_path, "old_fastv", ["model=llava_ov_7b", "method=fastv"], QA, recorded_plan=False)
-    assert cell_rows(tmp_path).empty
+    assert cell_rows(CellStore(tmp_path).cells()).empty
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "old_fastv" in line]
     assert line.startswith("report: skipped cell old_fastv: no plan") and "force=true" in line
 
