@@ -235,11 +235,10 @@ class CompressedVideoLM(lmms):
             with self._stage(record, "compress"):
                 selected = compressor.select(encoded, sample)
             visual, positions = adapter.assemble(encoded, selected.tokens.features, selected.tokens.index)
-            if self.method.keeps_positions() and bool((positions < 0).any()):
+            positions = positions if self.method.keeps_positions() else None  # None: consecutive positions
+            if positions is not None and bool((positions < 0).any()):
                 raise ValueError(f"method {self.method.name!r} keeps positions, but a stage made tokens at no grid position")
-            inputs = adapter.generation_inputs(
-                prompt_ids, visual, positions if self.method.keeps_positions() else None, encoded.layout.full_tokens
-            )
+            inputs = adapter.generation_inputs(prompt_ids, visual, positions, encoded.layout.full_tokens)
             clock = StepClock(self.device) if self.measure else None
             if clock is not None:
                 generate_kwargs = {

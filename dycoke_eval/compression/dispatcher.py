@@ -131,7 +131,6 @@ class _PrefillRoute:
         self.stages, self.reference, self.kernel = compressor.prefill, compressor.reference, kernel
         self.prompt_length = inputs.input_ids.shape[1]
         self.span = (inputs.visual_start, inputs.visual_start + inputs.visual_length)
-        self.visual_length = inputs.visual_length
         self.schedule: list[tuple[int, torch.Tensor]] = []  # (first layer, prompt positions present from it on)
         if not self.reference:
             first = self.stages[0].layer
@@ -164,21 +163,25 @@ class _PrefillRoute:
             key = key.index_select(2, present)
             attention_mask = None if attention_mask is None else attention_mask.index_select(-1, present)
         probabilities = last_query_attention(query, key, scaling, attention_mask)
-        visual = ((present >= self.span[0]) & (present < self.span[1])).nonzero().flatten()
+        is_visual = self._visual(present)
+        visual = is_visual.nonzero().flatten()
         kept = present[visual[stage.keep(probabilities[visual])]]
-        others = present[(present < self.span[0]) | (present >= self.span[1])]
-        self.schedule.append((stage.layer, torch.cat([others, kept]).sort().values))
+        self.schedule.append((stage.layer, torch.cat([present[~is_visual], kept]).sort().values))
+
+    def _visual(self, positions: torch.Tensor) -> torch.Tensor:
+        """Which of these prompt positions are visual tokens."""
+        return (positions >= self.span[0]) & (positions < self.span[1])
 
     def finish(self, result: GenerationFigures) -> None:
         for layer in range(len(result.prefill_visual_by_layer)):
             present = self.present_at(layer)
             if present is not None:
-                visual = int(((present >= self.span[0]) & (present < self.span[1])).sum())
+                visual = int(self._visual(present).sum())
                 result.prefill_visual_by_layer[layer] = visual
                 result.decode_visual_by_layer[layer] = float(visual)  # decoding attends to what the layer cached
         seen: dict[str, int] = {}
         for stage, (_, positions) in zip(self.stages, self.schedule, strict=False):
-            seen[_unique(stage.name, seen)] = int(((positions >= self.span[0]) & (positions < self.span[1])).sum())
+            seen[_unique(stage.name, seen)] = int(self._visual(positions).sum())
         result.by_stage.update(seen)
 
 
@@ -196,6 +199,7 @@ class _DecodeRoute:
         self.selector = compressor.selector_for(stage)
         self.span = stage.span(inputs.visual_start, inputs.visual_length)
         self.visual_length = inputs.visual_length
+        self.outside = self.visual_length - (self.span[1] - self.span[0])  # visual tokens outside the span, always attended
         self.aside = [] if self.reference else [i for i in range(layers) if i > stage.score_layer and i >= stage.first_layer]
         cold = "cpu" if getattr(stage, "offload_pruned", False) else None
         self.cache = Cache(layers=[PrunableLayer(cold) if i in self.aside else DynamicLayer() for i in range(layers)])
@@ -212,8 +216,7 @@ class _DecodeRoute:
             probabilities = last_query_attention(query, key, kwargs["scaling"], attention_mask)
             kept = self.selector.step(probabilities[self.span[0] : self.span[1]])
             self.index = None if kept is None else attended_key_index(key.shape[2], self.span, kept)
-            outside = self.visual_length - (self.span[1] - self.span[0])
-            self.attended.append(self.visual_length if kept is None else int(kept.numel()) + outside)
+            self.attended.append(self.visual_length if kept is None else int(kept.numel()) + self.outside)
             if self.aside and kept is not self.applied:  # re-partition only when the kept set changes
                 hot = self.index if kept is not None else torch.arange(key.shape[2], device=key.device)
                 for i in self.aside:
