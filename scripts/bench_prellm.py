@@ -1,0 +1,155 @@
+"""Pre-LLM time of FastVID's-table methods at real size, beside the prefill time each one saves.
+
+For each method the script times its pre-LLM selection (`Compressor.select`, the same call the
+evaluation wrapper makes) on random video tokens at LLaVA-OneVision-7B size (32 x 196 x 3584) and
+LLaVA-Video-7B size (64 x 169 x 3584), with random encoder signals of the real shapes (SigLIP
+so400m: 1152 wide, 729 patches per frame). It then measures the prefill of one Qwen2-7B decoder
+layer (random weights) at the full sequence length and at the length the method leaves, and
+multiplies by the 28 layers: the saved prefill time is that difference. One layer times 28 is an
+estimate of the whole stack (the embedding and LM head are not counted; they do not depend on the
+visual tokens); the selection time is measured as is.
+
+Random features and scores make data-dependent counts (PruneVid's clusters, FastVID's segments)
+arbitrary; the printed token count is the one this run produced.
+
+    python scripts/bench_prellm.py                       # both sizes, every method (CPU: several minutes)
+    python scripts/bench_prellm.py --sizes ov --methods fastvid visionzip
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dycoke_eval.checkpoints import resolve_device, resolve_dtype
+from dycoke_eval.compression.dispatcher import Compressor
+from dycoke_eval.config import instantiate_method
+from dycoke_eval.models import EncodedVideo, VideoLayout
+from dycoke_eval.offline.architectures import SIGLIP_SO400M, architecture_config
+
+SIZES = {  # name -> (frames, rows, cols, newlines, patches per frame side)
+    "ov": (32, 14, 14, "video_end"),
+    "video": (64, 13, 13, "row_end"),
+}
+METHODS = {  # label -> (config, overrides); R = 25% where the method has a retention setting
+    "dycoke_ttm K=0.9": ("dycoke_ttm", {"method.k": 0.9}),
+    "fastvid R=25%": ("fastvid", {"method.retention": 0.25}),
+    "visionzip after_pooling R=25%": ("visionzip", {"method.form": "after_pooling", "method.retention": 0.25}),
+    "visionzip in_encoder R=25%": ("visionzip", {"method.form": "in_encoder", "method.retention": 0.25}),
+    "prunevid": ("prunevid", {}),
+}
+PROMPT_TEXT_TOKENS = 40
+
+
+def random_signals(frames: int, tokens: int, hidden: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Every encoder signal a method may ask for, at the real shapes (SigLIP so400m width, 27 x 27 patches)."""
+    side = SIGLIP_SO400M["image_size"] // SIGLIP_SO400M["patch_size"]
+    width = SIGLIP_SO400M["hidden_size"]
+
+    def rand(*shape):
+        return torch.rand(*shape, device=device, dtype=dtype)
+
+    return {
+        "probe_attention": rand(frames, tokens).softmax(-1),
+        "probe_features": rand(frames, width),
+        "attention_received": rand(frames, tokens).softmax(-1),
+        "keys": rand(frames, tokens, width),
+        "patch_features": rand(frames, side * side, hidden),
+        "patch_attention_received": rand(frames, side * side).softmax(-1),
+        "patch_keys": rand(frames, side * side, width),
+    }
+
+
+def median_seconds(function, repeats: int, device: str) -> float:
+    """Median wall time of `function()` over `repeats` runs after one warm-up."""
+    times = []
+    for attempt in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if attempt:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class OneLayerPrefill:
+    """The prefill of one Qwen2-7B decoder layer (random weights) at a given sequence length."""
+
+    def __init__(self, device: str, dtype: torch.dtype) -> None:
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+        config = architecture_config("7b").text_config
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(device):
+            self.layer = Qwen2DecoderLayer(config, layer_idx=0).to(dtype).eval()
+            self.rotary = Qwen2RotaryEmbedding(config)
+        self.layers, self.hidden, self.device, self.dtype = config.num_hidden_layers, config.hidden_size, device, dtype
+
+    @torch.inference_mode()
+    def seconds(self, length: int, repeats: int) -> float:
+        hidden = torch.randn(1, length, self.hidden, device=self.device, dtype=self.dtype)
+        positions = torch.arange(length, device=self.device)[None]
+        embeddings = self.rotary(hidden, positions)
+        run = lambda: self.layer(hidden, position_ids=positions, position_embeddings=embeddings)  # noqa: E731
+        return median_seconds(run, repeats, self.device)
+
+
+def kept_newlines(layout: VideoLayout, index: torch.Tensor) -> int:
+    """Newline tokens that stay: LLaVA-OV's one; LLaVA-Video's one per row that keeps a token."""
+    if layout.newlines != "row_end":
+        return layout.newline_tokens
+    return int(torch.unique(index[index >= 0] // layout.cols).numel())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=sorted(SIZES))
+    parser.add_argument("--methods", nargs="+", help="configs to time (default: all)", default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each selection (after a warm-up)")
+    parser.add_argument("--layer-repeats", type=int, default=1, help="timed runs of each one-layer prefill")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    hidden = architecture_config("7b").text_config.hidden_size
+    prefill = OneLayerPrefill(device, dtype)
+    chosen = {label: spec for label, spec in METHODS.items() if not args.methods or spec[0] in args.methods}
+    print(f"device={device} dtype={dtype} torch_threads={torch.get_num_threads()}")
+
+    row = "{:32s} {:>7} {:>12} {:>14} {:>14}"
+    for size in args.sizes:
+        frames, rows, cols, newlines = SIZES[size]
+        layout = VideoLayout(frames, rows, cols, newlines)
+        torch.manual_seed(0)
+        grid = torch.randn(frames, rows * cols, hidden, device=device, dtype=dtype)
+        newline = torch.randn(hidden, device=device, dtype=dtype)
+        signals = random_signals(frames, rows * cols, hidden, dtype, device)
+        encoded = EncodedVideo(grid=grid, layout=layout, newline=newline, signals=signals)
+        full_length = layout.full_tokens + PROMPT_TEXT_TOKENS
+        full_layer = prefill.seconds(full_length, args.layer_repeats)
+        full_prefill = full_layer * prefill.layers
+        print(f"\n{size}: {frames} x {rows * cols} x {hidden}, {layout.full_tokens} visual + {PROMPT_TEXT_TOKENS} text tokens; "
+              f"prefill of one 7B layer {full_layer:.2f} s, x{prefill.layers} = {full_prefill:.1f} s")  # fmt: skip
+        print(row.format("method", "visual", "pre-LLM ms", "prefill s (est)", "prefill saved s"))
+        for label, (name, overrides) in chosen.items():
+            method = instantiate_method(name, overrides)
+            compressor = Compressor(None, method)
+            selected = compressor.select(encoded, "bench")
+            select = lambda compressor=compressor, encoded=encoded: compressor.select(encoded, "bench")  # noqa: E731
+            seconds = median_seconds(select, args.repeats, device)
+            kept = selected.tokens.features.shape[0] + kept_newlines(layout, selected.tokens.index)
+            compressed = prefill.seconds(kept + PROMPT_TEXT_TOKENS, args.layer_repeats) * prefill.layers
+            figures = (f"{seconds * 1e3:.1f}", f"{compressed:.1f}", f"{full_prefill - compressed:.1f}")
+            print(row.format(label, kept, *figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
