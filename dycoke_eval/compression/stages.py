@@ -234,7 +234,8 @@ class DecodeStage(Stage):
         raise NotImplementedError
 
 
-ENCODER_ROUTED_SIGNALS = frozenset({"keys", "attention_received"})  # captured through the tower's attention function
+# Captured through the tower's attention function (pooled, and unpooled for VisionZip's in-encoder form).
+ENCODER_ROUTED_SIGNALS = frozenset({"keys", "attention_received", "patch_keys", "patch_attention_received"})
 
 
 def routes_attention(method: CompressionMethod) -> bool:
