@@ -1,4 +1,4 @@
-"""Local copies of the paper's tasks: a handful of documents each, in the real schemas.
+"""Local copies of the papers' tasks (DyCoke's and FastVID's): a handful of documents each, in the real schemas.
 
 Every fixture task is a YAML that `include:`s lmms-eval's **built-in** task YAML and only swaps
 the dataset for a local JSON file, so lmms-eval's own doc_to_text, process_results and
@@ -22,7 +22,7 @@ from dycoke_eval.config import lmms_eval_tasks_dir
 from dycoke_eval.offline.videos import write_video
 from dycoke_eval.task_configs import environment_id, task_yaml
 
-WORLD_VERSION = 4  # bump when documents or layout change so cached worlds are rebuilt
+WORLD_VERSION = 5  # bump when documents or layout change so cached worlds are rebuilt
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,18 @@ def _activitynet_docs():
 
 
 def _videomme_docs():
-    common = {"duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History", "url": ""}
+    """One video per duration class (short, medium, long), so the per-duration breakdown has every class."""
+    common = {"domain": "Knowledge", "sub_category": "Humanity & History", "url": ""}
     questions = [
-        ("Temporal Perception", "Which direction does the square move?", ["A. Left", "B. Right", "C. Up", "D. Down"], "B"),
-        ("Counting Problem", "How many squares appear?", ["A. 1", "B. 2", "C. 3", "D. 4"], "A"),
-        ("Attribute Perception", "What shape moves?", ["A. Circle", "B. Star", "C. Square", "D. Line"], "C"),
+        ("short", "Temporal Perception", "Which way does the square move?", ["A. Left", "B. Right", "C. Up", "D. Down"], "B"),
+        ("medium", "Counting Problem", "How many squares appear?", ["A. 1", "B. 2", "C. 3", "D. 4"], "A"),
+        ("long", "Attribute Perception", "What shape moves?", ["A. Circle", "B. Star", "C. Square", "D. Line"], "C"),
     ]
     return tuple(
         {
             **common,
             "video_id": f"{i + 1:03d}",
+            "duration": duration,
             "videoID": f"fixvmme{i}",
             "question_id": f"{i + 1:03d}-1",
             "task_type": task,
@@ -65,7 +67,55 @@ def _videomme_docs():
             "options": opts,
             "answer": ans,
         }
-        for i, (task, q, opts, ans) in enumerate(questions)
+        for i, (duration, task, q, opts, ans) in enumerate(questions)
+    )
+
+
+def _longvideobench_docs():
+    """longvideobench/LongVideoBench's validation rows: five option fields ("N/A" past the last), the answer's index,
+    the duration group in seconds (15, 60, 600, 3600), and the subtitle file and offset the `_i` variant reads."""
+    rows = [
+        ("fixlvb0", 8.2, 15, "T2O", "Which way does the square move?", ["Left", "Right", "Up", "Down", "N/A"], 1),
+        ("fixlvb1", 47.5, 60, "E2O", "What is on the gradient?", ["A square", "A circle", "Nothing", "N/A", "N/A"], 0),
+        ("fixlvb2", 312.0, 600, "S2A", "What colour is the background?", ["Black", "A gradient", "White", "Red", "Blue"], 1),
+    ]
+    return tuple(
+        {
+            "video_id": video,
+            "id": f"{video}_0",
+            "video_path": f"{video}.mp4",
+            "subtitle_path": f"{video}_en.json",
+            "correct_choice": answer,
+            "question": question,
+            **{f"option{j}": option for j, option in enumerate(options)},
+            "duration": duration,
+            "duration_group": group,
+            "question_category": category,
+            "topic_category": "NP-News-Programs",
+            "starting_timestamp_for_subtitles": 0.0,
+        }
+        for video, duration, group, category, question, options, answer in rows
+    )
+
+
+def _mlvu_dev_docs():
+    """sy1998/MLVU_dev rows: the options are written into the question ("(A) ..."), the answer is their letter."""
+    rows = [
+        ("count", "How many times does the square cross the frame?", ["1", "2", "3", "4"], "B"),
+        ("order", "What happens first?", ["The square moves", "The screen fades", "Text appears", "Nothing"], "A"),
+        ("plotQA", "What is the moving object?", ["A circle", "A star", "A square", "A line"], "C"),
+    ]
+    return tuple(
+        {
+            "video_name": f"fixmlvu{i}.mp4",
+            "duration": 200.0 + 100 * i,
+            "question": question + "".join(f"\n({chr(ord('A') + j)}) {c}" for j, c in enumerate(candidates)),
+            "candidates": candidates,
+            "answer": answer,
+            "task_type": task_type,
+            "question_id": f"{task_type}_{i}",
+        }
+        for i, (task_type, question, candidates, answer) in enumerate(rows)
     )
 
 
@@ -168,6 +218,15 @@ FIXTURE_TASKS: tuple[FixtureTask, ...] = (
         lambda d: f"{d['video_name']}.mp4",
         _videodc_docs(),
     ),
+    FixtureTask(
+        "fixture_longvideobench_val_v",
+        "longvideobench/longvideobench_val_v.yaml",
+        "validation",
+        "datasets/longvideobench/videos",  # the built-in YAML's cache_dir, then its default video_subdir
+        lambda d: d["video_path"],
+        _longvideobench_docs(),
+    ),
+    FixtureTask("fixture_mlvu_dev", "mlvu/mlvu_dev.yaml", "test", "mlvu", lambda d: d["video_name"], _mlvu_dev_docs()),
     FixtureTask(
         "fixture_mvbench_action_antonym",
         "mvbench/mvbench_action_antonym.yaml",
