@@ -3,10 +3,10 @@
 One plot per table and model. Each method is a point at its eq. 8 TFLOPs: a filled circle for
 ours, a larger hollow diamond for the paper's value, drawn above the circles, so a point where the
 two coincide shows both. The y value is the mean of the table's percentage metrics (0-5 judge
-scores and plan figures are left out), over the same metrics for every point of a plot: those
-that every point has. The axis label and the CSV's `metrics` column name them. A point that
-has none of the metrics the others share is left out, and a note on the figure (and printed)
-names it.
+scores, plan figures and FastVID's % of vanilla are left out; where the table has FastVID's Avg.,
+that alone), over the same metrics for every point of a plot: those that every point has. The
+axis label and the CSV's `metrics` column name them. A point that has none of the metrics the
+others share is left out, and a note on the figure (and printed) names it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 NOT_PERCENT = {"retained_ratio", "tflops", "flops_ratio", "activitynetqa_score", "videodc", "params", "speedup",
-               "total_latency_s", "gpu_memory_gb", "latency_per_example_s", "decode_ms_per_token", "accuracy_std"}  # fmt: skip
+               "total_latency_s", "gpu_memory_gb", "latency_per_example_s", "decode_ms_per_token", "accuracy_std",
+               "avg_percent"}  # fmt: skip
+SUMMARY = "avg_score"  # FastVID's Avg.: the mean of its four benchmarks, which the table's other columns break down
 MARKERS = {  # ours: filled circles; the paper's: larger outlines drawn above them (zorder), so both show where they meet
     "ours": {"marker": "o", "s": 40, "zorder": 2},
     "paper": {"marker": "D", "s": 110, "zorder": 3, "linewidths": 1.5},
@@ -36,6 +38,7 @@ def accuracy_points(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     metric, those with the fewest are left out until they do; each is named in the notes.
     """
     metrics = [m for m in dict.fromkeys(c[0] for c in frame.columns if c[0]) if m not in NOT_PERCENT]
+    metrics = [SUMMARY] if SUMMARY in metrics else metrics
     names = frame[[("", "model"), ("", "method")]].apply(tuple, axis=1)
     twice = names.duplicated(keep=False)  # rows of one model told apart by frames alone: the point's name says which
     candidates = []
@@ -79,11 +82,11 @@ def draw_points(axes, group: pd.DataFrame) -> None:
                      facecolors=colour if source == "ours" else "none", **MARKERS[source])  # fmt: skip
 
 
-def plot_accuracy_vs_flops(table: int, frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Write table{N}_{model}_accuracy_vs_tflops.png and its CSV for every model with points."""
+def plot_accuracy_vs_flops(table: str, frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write {table}_{model}_accuracy_vs_tflops.png and its CSV for every model with points (`table`: table1, fastvid_table1)."""
     points, notes = accuracy_points(frame)
     for note in notes:
-        print(f"plots: table {table}: {note}")
+        print(f"plots: {table}: {note}")
     written = []
     for model, group in points.groupby("model", sort=False) if not points.empty else []:
         figure, axes = plt.subplots(figsize=(6, 4))
@@ -92,13 +95,13 @@ def plot_accuracy_vs_flops(table: int, frame: pd.DataFrame, out_dir: Path) -> li
         shown = ", ".join(metrics) if len(metrics) <= 3 else f"{len(metrics)} metrics (the CSV's metrics column)"
         axes.set_xlabel("TFLOPs (eq. 8)")
         axes.set_ylabel(f"mean of {shown}", fontsize=8)
-        axes.set_title(f"Table {table}: {model}")
+        axes.set_title(f"{table}: {model}")
         axes.legend(fontsize=6, loc="best")
         left_out = [note.removeprefix(f"{model}: ") for note in notes if note.startswith(f"{model}: ")]
         if left_out:
             figure.text(0.01, 0.01, "; ".join(left_out), fontsize=5)
         figure.tight_layout()
-        path = out_dir / f"table{table}_{model}_accuracy_vs_tflops.png"
+        path = out_dir / f"{table}_{model}_accuracy_vs_tflops.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         group.to_csv(path.with_suffix(".csv"), index=False)

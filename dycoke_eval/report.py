@@ -33,18 +33,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from dycoke_eval.accounting import PLAN_COLUMNS
 from dycoke_eval.config import CONF_DIR
+from dycoke_eval.paired import (
+    AVERAGE,
+    BENCHMARKS,
+    PAIRED,
+    PairedDifference,
+    benchmark,
+    column_scores,
+    estimate,
+    paired_difference,
+)
 from dycoke_eval.plots import plot_accuracy_vs_flops
 from dycoke_eval.store import Cell, CellStore, method_settings
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the paper's published numbers, shipped with the package
-SETTINGS = ("model", "method", "k", "l", "p", "layer", "ratio", "frames")  # what a paper row names
-METHOD_SETTINGS = SETTINGS[1:-1]  # the method and the settings a paper row names, without model and frames
-NAMED_SETTINGS = ("layer", "ratio")  # method settings a paper row names besides k, l, p (FastV's)
+NAMED_SETTINGS = (  # method settings a paper row names besides k, l, p (which the plan records)
+    "layer", "ratio",  # FastV
+    "form", "retention", "cluster_ratio", "in_llm",  # VisionZip, FastVID; PruneVid
+    "segmentation", "d", "merging",  # FastVID's ablations
+)  # fmt: skip
+SETTINGS = ("model", "method", "k", "l", "p", *NAMED_SETTINGS, "frames")  # what a paper row can name; a table: its CSV's
+LABELS = ("table", "row", "R")  # a paper row's own text: the table, its label, the retention block it is printed in
+RELATIVE = "avg_percent"  # a table with FastVID's "% of vanilla" column compares every row with vanilla, sample by sample
 PLANNED = {"retained_ratio", "tflops", "flops_ratio"}  # from accounting.plan_row, not measured
 MVBENCH_CODES = {
     "action_sequence": "AS", "action_prediction": "AP", "action_antonym": "AA", "fine_grained_action": "FA",
@@ -60,6 +76,8 @@ TASK_METRICS = {  # task (fixture_ prefix and _deferred suffix dropped) -> [(lmm
     "video_dc499": [("gpt_eval_score", "videodc", 1)],
     "videomme": [("videomme_perception_score", "videomme_wo_sub", 1)],
     "videomme_w_subtitle": [("videomme_perception_score", "videomme_w_sub", 1)],
+    "longvideobench_val_v": [("lvb_acc", "longvideobench", 100)],
+    "mlvu_dev": [("mlvu_percetion_score", "mlvu", 1)],  # sic: lmms-eval's spelling
     **{f"mvbench_{name}": [("mvbench_accuracy", code, 1)] for name, code in MVBENCH_CODES.items()},
 }
 LOWER_IS_BETTER = {"tflops", "flops_ratio", "retained_ratio", "total_latency_s", "gpu_memory_gb", "latency_per_example_s",
@@ -106,6 +124,10 @@ def cell_rows(cells: list[Cell]) -> pd.DataFrame:
         if len(codes) == len(MVBENCH_CODES):  # the paper's average is over all 20 subtasks
             row["avg"] = row["accuracy"] = sum(row[code] for code in codes) / len(codes)
             sources["avg"] = sources["accuracy"] = [task for code in codes for task in sources[code]]
+        row.update(_sample_columns(cell, sources))
+        if all(_number_or_none(row.get(column)) is not None for column in BENCHMARKS):  # FastVID's Avg.: their mean
+            row[AVERAGE] = sum(row[column] for column in BENCHMARKS) / len(BENCHMARKS)
+            sources[AVERAGE] = [task for column in BENCHMARKS for task in sources[column]]
         efficiency = _efficiency_columns(cell.summaries)
         row.update(efficiency)
         measured_tasks = sorted(task for task, summary in cell.summaries.items() if "latency_total_s" in summary)
@@ -117,6 +139,34 @@ def cell_rows(cells: list[Cell]) -> pd.DataFrame:
     if "latency_per_example_s" in frame:  # speed-up against full tokens of the same model, frames and evaluation
         frame["speedup"] = 1 / _to_full(frame.assign(evaluation=frame.counts.map(_json)), "latency_per_example_s", FULL_KEY)
     return frame
+
+
+def _sample_columns(cell: Cell, sources: dict[str, list[str]]) -> dict[str, Any]:
+    """The columns computed from a cell's logged samples, and `scores`: every column's per-sample strata
+    (`paired.column_scores`), for the paired comparison with vanilla. MVBench: every subtask's answered samples
+    pooled (lmms-eval weights a group's subtasks by size, and its MVBench accuracy leaves empty answers out);
+    VideoMME by duration (`videomme_by_duration`). Adds each column's tasks to `sources`."""
+    tasks = {_task_name(task): task for task in cell.sample_tasks() if benchmark(_task_name(task))}
+    samples = {name: cell.samples(task) for name, task in tasks.items()}
+    columns: dict[str, Any] = {"scores": column_scores(samples)}
+    if "mvbench" in columns["scores"]:
+        columns["mvbench"] = estimate(columns["scores"]["mvbench"])
+        sources["mvbench"] = [task for name, task in tasks.items() if benchmark(name) == "mvbench"]
+    for duration, value in videomme_by_duration(samples.get("videomme", [])).items():
+        columns[f"videomme_{duration}"] = value
+        sources[f"videomme_{duration}"] = [tasks["videomme"]]
+    return columns
+
+
+def videomme_by_duration(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """VideoMME accuracy (points) per duration (short, medium, long) from its logged samples (`samples_videomme.jsonl`),
+    as lmms-eval's aggregation counts it: the extracted letter equals the answer, over the questions of that duration."""
+    correct, answered = Counter(), Counter()
+    for row in rows:
+        value = row["videomme_perception_score"]
+        answered[value["duration"]] += 1
+        correct[value["duration"]] += value["pred_answer"] == value["answer"]
+    return {duration: 100 * correct[duration] / answered[duration] for duration in answered}
 
 
 def _task_name(task: str) -> str:
@@ -159,29 +209,51 @@ def _efficiency_columns(summaries: dict) -> dict[str, float]:
     }
 
 
-def _key(frame: pd.DataFrame) -> pd.Series:
-    def one(row) -> tuple:
-        return tuple(
-            None if pd.isna(row.get(s)) else (round(float(row[s]), 4) if s not in ("model", "method", "frames") else row[s])
-            for s in SETTINGS
-        )
+def _key(frame: pd.DataFrame, settings: list[str]) -> pd.Series:
+    """Each row's `settings` (model first, frames last), comparable between the paper's CSV and our cells."""
 
-    return frame.apply(one, axis=1)
+    def value(row, name):
+        value = row.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if isinstance(value, (str, bool, np.bool_)) or name in ("model", "method", "frames"):
+            return bool(value) if isinstance(value, np.bool_) else value
+        return round(float(value), 4)
+
+    return frame.apply(lambda row: tuple(value(row, name) for name in settings), axis=1)
 
 
-def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, with_tflops: bool = False) -> pd.DataFrame | None:
+def _stem(table: int | str) -> str:
+    """The paper CSV's name: DyCoke's tables by number (1 -> table1), any other by its name (fastvid_table1)."""
+    return f"table{table}" if isinstance(table, int) else table
+
+
+def _title(table: int | str) -> str:
+    return f"table {table}" if isinstance(table, int) else table
+
+
+def build_table(
+    table: int | str, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, with_tflops: bool = False
+) -> pd.DataFrame | None:
     """The table as numbers: rows in the paper's order, columns (metric, ours|paper|diff); None without data.
 
-    The first columns name the row: model, method (the paper's label; settings appended where the
-    paper's label alone is shared by rows of one model and frame count), frames (only where the
-    table's rows differ in frames) and samples (only where the rows' cells evaluated different
-    samples). Where several cells match a row, `_pick` chooses one; `frame.attrs["notes"]` says
-    which cells were skipped and why. `with_tflops` adds our planned TFLOPs where the paper's
-    layout has none (for plots).
+    `table`: DyCoke's by number, FastVID's by name (`fastvid_table1`, the CSV's name). The first columns
+    name the row: model, method (the paper's label; settings appended where the paper's label alone is
+    shared by rows of one model and frame count), R (FastVID's retention block, where the paper has one),
+    frames (only where the table's rows differ in frames) and samples (only where the rows' cells
+    evaluated different samples). A row matches the cells whose settings are the ones the table's CSV
+    names. Where several cells match a row, `_pick` chooses one; `frame.attrs["notes"]` says which cells
+    were skipped and why. `with_tflops` adds our planned TFLOPs where the paper's layout has none (for plots).
+
+    A table with FastVID's "% of vanilla" column (`RELATIVE`) divides each row's Avg. by that of the
+    vanilla row of its model and frames, and adds (metric, "vs vanilla") to every column with per-sample
+    scores: the row's difference from vanilla over the samples both cells scored, with its 95% interval
+    (`paired.paired_difference`).
     """
-    paper = pd.read_csv(paper_dir / f"table{table}.csv")
-    paper = paper.assign(**{name: math.nan for name in SETTINGS if name not in paper})  # tables without FastV rows
-    metrics = [c for c in paper.columns if c not in (*SETTINGS, "table", "row")]
+    paper = pd.read_csv(paper_dir / f"{_stem(table)}.csv")
+    settings = [name for name in SETTINGS if name in paper.columns]  # what this table's rows name
+    paper = paper.assign(**{name: math.nan for name in SETTINGS if name not in paper})
+    metrics = [c for c in paper.columns if c not in (*SETTINGS, *LABELS)]
     if with_tflops and "tflops" not in metrics:
         metrics.insert(0, "tflops")
     measured = set(metrics) - PLANNED  # plan figures exist for every cell; a table needs one of its measured metrics
@@ -189,10 +261,10 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
         return None
     paper["row"] = _distinct_labels(paper)
     paper_models = list(dict.fromkeys(paper.model))
-    paper["key"], ours = _key(paper), ours.assign(key=_key(ours))
+    paper["key"], ours = _key(paper, settings), ours.assign(key=_key(ours, settings))
     extra = ours[~ours.model.isin(paper_models)]  # models the paper does not have, e.g. the tiny offline model
     # Rows for models the paper lacks: the first model's rows, once per method and settings (any frame count).
-    template = paper[paper.model == paper_models[0]].drop_duplicates(subset=list(METHOD_SETTINGS))
+    template = paper[paper.model == paper_models[0]].drop_duplicates(subset=settings[1:-1])
     slots = []  # (model, paper row, label, the cells that could fill it)
     for model in paper_models + list(dict.fromkeys(extra.model)):
         group = (
@@ -203,20 +275,29 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
         for _, paper_row in group.iterrows():
             if model in paper_models:
                 match = ours[ours.key.map(lambda key, wanted=paper_row.key: key == wanted)]
-            else:  # METHOD_SETTINGS (the key without model and frames) as the paper row names them, any frame count
+            else:  # the method's settings (the key without model and frames) as the paper row names them, any frame count
                 match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:-1] == wanted[1:-1])]
             slots += [(model, paper_row, label, cells) for label, cells in _variants(paper_row["row"], match)]
     picked, notes = _pick(table, slots, metrics)
     runs = {evaluation.run for _, evaluation in picked if evaluation is not None}
+    relative = RELATIVE in metrics
+    vanilla = {}  # (model, frames) -> the cell shown in the vanilla row
+    for (model, paper_row, _, _), (our_row, _) in zip(slots, picked, strict=True):
+        if paper_row["method"] == "full" and not our_row.empty:
+            vanilla.setdefault((model, our_row["frames"]), our_row)
     rows = []
     for (model, paper_row, label, _), (our_row, evaluation) in zip(slots, picked, strict=True):
         frames = our_row.get("frames", paper_row["frames"])
+        base = vanilla.get((model, frames)) if relative and not our_row.empty else None
+        if base is not None:
+            our_row = _against_vanilla(our_row, base)
         if len(runs) > 1 and evaluation is not None:  # rows run differently (max_new_tokens, prompt, seed): say how
             differing = [(key, value) for key, value in evaluation.run if any(dict(run).get(key) != value for run in runs)]
             label = f"{label} [{', '.join(f'{key}={value}' for key, value in differing)}]"
         row = {
             ("", "model"): model,
             ("", "method"): label,
+            **({("", "R"): f"{paper_row['R']:.0%}"} if "R" in paper_row else {}),
             ("", "frames"): "-" if pd.isna(frames) else str(int(frames)),
             ("", "samples"): "-" if evaluation is None else _samples_text(evaluation.counts),
         }
@@ -226,6 +307,8 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
             row[(metric, "diff")] = (
                 mine - theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) else math.nan
             )
+            if relative and metric in PAIRED:
+                row[(metric, "vs vanilla")] = our_row.get(f"{metric} vs vanilla", math.nan)
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
@@ -235,6 +318,25 @@ def build_table(table: int, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, wit
         frame = frame.drop(columns=[("", "samples")])
     frame.attrs["notes"] = notes
     return frame
+
+
+def _against_vanilla(row: pd.Series, vanilla: pd.Series) -> pd.Series:
+    """The row with its % of vanilla and, per column with per-sample scores, its paired difference from vanilla."""
+    row = row.copy()
+    if _number_or_none(row.get(AVERAGE)) is not None and _number_or_none(vanilla.get(AVERAGE)):
+        row[RELATIVE] = 100 * row[AVERAGE] / vanilla[AVERAGE]
+    if row["cell"] == vanilla["cell"]:
+        return row
+    ours, theirs = (r.get("scores") if isinstance(r.get("scores"), dict) else {} for r in (row, vanilla))
+    for column in PAIRED:
+        if column in ours and column in theirs:
+            row[f"{column} vs vanilla"] = paired_difference(ours[column], theirs[column]) or math.nan
+    return row
+
+
+def _number_or_none(value) -> float | None:
+    """A number that is there (not None, not NaN), else None."""
+    return value if isinstance(value, (int, float)) and not math.isnan(value) else None
 
 
 LABEL_SETTINGS = {"k": "K", "l": "L", "p": "P", "layer": "layer", "ratio": "ratio"}  # how a label names a setting
@@ -247,7 +349,8 @@ def _distinct_labels(paper: pd.DataFrame) -> pd.Series:
     columns: here "DyCoke (K=0.7, L=3, P=0.7)". Where the methods differ too, the method is named first.
     """
     labels = paper["row"].copy()
-    for _, group in paper.groupby(["model", "frames", "row"], sort=False, dropna=False):
+    blocks = ["model", "frames", *(["R"] if "R" in paper else []), "row"]  # FastVID's rows: one label per retention block
+    for _, group in paper.groupby(blocks, sort=False, dropna=False):
         if len(group) < 2:
             continue
         for index, row in group.iterrows():
@@ -312,7 +415,7 @@ def _number(count: int | str) -> float:
     return count if isinstance(count, int) else math.inf if count == "all" else float(count.removeprefix("limit="))
 
 
-def _pick(table: int, slots: list, metrics: list[str]) -> tuple[list[tuple[pd.Series, Evaluation | None]], list[str]]:
+def _pick(table: int | str, slots: list, metrics: list[str]) -> tuple[list[tuple[pd.Series, Evaluation | None]], list[str]]:
     """One cell per row, chosen so that the table's rows share one evaluation where they can; and what was skipped.
 
     A cell's `Evaluation` for the table: its run settings (prompt, seed, max_new_tokens), the
@@ -342,7 +445,7 @@ def _pick(table: int, slots: list, metrics: list[str]) -> tuple[list[tuple[pd.Se
         tied = [c for c in best if c[0].rank() == top]
         evaluation, chosen = min(tied, key=lambda c: (not pd.isna(c[1]["limit"]), _json(dict(c[0].run)), c[1]["cell"]))
         picked.append((chosen, evaluation))
-        where = f"report: table {table}: {model} {label!r}"
+        where = f"report: {_title(table)}: {model} {label!r}"
         for other_evaluation, other in choices:
             if other["cell"] == chosen["cell"]:
                 continue
@@ -407,8 +510,8 @@ def _samples_text(counts: tuple) -> str:
 def marks(frame: pd.DataFrame) -> dict[tuple[int, tuple[str, str]], str]:
     """{(row, column): 'best' | 'second'} among pruning methods, per model (and frame count) and metric, ours and the paper's."""
     found = {}
-    pruning = ~frame[("", "method")].str.startswith("Full")
-    blocks = [column for column in (("", "model"), ("", "frames")) if column in frame.columns]
+    pruning = ~frame[("", "method")].str.startswith(("Full", "Vanilla"))
+    blocks = [column for column in (("", "model"), ("", "frames"), ("", "R")) if column in frame.columns]
     for _, group in frame[pruning].groupby([frame[column] for column in blocks]):
         for metric, source in [c for c in frame.columns if c[1] in ("ours", "paper") and c[0] not in NOT_RANKED]:
             values = group[(metric, source)].dropna()
@@ -440,6 +543,9 @@ def render(frame: pd.DataFrame, style: str) -> pd.DataFrame:
         if column[0] == "":
             continue
         for row, value in frame[column].items():
+            if isinstance(value, PairedDifference):
+                text.loc[row, column] = str(value)
+                continue
             if not isinstance(value, (int, float)) or math.isnan(value):
                 text.loc[row, column] = "-"
                 continue
@@ -471,13 +577,20 @@ def _flat(columns: pd.MultiIndex) -> list[str]:
     return [" ".join(part for part in column if part) for column in columns]
 
 
-def write_table(table: int, frame: pd.DataFrame, out_dir: Path) -> str:
+PAIRED_NOTE = (
+    "vs vanilla: our value minus vanilla's (same model and frames) over the samples both cells scored, in points, "
+    "with its 95% interval; * where the interval excludes 0."
+)
+
+
+def write_table(table: int | str, frame: pd.DataFrame, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat = _flat(frame.columns)
+    flat, name = _flat(frame.columns), _stem(table)
     markdown = render(frame, "md").set_axis(flat, axis=1).to_markdown(index=False)
-    (out_dir / f"table{table}.md").write_text(f"# Table {table}\n\n{markdown}\n")
-    (out_dir / f"table{table}.tex").write_text(to_latex(frame))
-    frame.set_axis(flat, axis=1).to_csv(out_dir / f"table{table}.csv", index=False, na_rep="-")
+    note = f"\n{PAIRED_NOTE}\n" if any(column[1] == "vs vanilla" for column in frame.columns) else ""
+    (out_dir / f"{name}.md").write_text(f"# {f'Table {table}' if isinstance(table, int) else name}\n\n{markdown}\n{note}")
+    (out_dir / f"{name}.tex").write_text(to_latex(frame))
+    frame.set_axis(flat, axis=1).to_csv(out_dir / f"{name}.csv", index=False, na_rep="-")
     return markdown
 
 
@@ -511,9 +624,11 @@ def efficiency_summary(cells: list[Cell]) -> pd.DataFrame:
 
 
 def render_report(
-    results_dir: Path, tables: list[int] | None = None, paper_dir: Path = PAPER_DIR, show: bool = False
-) -> dict[int, pd.DataFrame]:
+    results_dir: Path, tables: list[int | str] | None = None, paper_dir: Path = PAPER_DIR, show: bool = False
+) -> dict[int | str, pd.DataFrame]:
     """Write every table with data under results_dir/report; returns the tables written.
+
+    Tables: DyCoke's by number, the others by their CSV's name (`fastvid_table1`); by default every table in `paper_dir`.
 
     Prints one line per table (its path, rows and the cells it shows) unless `show`, which prints the tables too.
     """
@@ -529,16 +644,16 @@ def render_report(
             print(markdown)
     ours = cell_rows(cells)
     written = {}
-    for table in tables or sorted(int(p.stem.removeprefix("table")) for p in paper_dir.glob("table*.csv")):
+    for table in tables or paper_tables(paper_dir):
         frame = build_table(table, ours, paper_dir)
         if frame is not None:
             for note in frame.attrs["notes"]:
                 print(note)
             markdown = write_table(table, frame, results_dir / "report")
-            plot_accuracy_vs_flops(table, build_table(table, ours, paper_dir, with_tflops=True), results_dir / "report")
+            plot_accuracy_vs_flops(_stem(table), build_table(table, ours, paper_dir, with_tflops=True), results_dir / "report")
             filled = int(frame[[c for c in frame.columns if c[1] == "ours"]].notna().any(axis=1).sum())
-            where = results_dir / "report" / f"table{table}.md"
-            print(f"table {table}: {where} (also .tex, .csv and plots): {filled} of {len(frame)} rows have our values")
+            where = results_dir / "report" / f"{_stem(table)}.md"
+            print(f"{_title(table)}: {where} (also .tex, .csv and plots): {filled} of {len(frame)} rows have our values")
             if show:
                 print(markdown)
             written[table] = frame
@@ -547,16 +662,27 @@ def render_report(
     return written
 
 
+def paper_tables(paper_dir: Path = PAPER_DIR) -> list[int | str]:
+    """Every table in `paper_dir`: DyCoke's by number, in order, then the others by name."""
+    stems = sorted(path.stem for path in paper_dir.glob("*.csv"))
+    numbered = sorted(int(stem.removeprefix("table")) for stem in stems if stem.removeprefix("table").isdigit())
+    return [*numbered, *(stem for stem in stems if not stem.removeprefix("table").isdigit())]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dycoke_eval.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("results_dir", type=Path)
-    parser.add_argument("--tables", type=int, nargs="*", help="only these tables (default: every table with data)")
+    parser.add_argument("--tables", type=_table, nargs="*", help="only these: 1 2 fastvid_table1 (default: all with data)")
     parser.add_argument("--show", action="store_true", help="print the tables too, not only where they were written")
     args = parser.parse_args(argv)
     render_report(args.results_dir, args.tables, show=args.show)
     return 0
+
+
+def _table(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
 
 
 if __name__ == "__main__":

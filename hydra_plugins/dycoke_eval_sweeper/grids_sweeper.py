@@ -118,9 +118,10 @@ class GridsSweeper(BasicSweeper):
         return returns
 
     def _render_report(self) -> None:
-        """A paper table's sweep renders that table; other sweeps render every table they have data for."""
-        from dycoke_eval.report import render_report
+        """A paper table's sweep (its run_name names a CSV of dycoke_eval/paper) renders that table; other sweeps
+        render every table they have data for."""
+        from dycoke_eval.report import PAPER_DIR, render_report
 
         name = str(self.config.run_name)
-        tables = [int(name.removeprefix("table"))] if name.removeprefix("table").isdigit() else None
+        tables = [name] if (PAPER_DIR / f"{name}.csv").is_file() else None
         render_report(Path(self.config.results_dir), tables)
