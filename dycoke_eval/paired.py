@@ -1,11 +1,11 @@
 """Per-sample scores of FastVID's benchmarks, and a row's difference from vanilla over the samples both cells scored.
 
 A column's value is a mean of means: the mean over its parts (Avg: the four benchmarks) of the mean over each
-part's groups (MLVU: its task types, as lmms-eval's MLVU score is the mean of the per-type accuracies) of the
-pooled per-sample scores (MVBench: every subtask's samples pooled, as lmms-eval weights a group by size; VideoMME:
-its questions, or one duration's). `column_scores` turns a cell's logged samples into these strata,
-{(part, group): {sample key: score in points}}; `paired_difference` pairs two cells' strata sample by sample
-(the same task and doc_id) and gives the difference of the column and its 95% interval (`stratified_interval`).
+part's groups of the pooled per-sample scores (MVBench: every subtask's samples pooled, as lmms-eval weights a
+group by size; MLVU and VideoMME: their questions, or one duration's). `column_scores` turns a cell's logged
+samples into these strata, {(part, group): {sample key: score in points}}; `paired_difference` pairs two cells'
+strata sample by sample (the same task and doc_id) and gives the difference of the column and its 95% interval
+(`stratified_interval`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def _longvideobench(value: dict) -> tuple[str, float]:
 
 
 def _mlvu(value: dict) -> tuple[str, float]:
-    """MLVU: the extracted letter equals the answer; grouped by task type (its score is the mean over types)."""
-    return value["task_type"], 100.0 * (value["pred_answer"] == value["answer"])
+    """MLVU: the extracted letter equals the answer, pooled over all questions as FastVID's lmms-eval (0.3.0 `mlvu`)
+    scored it; 0.7.3's `mlvu_dev` score is instead the mean over task types (`breakdowns.mlvu_dev_accuracies`)."""
+    return "", 100.0 * (value["pred_answer"] == value["answer"])
 
 
 def _videomme(value: dict) -> tuple[str, float]:

@@ -38,6 +38,7 @@ import pandas as pd
 import yaml
 
 from dycoke_eval.accounting import PLAN_COLUMNS
+from dycoke_eval.breakdowns import VIDEOMME_DURATIONS, videomme_durations
 from dycoke_eval.config import CONF_DIR
 from dycoke_eval.paired import (
     AVERAGE,
@@ -77,7 +78,6 @@ TASK_METRICS = {  # task (fixture_ prefix and _deferred suffix dropped) -> [(lmm
     "videomme": [("videomme_perception_score", "videomme_wo_sub", 1)],
     "videomme_w_subtitle": [("videomme_perception_score", "videomme_w_sub", 1)],
     "longvideobench_val_v": [("lvb_acc", "longvideobench", 100)],
-    "mlvu_dev": [("mlvu_percetion_score", "mlvu", 1)],  # sic: lmms-eval's spelling
     **{f"mvbench_{name}": [("mvbench_accuracy", code, 1)] for name, code in MVBENCH_CODES.items()},
 }
 LOWER_IS_BETTER = {"tflops", "flops_ratio", "retained_ratio", "total_latency_s", "gpu_memory_gb", "latency_per_example_s",
@@ -145,28 +145,21 @@ def _sample_columns(cell: Cell, sources: dict[str, list[str]]) -> dict[str, Any]
     """The columns computed from a cell's logged samples, and `scores`: every column's per-sample strata
     (`paired.column_scores`), for the paired comparison with vanilla. MVBench: every subtask's answered samples
     pooled (lmms-eval weights a group's subtasks by size, and its MVBench accuracy leaves empty answers out);
-    VideoMME by duration (`videomme_by_duration`). Adds each column's tasks to `sources`."""
+    VideoMME by duration (`breakdowns.videomme_durations`). Adds each column's tasks to `sources`."""
     tasks = {_task_name(task): task for task in cell.sample_tasks() if benchmark(_task_name(task))}
     samples = {name: cell.samples(task) for name, task in tasks.items()}
     columns: dict[str, Any] = {"scores": column_scores(samples)}
-    if "mvbench" in columns["scores"]:
-        columns["mvbench"] = estimate(columns["scores"]["mvbench"])
-        sources["mvbench"] = [task for name, task in tasks.items() if benchmark(name) == "mvbench"]
-    for duration, value in videomme_by_duration(samples.get("videomme", [])).items():
-        columns[f"videomme_{duration}"] = value
-        sources[f"videomme_{duration}"] = [tasks["videomme"]]
+    for column in ("mvbench", "mlvu"):  # pooled over their questions (`paired.SAMPLE_METRICS`)
+        if column in columns["scores"]:
+            columns[column] = estimate(columns["scores"][column])
+            sources[column] = [task for name, task in tasks.items() if benchmark(name) == column]
+    if "videomme" in samples:
+        for duration in VIDEOMME_DURATIONS:
+            value = videomme_durations(samples["videomme"])[duration]
+            if value is not None:
+                columns[f"videomme_{duration}"] = value
+                sources[f"videomme_{duration}"] = [tasks["videomme"]]
     return columns
-
-
-def videomme_by_duration(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """VideoMME accuracy (points) per duration (short, medium, long) from its logged samples (`samples_videomme.jsonl`),
-    as lmms-eval's aggregation counts it: the extracted letter equals the answer, over the questions of that duration."""
-    correct, answered = Counter(), Counter()
-    for row in rows:
-        value = row["videomme_perception_score"]
-        answered[value["duration"]] += 1
-        correct[value["duration"]] += value["pred_answer"] == value["answer"]
-    return {duration: 100 * correct[duration] / answered[duration] for duration in answered}
 
 
 def _task_name(task: str) -> str:

@@ -15,7 +15,7 @@ from scipy import stats
 
 from dycoke_eval.config import CONF_DIR
 from dycoke_eval.paired import PairedDifference, column_scores, paired_difference, stratified_interval
-from dycoke_eval.report import PAPER_DIR, build_table, render, render_report, videomme_by_duration
+from dycoke_eval.report import PAPER_DIR, build_table, render, render_report
 from hydra_plugins.dycoke_eval_sweeper.grids_sweeper import expand_grids
 
 TABLES = [f"fastvid_table{n}" for n in range(1, 5)]
@@ -221,11 +221,9 @@ def test_each_benchmark_is_scored_as_lmms_eval_aggregates_it():
     columns = column_scores(samples)
     mean = lambda strata: np.mean([np.mean(list(s.values())) for s in strata.values()])  # noqa: E731
     assert mean(columns["mvbench"]) == pytest.approx(100 * 2 / 3)  # pooled, the empty answer left out
-    assert mean(columns["mlvu"]) == pytest.approx((50 + 100) / 2)  # the mean over task types
+    assert mean(columns["mlvu"]) == pytest.approx(100 * 2 / 3)  # pooled, as FastVID's lmms-eval; 0.7.3: the type mean
     assert mean(columns["videomme_wo_sub"]) == pytest.approx(100 * 2 / 3) and mean(columns["videomme_long"]) == 100
-    assert videomme_by_duration(samples["videomme"]) == {"short": 50.0, "long": 100.0}
-    assert set(columns["avg_score"]) == {("mvbench", ""), ("longvideobench", ""), ("mlvu", "count"), ("mlvu", "order"),
-                                         ("videomme_wo_sub", "")}  # fmt: skip
+    assert set(columns["avg_score"]) == {("mvbench", ""), ("longvideobench", ""), ("mlvu", ""), ("videomme_wo_sub", "")}
 
 
 # The report, on hand-made cells
@@ -296,11 +294,11 @@ def ov_rows(frame):
 def test_rows_match_the_cells_with_the_papers_settings_and_show_avg_and_percent_of_vanilla(fastvid_report):
     table = ov_rows(fastvid_report[1]["fastvid_table1"])
     vanilla, fastv = table.loc[("Vanilla", "100%")], table.loc[("FastV", "25%")]
-    mvbench, lvb, mlvu, vmme = 100 * 6 / 8, 100 * 4 / 6, (75 + 75) / 2, 100 * 7 / 9
+    mvbench, lvb, mlvu, vmme = 100 * 6 / 8, 100 * 4 / 6, 100 * 6 / 8, 100 * 7 / 9
     assert [vanilla[(c, "ours")] for c in BENCHMARKS] == pytest.approx([mvbench, lvb, mlvu, vmme])
     assert vanilla[("avg_score", "ours")] == pytest.approx((mvbench + lvb + mlvu + vmme) / 4)
     assert vanilla[("videomme_short", "ours")] == pytest.approx(100 * 2 / 3)  # docs 0, 3, 6: right, wrong, right
-    fastv_avg = (100 * 4 / 8 + 100 * 2 / 6 + (50 + 50) / 2 + 100 * 4 / 9) / 4
+    fastv_avg = (100 * 4 / 8 + 100 * 2 / 6 + 100 * 4 / 8 + 100 * 4 / 9) / 4
     assert fastv[("avg_score", "ours")] == pytest.approx(fastv_avg)
     assert fastv[("avg_percent", "ours")] == pytest.approx(100 * fastv_avg / vanilla[("avg_score", "ours")])
     assert fastv[("avg_percent", "paper")] == 96.1 and vanilla[("avg_percent", "ours")] == pytest.approx(100.0)
@@ -317,9 +315,9 @@ def test_the_paired_interval_against_vanilla_is_the_hand_computed_one(fastvid_re
     assert (lvb.mean, lvb.low, lvb.high, lvb.samples) == pytest.approx(
         (expected["mean_diff"], expected["ci_lower"], expected["ci_upper"], 6)
     )
-    # Avg.: a quarter of each benchmark; MLVU's half per task type (docs 0-3 count, 4-7 order); the rest pooled.
+    # Avg.: a quarter of each benchmark, each pooled over its questions.
     diff = {name: 100 * (np.array(FASTV[name]) - np.array(VANILLA[name])) for name in VANILLA}
-    strata = [(1 / 4, diff["mvbench"]), (1 / 4, diff["lvb"]), (1 / 8, diff["mlvu"][:4]), (1 / 8, diff["mlvu"][4:]),
+    strata = [(1 / 4, diff["mvbench"]), (1 / 4, diff["lvb"]), (1 / 4, diff["mlvu"]),
               (1 / 4, diff["videomme"])]  # fmt: skip
     terms = [(w**2 * d.var(ddof=1) / len(d), len(d)) for w, d in strata]
     spread = sum(t for t, _ in terms)
