@@ -248,7 +248,7 @@ class CompressedVideoLM(lmms):
                 }
             with self._stage(record, "generate"):
                 started = time.perf_counter()
-                with compressor.generating(inputs) as figures:
+                with compressor.generating(inputs, selected) as figures:
                     output = self.model.generate(**inputs.kwargs, **generate_kwargs)
         sequences = output.sequences if hasattr(output, "sequences") else output
         if clock is not None:

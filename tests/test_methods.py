@@ -24,6 +24,7 @@ from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.methods.fastv import FastV, fastv_keep_count
 from dycoke_eval.methods.pooling import Pooling
 from dycoke_eval.methods.prumerge import PruMerge
+from dycoke_eval.methods.prunevid import PruneVid
 from dycoke_eval.methods.random_tokens import RandomTokens
 from dycoke_eval.methods.ttm import TokenTemporalMerging, ttm_keep_indices
 from dycoke_eval.offline.videos import synthetic_frames
@@ -120,20 +121,21 @@ def test_every_method_computes_the_same_selection_fast_and_as_the_masked_referen
     assert_model_restored(lm, own_hooks)
 
 
-STAGES = [  # every stage on its own, as a method of one stage
+STAGES = [  # every stage on its own, as a method of one stage (PruneVid's in-LLM stage with the merge it selects within)
     TokenTemporalMerging(k=0.5),
     DynamicKVPruning(l=1, threshold=1.1),
     FastV(layer=2),
     PruMerge(variant="plus"),
     RandomTokens(ratio=0.3),
     Pooling(ratio=0.25),
+    PruneVid(in_llm=True, selected_layer=2),
 ]
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
 def test_every_stage_alone_matches_its_masked_reference_and_leaves_the_model_as_it_found_it(lm, video, own_hooks, stage):
     record = assert_fast_path_matches_masked_reference(lm, video, stage)
-    assert list(record.visual_tokens_by_stage) == [stage.name]
+    assert list(record.visual_tokens_by_stage) == [s.name for s in stage.stages()]
     assert_model_restored(lm, own_hooks)
 
 
@@ -379,7 +381,11 @@ def eager_lm(tiny_checkpoint):
     yield CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", attn_implementation="eager")
 
 
-@pytest.mark.parametrize("method", [DyCoke(k=0.5, l=1, threshold=1.1), FastV(layer=2)], ids=["dycoke", "fastv"])
+@pytest.mark.parametrize(
+    "method",
+    [DyCoke(k=0.5, l=1, threshold=1.1), FastV(layer=2), PruneVid(in_llm=True, selected_layer=2)],
+    ids=["dycoke", "fastv", "prunevid"],
+)
 def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_kernel(eager_lm, video, monkeypatch, method):
     import transformers.models.qwen2.modeling_qwen2 as qwen2
 

@@ -34,10 +34,10 @@ from dycoke_eval.compression.stages import (
     VideoTokens,
 )
 from dycoke_eval.config import ConfigError
-from dycoke_eval.methods.kv_selection import attended_key_index, last_query_attention
+from dycoke_eval.methods.kv_selection import attended_key_index, last_query_attention, max_attention
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.plumbing.attention import attention_kernel, kernel_name, masked_attention, routed_attention, subset_attention
-from dycoke_eval.plumbing.cache import PrunableLayer
+from dycoke_eval.plumbing.cache import PrunableLayer, TrimmedLayer
 from dycoke_eval.plumbing.hooks import prefill_position_pruning
 
 
@@ -81,6 +81,10 @@ class Compressor:
             raise ConfigError(f"method {method.name!r} has {len(self.decode)} decode stages; one is supported")
         if self.prefill and self.decode:
             raise ConfigError(f"method {method.name!r} combines prefill and decode stages, which is not supported yet")
+        if len(self.prefill) > 1 and any(s.trims_earlier_cache for s in self.prefill):
+            raise ConfigError(
+                f"method {method.name!r}: a prefill stage that trims the earlier layers' cache must be the only one"
+            )
         # The released DyCoke code never resets its previous attention vector between samples: official mode keeps it.
         self._carried: dict[int, Selector] = {id(s): s.new_selector() for s in self.decode if s.carries_state}
 
@@ -95,8 +99,11 @@ class Compressor:
         return SelectedTokens(tokens, by_stage, figures)
 
     @contextmanager
-    def generating(self, inputs: GenerationInputs) -> Iterator[GenerationFigures]:
-        """Around `generate`: install the prefill and decode stages' plumbing; the figures are complete on exit."""
+    def generating(self, inputs: GenerationInputs, selected: SelectedTokens | None = None) -> Iterator[GenerationFigures]:
+        """Around `generate`: install the prefill and decode stages' plumbing; the figures are complete on exit.
+
+        `selected` is what `select` gave for this sample: prefill stages see its figures (PruneVid's groups).
+        """
         decoder = self.adapter.language_model
         layers = decoder.config.num_hidden_layers
         result = GenerationFigures(
@@ -108,7 +115,7 @@ class Compressor:
         kernel = attention_kernel(decoder)
         with ExitStack() as stack:
             if self.prefill:
-                route = _PrefillRoute(self, inputs, kernel, stack)
+                route = _PrefillRoute(self, inputs, kernel, stack, selected.figures if selected is not None else {})
             else:
                 route = _DecodeRoute(self, inputs, kernel, layers)
             stack.enter_context(routed_attention(decoder, "compressed", route.attention))
@@ -125,16 +132,28 @@ class Compressor:
 
 
 class _PrefillRoute:
-    """Prefill stages on their layer schedule: score at `layer - 1`, keep from `layer` on (dropped, or masked)."""
+    """Prefill stages on their layer schedule: score at `layer - 1`, keep from `layer` on (dropped, or masked).
 
-    def __init__(self, compressor: Compressor, inputs: GenerationInputs, kernel, stack: ExitStack) -> None:
-        self.stages, self.reference, self.kernel = compressor.prefill, compressor.reference, kernel
+    A stage that `trims_earlier_cache` (the only prefill stage then) also cuts the cache of the layers before
+    its `layer` down to the kept tokens once it has scored, so decoding attends to them alone at every layer.
+    """
+
+    def __init__(
+        self, compressor: Compressor, inputs: GenerationInputs, kernel, stack: ExitStack, pre_llm: dict[str, Any]
+    ) -> None:
+        self.stages, self.reference, self.kernel, self.pre_llm = compressor.prefill, compressor.reference, kernel, pre_llm
         self.prompt_length = inputs.input_ids.shape[1]
         self.span = (inputs.visual_start, inputs.visual_start + inputs.visual_length)
         self.schedule: list[tuple[int, torch.Tensor]] = []  # (first layer, prompt positions present from it on)
+        first = self.stages[0].layer
+        self.trimmed = range(first) if self.stages[0].trims_earlier_cache else range(0)  # layers whose cache is cut
         if not self.reference:
-            first = self.stages[0].layer
-            stack.enter_context(prefill_position_pruning(compressor.adapter.language_model, first, self.present_at))
+            decoder = compressor.adapter.language_model
+            stack.enter_context(prefill_position_pruning(decoder, first, self.present_at))
+            if self.trimmed:
+                layers = decoder.config.num_hidden_layers
+                self.cache = Cache(layers=[TrimmedLayer() if i in self.trimmed else DynamicLayer() for i in range(layers)])
+                inputs.kwargs["past_key_values"] = self.cache
 
     def present_at(self, layer: int) -> torch.Tensor | None:
         """Prompt positions whose states reach `layer` (None: all of them)."""
@@ -144,6 +163,12 @@ class _PrefillRoute:
                 present = positions
         return present
 
+    def cached_at(self, layer: int) -> torch.Tensor | None:
+        """Prompt positions whose cache entries `layer` holds for decoding (None: all of them)."""
+        if layer in self.trimmed and self.schedule:
+            return self.schedule[0][1]
+        return self.present_at(layer)
+
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         layer, prefill = module.layer_idx, query.shape[2] > 1
         present = self.present_at(layer)
@@ -151,10 +176,14 @@ class _PrefillRoute:
             for stage in self.stages:
                 if layer == stage.score_layer:
                     self._score(stage, query, key, attention_mask, present, kwargs["scaling"])
-        if self.reference and present is not None:
+        positions = present if prefill else self.cached_at(layer)
+        if self.reference and positions is not None:
             generated = torch.arange(self.prompt_length, key.shape[2], device=key.device)
-            index = torch.cat([present, generated])
+            index = torch.cat([positions, generated])
             return masked_attention(self.kernel, module, query, key, value, attention_mask, index, **kwargs)
+        if not prefill and layer in self.trimmed and attention_mask is not None:  # a materialised mask spans every prompt key
+            generated = torch.arange(self.prompt_length, attention_mask.shape[-1], device=attention_mask.device)
+            attention_mask = attention_mask.index_select(-1, torch.cat([positions, generated]))
         return self.kernel(module, query, key, value, attention_mask, **kwargs)
 
     def _score(self, stage: PrefillStage, query, key, attention_mask, present, scaling) -> None:
@@ -162,11 +191,20 @@ class _PrefillRoute:
         if self.reference and key.shape[2] != present.numel():  # the reference still holds every key: score the present ones
             key = key.index_select(2, present)
             attention_mask = None if attention_mask is None else attention_mask.index_select(-1, present)
-        probabilities = last_query_attention(query, key, scaling, attention_mask)
         is_visual = self._visual(present)
+        if stage.queries == "after_visual":
+            after = (present >= self.span[1]).nonzero().flatten()  # among the present positions
+            rows = after if query.shape[2] == present.numel() else present[after]  # the reference's query holds them all
+            mask = None if attention_mask is None else attention_mask.index_select(-2, rows)
+            probabilities = max_attention(query.index_select(2, rows), key, scaling, mask, present[after], present)
+        else:
+            probabilities = last_query_attention(query, key, scaling, attention_mask)
         visual = is_visual.nonzero().flatten()
-        kept = present[visual[stage.keep(probabilities[visual])]]
+        kept = present[visual[stage.keep(probabilities[visual], self.pre_llm)]]
         self.schedule.append((stage.layer, torch.cat([present[~is_visual], kept]).sort().values))
+        if self.trimmed and not self.reference:  # the layers so far have cached every prompt position
+            for layer in self.trimmed:
+                self.cache.layers[layer].trim(self.schedule[-1][1])
 
     def _visual(self, positions: torch.Tensor) -> torch.Tensor:
         """Which of these prompt positions are visual tokens."""
@@ -174,11 +212,11 @@ class _PrefillRoute:
 
     def finish(self, result: GenerationFigures) -> None:
         for layer in range(len(result.prefill_visual_by_layer)):
-            present = self.present_at(layer)
+            present, cached = self.present_at(layer), self.cached_at(layer)
             if present is not None:
-                visual = int(self._visual(present).sum())
-                result.prefill_visual_by_layer[layer] = visual
-                result.decode_visual_by_layer[layer] = float(visual)  # decoding attends to what the layer cached
+                result.prefill_visual_by_layer[layer] = int(self._visual(present).sum())
+            if cached is not None:  # decoding attends to what the layer cached
+                result.decode_visual_by_layer[layer] = float(self._visual(cached).sum())
         seen: dict[str, int] = {}
         for stage, (_, positions) in zip(self.stages, self.schedule, strict=False):
             seen[_unique(stage.name, seen)] = int(self._visual(positions).sum())

@@ -4,7 +4,9 @@ Three kinds, by where they act:
 * `PreLLMStage`: video tokens (plus captured encoder signals) in, kept or merged tokens and their
   grid positions out, before the language model (TTM, PruMerge, random, pooling).
 * `PrefillStage`: at layer `layer - 1` of prefill, scored by the last prompt token's attention over
-  the visual tokens; from layer `layer` on only the kept ones remain (FastV).
+  the visual tokens (or, `queries = "after_visual"`, by every later token's, max over heads and
+  queries); from layer `layer` on only the kept ones remain (FastV), and with `trims_earlier_cache`
+  the earlier layers' cache keeps only them too (PruneVid's in-LLM stage).
 * `DecodeStage`: at each decode step, scored by the newest token's attention at `score_layer`;
   layers >= `first_layer` attend to the kept visual tokens (DyCoke's dynamic KV pruning).
 
@@ -187,6 +189,8 @@ def per_sample_seed(seed: int, sample: str) -> int:
 
 class PrefillStage(Stage):
     layer: int  # the first layer that sees only the kept tokens; scored at layer - 1
+    queries = "last"  # who scores: "last" (the last prompt token, head mean) | "after_visual" (max over heads, then queries)
+    trims_earlier_cache = False  # True: once scored, the layers before `layer` drop the pruned entries from their cache too
 
     @property
     def score_layer(self) -> int:
@@ -198,8 +202,9 @@ class PrefillStage(Stage):
                 f"layer={self.layer}: the language model has {model.layers} layers; choose 1 <= layer < {model.layers}"
             )
 
-    def keep(self, visual_attention: torch.Tensor) -> torch.Tensor:
-        """[V] the last prompt token's attention over the visual tokens present -> kept positions among them, ascending."""
+    def keep(self, visual_attention: torch.Tensor, pre_llm: dict[str, Any]) -> torch.Tensor:
+        """[V] attention over the visual tokens present (see `queries`), and the pre-LLM stages' figures for this
+        sample -> kept positions among them, ascending."""
         raise NotImplementedError
 
 

@@ -10,6 +10,7 @@ default is K=2 with 50%.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ class FastV(PrefillStage):
         if self.layer < 1:
             raise ConfigError(f"layer={self.layer}: FastV scores at layer K-1, so K must be >= 1")
 
-    def keep(self, visual_attention: torch.Tensor) -> torch.Tensor:
+    def keep(self, visual_attention: torch.Tensor, pre_llm: dict[str, Any]) -> torch.Tensor:
         return top_visual_tokens(visual_attention, fastv_keep_count(visual_attention.numel(), self.ratio))
 
     def plan(self, counts: PlannedCounts) -> PlannedCounts:

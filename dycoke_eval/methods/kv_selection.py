@@ -26,6 +26,29 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float,
     return scores.softmax(dim=-1).mean(dim=(0, 1))
 
 
+def max_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax attention of several queries over all keys, max over heads, then over the queries: [kv_len] (PruneVid).
+
+    query [1, Hq, Q, d] at prompt positions `query_positions` [Q], key [1, Hkv, T, d] at `key_positions` [T]
+    (causal by position), mask None or [1, 1, Q, T], boolean (True = attend) or additive.
+    """
+    heads, kv_heads, queries, dim = query.shape[1], key.shape[1], query.shape[2], query.shape[-1]
+    q = query[0].reshape(kv_heads, heads // kv_heads, queries, dim)
+    scores = torch.einsum("hgqd,htd->hgqt", q.float(), key[0].float()) * scaling
+    scores = scores.masked_fill(key_positions[None, :] > query_positions[:, None], float("-inf"))
+    if mask is not None:
+        rows = mask[0, 0]
+        scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows.float()
+    return scores.softmax(dim=-1).amax(dim=(0, 1)).amax(dim=0)
+
+
 def top_visual_tokens(visual_attention: torch.Tensor, count: int) -> torch.Tensor:
     """Positions (within the visual span) of the `count` most attended tokens, ascending."""
     return visual_attention.topk(count).indices.sort().values

@@ -53,3 +53,23 @@ class PrunableLayer(DynamicLayer):
         self.cold_keys = keys[..., ~hot, :].to(cold_device)
         self.cold_values = values[..., ~hot, :].to(cold_device)
         self.cold_positions = where[~hot]
+
+
+class TrimmedLayer(DynamicLayer):
+    """A `DynamicLayer` cut down once to the entries at some positions; the others are gone (their memory freed).
+
+    It reports the full sequence length, so masks and positions are unaffected; the entries it returns
+    to attention are the kept ones, then every new token (PruneVid trims the layers it scored through).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() + self.dropped
+
+    def trim(self, positions: torch.Tensor) -> None:
+        """Keep only the cached entries at these positions (ascending; the layer holds every position so far)."""
+        self.dropped += self.keys.shape[-2] - positions.numel()
+        self.keys, self.values = self.keys.index_select(-2, positions), self.values.index_select(-2, positions)

@@ -1,0 +1,355 @@
+"""PruneVid (baseline): merge the video's tokens before the LLM, then optionally keep a share of them in prefill.
+
+Released code: `Visual-AI/PruneVid@b12600c` (PLLaVA), SPEC-fastvid §4; LightCompress ports the pre-LLM
+merge to LLaVA-OneVision with the same arithmetic. FastVID's Table 1 runs the pre-LLM merge alone.
+
+Pre-LLM (`modeling_pllava.py:764-827`), on the pooled projected features [T, N, D]:
+1. Temporal segmentation: DPC-kNN (k=7) over the T frame means into `int(T * temporal_segment_ratio)`
+   clusters, `refine_clusters`, windows = the runs of equal labels.
+2. Per window of W frames: grid position l is static if its mean pairwise cosine over the window's
+   frames exceeds `tau`; static tokens are averaged over the frames, the others stay per frame.
+3. Any group (the window's static tokens, one frame's dynamic tokens) of more than 14 tokens becomes
+   `int(n * cluster_ratio)` DPC-kNN cluster means (k=7). Output per window: static, then each frame's dynamic.
+The density's tie-breaking noise (`density_noise`, released 1e-6) is drawn from a generator seeded
+per sample, in the released order (temporal, then per window its static group, then each frame), so
+reruns agree; 0 draws nothing.
+
+In-LLM (`in_llm: true`; `elastic_cache.py:120-203`, `llama.py:1417-1461`): once in prefill, decoder layer
+`selected_layer` (0-based) scores each video token by its attention probability, max over heads then over
+every query after the visual span; each window keeps its top `int(n_static * alpha)` static tokens and each
+frame its top `int(n_dyn * alpha)` dynamic tokens (index order). Later layers see only those, the cache of
+layers 0..selected_layer is cut down to them too, and every token keeps its position. The window and group
+sizes reach the in-LLM stage as the pre-LLM stage's figures (`prunevid_windows`, `prunevid_static`,
+`prunevid_dynamic`); it needs the video's tokens in their pre-LLM order with one newline after them
+(LLaVA-OneVision's layout).
+
+Each merged token's grid `index` is that of a representative: a static token's in the window's first frame,
+a cluster mean's its centre's. It only places newlines (positions are consecutive).
+
+Where the released code cannot run, this one does and says so here: fewer than 4 frames (0 temporal
+clusters) gives 1 cluster; fewer points than k uses every point as a neighbour; a one-frame window has no
+static token (the released 0/0 makes its choice float noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dycoke_eval.compression.stages import (
+    ModelInfo,
+    PlannedCounts,
+    PrefillStage,
+    PreLLMStage,
+    Stage,
+    VideoTokens,
+    per_sample_seed,
+)
+from dycoke_eval.config import ConfigError
+
+NEIGHBOURS = 7  # k of every DPC-kNN call (hard-coded in the released code)
+LARGEST_UNCLUSTERED = 14  # a group of more tokens than this is clustered (hard-coded)
+
+
+class DensityNoise:
+    """The density's tie-breaking noise: `amplitude * U[0, 1)` from one generator per sample, drawn in call order."""
+
+    def __init__(self, amplitude: float, seed: int, sample: str) -> None:
+        self.amplitude = amplitude
+        self.generator = torch.Generator().manual_seed(per_sample_seed(seed, sample))
+
+    def draw(self, count: int, device: torch.device) -> torch.Tensor | None:
+        if not self.amplitude:
+            return None
+        return (torch.rand(count, generator=self.generator) * self.amplitude).to(device)
+
+
+def dpc_knn(
+    points: torch.Tensor, clusters: int, k: int = NEIGHBOURS, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, C] points -> each point's cluster id [n] and the centres [clusters] (point indices, by rank).
+
+    Density peaks with kNN density (FastVID's density score): rho = exp(-mean of the k smallest squared
+    distances, the point itself included), delta = distance to the nearest denser point (the largest
+    distance for the densest), centres = the top `clusters` of rho * delta, a centre's id its rank; every
+    other point joins its nearest centre (the lower rank on ties). Distances are float32, over sqrt(C).
+    """
+    distance = torch.cdist(points.float(), points.float()) / points.shape[-1] ** 0.5
+    nearest = distance.topk(min(k, points.shape[0]), dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp()
+    if noise is not None:
+        density = density + noise
+    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+    delta = torch.where(denser, distance, distance.max()).min(dim=-1).values
+    centres = (delta * density).topk(clusters).indices
+    labels = distance[centres].argmin(dim=0)
+    labels[centres] = torch.arange(clusters, device=points.device)
+    return labels, centres
+
+
+def cluster_means(points: torch.Tensor, labels: torch.Tensor, clusters: int) -> torch.Tensor:
+    """[clusters, C] the mean of each cluster's points in the points' dtype (0 for an empty cluster)."""
+    onehot = F.one_hot(labels, clusters).to(points.dtype)  # [n, clusters]
+    counts = onehot.sum(dim=0)
+    means = (onehot.T @ points) / counts.clamp(min=1)[:, None]
+    return means.masked_fill((counts == 0)[:, None], 0)
+
+
+def merge_group(
+    features: torch.Tensor, index: torch.Tensor, cluster_ratio: float, noise: DensityNoise
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's tokens [n, D] at grid positions [n] -> as they go on: themselves if n <= 14, else
+    `int(n * cluster_ratio)` cluster means in centre-rank order, each at its centre's position."""
+    count = features.shape[0]
+    if count <= LARGEST_UNCLUSTERED:
+        return features, index
+    clusters = int(count * cluster_ratio)
+    labels, centres = dpc_knn(features, clusters, noise=noise.draw(count, features.device))
+    return cluster_means(features, labels, clusters), index[centres]
+
+
+def refine_clusters(labels: list[int]) -> list[int]:
+    """Temporal labels -> labels whose runs are the windows (the released `refine_clusters`).
+
+    Each label keeps only its longest run(s) (all of them on a tie); a label whose longest run is one
+    frame is dissolved. Scanning left to right, each stretch of dissolved frames takes the label of the
+    longer neighbouring run as currently labelled (the left one on a tie, 0 when there is none).
+    """
+    runs = _runs(labels)
+    longest: dict[int, int] = {}
+    for label, start, end in runs:
+        longest[label] = max(longest.get(label, 0), end - start)
+    refined: list[int | None] = list(labels)
+    for label, start, end in runs:
+        if longest[label] == 1 or end - start < longest[label]:
+            refined[start:end] = [None] * (end - start)
+    frame = 0
+    while frame < len(refined):
+        if refined[frame] is not None:
+            frame += 1
+            continue
+        start = frame
+        while frame < len(refined) and refined[frame] is None:
+            frame += 1
+        left = refined[start - 1] if start > 0 else None
+        right = refined[frame] if frame < len(refined) else None
+        left_length = _run_length(refined, start - 1, -1) if left is not None else 0
+        right_length = _run_length(refined, frame, 1) if right is not None else 0
+        if right_length > left_length:
+            label = right
+        else:
+            label = left if left is not None else right
+        refined[start:frame] = [0 if label is None else label] * (frame - start)
+    return refined  # type: ignore[return-value]
+
+
+def _runs(labels: list) -> list[tuple[Any, int, int]]:
+    """(label, start, end) of each maximal run of equal labels, end exclusive."""
+    runs, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            runs.append((labels[start], start, i))
+            start = i
+    return runs
+
+
+def _run_length(labels: list, at: int, step: int) -> int:
+    """How many equal labels run from `at` in direction `step`."""
+    length, i = 0, at
+    while 0 <= i < len(labels) and labels[i] == labels[at]:
+        length, i = length + 1, i + step
+    return length
+
+
+def temporal_windows(grid: torch.Tensor, temporal_segment_ratio: float, noise: DensityNoise) -> list[int]:
+    """[T, N, D] -> the windows' frame counts, in order: DPC-kNN over the frame means, refined, runs."""
+    frames = grid.shape[0]
+    clusters = max(1, int(frames * temporal_segment_ratio))
+    labels, _ = dpc_knn(grid.mean(dim=1), clusters, noise=noise.draw(frames, grid.device))
+    return [end - start for _, start, end in _runs(refine_clusters(labels.tolist()))]
+
+
+def static_positions(window: torch.Tensor, tau: float) -> torch.Tensor:
+    """[W, N, D] frames -> [N] whether each grid position is static: (sum_{w,t} cos(x_w, x_t) - W) / (W (W-1)) > tau.
+
+    In the features' dtype, as released. A one-frame window has no static position.
+    """
+    frames = window.shape[0]
+    if frames == 1:
+        return torch.zeros(window.shape[1], dtype=torch.bool, device=window.device)
+    unit = F.normalize(window, p=2, dim=-1)
+    similarity = torch.einsum("wlc,tlc->wtl", unit, unit)
+    return (similarity.sum(dim=1) - 1).sum(dim=0) / (frames * (frames - 1)) > tau
+
+
+@dataclass
+class MergedVideo:
+    """The pre-LLM output: tokens [M, D], their representatives' grid positions [M], and the group sizes."""
+
+    features: torch.Tensor
+    index: torch.Tensor
+    windows: list[int]  # frames per window
+    static: list[int]  # static tokens out, per window
+    dynamic: list[int]  # dynamic tokens out per frame, per window (the same for each of its frames)
+    static_positions: list[int]  # static grid positions, per window (before clustering)
+
+
+def prunevid_merge(
+    grid: torch.Tensor, tau: float, temporal_segment_ratio: float, cluster_ratio: float, noise: DensityNoise
+) -> MergedVideo:
+    """[T, N, D] -> PruneVid's pre-LLM tokens, per window [static, frame 0 dynamic, frame 1 dynamic, ...]."""
+    tokens = grid.shape[1]
+    windows = temporal_windows(grid, temporal_segment_ratio, noise)
+    features, index, static_out, dynamic_out, static_count = [], [], [], [], []
+    start = 0
+    positions = torch.arange(tokens, device=grid.device)
+    for size in windows:
+        window = grid[start : start + size]
+        static = static_positions(window, tau)
+        merged, where = merge_group(window[:, static].mean(dim=0), positions[static] + start * tokens, cluster_ratio, noise)
+        features.append(merged)
+        index.append(where)
+        static_out.append(merged.shape[0])
+        static_count.append(int(static.sum()))
+        for frame in range(size):
+            merged, where = merge_group(
+                window[frame, ~static], positions[~static] + (start + frame) * tokens, cluster_ratio, noise
+            )
+            features.append(merged)
+            index.append(where)
+        dynamic_out.append(merged.shape[0])
+        start += size
+    return MergedVideo(torch.cat(features), torch.cat(index), windows, static_out, dynamic_out, static_count)
+
+
+def prunevid_selection(
+    scores: torch.Tensor, windows: list[int], static: list[int], dynamic: list[int], alpha: float
+) -> torch.Tensor:
+    """[M] scores of the pre-LLM tokens -> kept ones, ascending: per window the top int(static * alpha) static
+    tokens and, per frame, the top int(dynamic * alpha) dynamic tokens (the released `process_attention`)."""
+    kept, start = [], 0
+    for frames, n_static, n_dynamic in zip(windows, static, dynamic, strict=True):
+        kept.append(scores[start : start + n_static].topk(int(n_static * alpha)).indices + start)
+        start += n_static
+        per_frame = scores[start : start + frames * n_dynamic].view(frames, n_dynamic)
+        top = per_frame.topk(int(n_dynamic * alpha), dim=-1).indices
+        kept.append((top + start + n_dynamic * torch.arange(frames, device=scores.device)[:, None]).flatten())
+        start += frames * n_dynamic
+    return torch.cat(kept).sort().values
+
+
+@dataclass
+class PruneVidSelection(PrefillStage):
+    """PruneVid's in-LLM selection: scored at `layer - 1` (the released `selected_layer`), kept from `layer` on."""
+
+    layer: int = 11
+    alpha: float = 0.4
+    name: str = "prunevid_llm"
+    queries = "after_visual"  # every query after the visual span scores, max over heads then queries
+    trims_earlier_cache = True  # layers before `layer` drop the pruned entries from their cache too
+
+    def check(self, model: ModelInfo) -> None:
+        if not 0 <= self.score_layer < model.layers - 1:
+            raise ConfigError(
+                f"selected_layer={self.score_layer}: the language model has {model.layers} layers and a later one must see "
+                f"the kept tokens; choose 0 <= selected_layer < {model.layers - 1}"
+            )
+
+    def keep(self, visual_attention: torch.Tensor, pre_llm: dict[str, Any]) -> torch.Tensor:
+        """The kept video tokens among the visual ones; the newline after the video is always kept."""
+        if "prunevid_windows" not in pre_llm:
+            raise ConfigError(f"{self.name} selects within PruneVid's windows; it needs the prunevid pre-LLM stage before it")
+        merged = pre_llm["prunevid_tokens_out"]
+        newlines = visual_attention.numel() - merged
+        if newlines not in (0, 1):
+            raise ConfigError(
+                f"{self.name}: the visual span holds {visual_attention.numel()} tokens for {merged} merged ones; the in-LLM "
+                "selection needs the merged tokens in order with at most one newline after them (LLaVA-OneVision's layout)"
+            )
+        kept = prunevid_selection(
+            visual_attention[:merged],
+            pre_llm["prunevid_windows"],
+            pre_llm["prunevid_static"],
+            pre_llm["prunevid_dynamic"],
+            self.alpha,
+        )
+        return torch.cat([kept, torch.arange(merged, merged + newlines, device=kept.device)])
+
+    def plan(self, counts: PlannedCounts) -> PlannedCounts:
+        """An estimate: layers before `layer` see every token in prefill; from `layer` on, and every layer in decoding,
+        alpha of them."""
+        kept = [n * self.alpha for n in counts.prefill]
+        return counts.with_layers(counts.prefill[: self.layer] + kept[self.layer :], kept)
+
+
+@dataclass
+class PruneVid(PreLLMStage):
+    tau: float = 0.8  # static if a position's mean pairwise cosine over its window's frames exceeds this
+    temporal_segment_ratio: float = 0.25  # temporal clusters = int(T * this)
+    cluster_ratio: float = 0.5  # a group of n > 14 tokens becomes int(n * this) cluster means
+    alpha: float = 0.4  # in_llm: share of each group kept in prefill
+    selected_layer: int = 10  # in_llm: the decoder layer (0-based) that scores; later layers see the kept tokens
+    in_llm: bool = False  # FastVID's Table 1: off; PruneVid's own setting: on
+    density_noise: float = 1e-6  # DPC-kNN's tie-breaking noise (released 1e-6); 0 for exact comparisons
+    seed: int = 0  # of the noise, combined with the sample's name
+    name: str = "prunevid"
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.tau <= 1:
+            raise ConfigError(f"tau={self.tau}: a mean cosine similarity threshold lies in [-1, 1]")
+        if not 0 < self.temporal_segment_ratio <= 1:
+            raise ConfigError(f"temporal_segment_ratio={self.temporal_segment_ratio}: choose a share of the frames in (0, 1]")
+        if not (self.cluster_ratio <= 1 and int((LARGEST_UNCLUSTERED + 1) * self.cluster_ratio) >= 1):
+            raise ConfigError(
+                f"cluster_ratio={self.cluster_ratio}: a group of 15 tokens must keep at least one cluster and at most "
+                "all of them; choose cluster_ratio in [1/15, 1]"
+            )
+        if not 0 < self.alpha <= 1:
+            raise ConfigError(f"alpha={self.alpha}: the in-LLM stage keeps a share of each group in (0, 1]")
+        if self.selected_layer < 0:
+            raise ConfigError(f"selected_layer={self.selected_layer}: a decoder layer index is >= 0")
+        if self.density_noise < 0:
+            raise ConfigError(f"density_noise={self.density_noise}: a noise amplitude is >= 0 (0: none)")
+
+    def stages(self) -> list[Stage]:
+        if self.in_llm:
+            return [self, self.selection()]
+        return [self]
+
+    def selection(self) -> PruneVidSelection:
+        return PruneVidSelection(layer=self.selected_layer + 1, alpha=self.alpha)
+
+    def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
+        grid = tokens.grid()
+        noise = DensityNoise(self.density_noise, self.seed, sample)
+        merged = prunevid_merge(grid, self.tau, self.temporal_segment_ratio, self.cluster_ratio, noise)
+        count_in, count_out = grid.shape[0] * grid.shape[1], merged.features.shape[0]
+        return tokens.replaced(
+            merged.features,
+            merged.index,
+            prunevid_tokens_in=count_in,
+            prunevid_tokens_out=count_out,
+            prunevid_ratio=count_out / count_in,
+            prunevid_window_count=len(merged.windows),
+            prunevid_static_tokens=sum(merged.static),
+            prunevid_dynamic_tokens=sum(f * d for f, d in zip(merged.windows, merged.dynamic, strict=True)),
+            prunevid_windows=merged.windows,
+            prunevid_static=merged.static,
+            prunevid_dynamic=merged.dynamic,
+            prunevid_static_positions=merged.static_positions,
+        )
+
+    def planned_tokens(self, counts: PlannedCounts) -> float:
+        """An estimate (the count depends on the video): no static token, so every frame's N tokens become
+        int(N * cluster_ratio) (N if N <= 14). Static tokens only lower it; the measured ratio is reported per sample."""
+        layout = counts.layout
+        per_frame = layout.tokens_per_frame
+        kept = per_frame if per_frame <= LARGEST_UNCLUSTERED else int(per_frame * self.cluster_ratio)
+        return float(layout.frames * kept)
+
+    def plan(self, counts: PlannedCounts) -> PlannedCounts:
+        merged = counts.uniform(self.planned_tokens(counts))
+        return self.selection().plan(merged) if self.in_llm else merged
