@@ -37,7 +37,8 @@ class VideoTokens:
 
     A merged token carries the position of the token it was merged into; -1 marks a token at no
     grid position (PruMerge's per-frame remainder). `figures` are the last stage's per-sample
-    figures (counts, notes), returned as values.
+    figures (counts, notes), returned as values. `newlines` is the model's newline placement (`video_end`:
+    LLaVA-OneVision, `row_end`: LLaVA-Video), for stages whose released arithmetic differs by model.
     """
 
     features: torch.Tensor
@@ -46,11 +47,13 @@ class VideoTokens:
     rows: int
     cols: int
     figures: dict[str, Any] = field(default_factory=dict)
+    newlines: str = "video_end"
 
     @classmethod
-    def from_grid(cls, grid: torch.Tensor, rows: int, cols: int) -> VideoTokens:
+    def from_grid(cls, grid: torch.Tensor, rows: int, cols: int, newlines: str = "video_end") -> VideoTokens:
         frames, tokens, dim = grid.shape
-        return cls(grid.reshape(-1, dim), torch.arange(frames * tokens, device=grid.device), frames, rows, cols)
+        index = torch.arange(frames * tokens, device=grid.device)
+        return cls(grid.reshape(-1, dim), index, frames, rows, cols, newlines=newlines)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -65,7 +68,7 @@ class VideoTokens:
 
     def replaced(self, features: torch.Tensor, index: torch.Tensor, **figures: Any) -> VideoTokens:
         """New tokens at grid positions `index`, with this stage's figures."""
-        return VideoTokens(features, index, self.frames, self.rows, self.cols, figures)
+        return VideoTokens(features, index, self.frames, self.rows, self.cols, figures, self.newlines)
 
     def keep(self, kept: torch.Tensor, **figures: Any) -> VideoTokens:
         """The tokens at rows `kept` (in that order)."""
