@@ -62,6 +62,10 @@ def prepare_environment(cfg: DictConfig) -> list[Path]:
         from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
 
         ensure_tiny_checkpoint(cfg.model.pretrained)
+        if cfg.model.get("siglip_head"):
+            from dycoke_eval.offline.tiny_model import ensure_tiny_siglip_head
+
+            ensure_tiny_siglip_head(cfg.model.siglip_head)
     return task_dirs
 
 
@@ -88,8 +92,9 @@ def check_cell(cfg: DictConfig):
         check_routable(cfg.model.attn_implementation, method.name)
     if cfg.model.get("architecture"):  # known without a download; other checkpoints are checked when they load
         config = checkpoint_config(cfg.model.architecture, cfg.model.pretrained)
-        adapter = adapter_class(config, cfg.model.pretrained)
-        method.validate_for(ModelInfo(adapter.dimensions(config).layers, adapter.available_signals(config)))
+        adapter = adapter_class(config, cfg.model.pretrained, cfg.model.get("adapter"))
+        signals = adapter.available_signals(config, bool(cfg.model.get("siglip_head")))
+        method.validate_for(ModelInfo(adapter.dimensions(config).layers, signals))
     return method
 
 
@@ -296,6 +301,8 @@ def run_cell(cfg: DictConfig) -> Path:
         device_map=cfg.model.get("device_map"),
         measure=cfg.measure,
         random_weights_architecture=cfg.model.architecture if cfg.model.get("random_weights") else None,
+        adapter=cfg.model.get("adapter"),
+        siglip_head=cfg.model.get("siglip_head"),
         max_new_tokens=generation_cap(cfg),
         journal=str(cell_dir / "journal.jsonl"),
     )

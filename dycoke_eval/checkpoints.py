@@ -26,6 +26,8 @@ class CheckpointKey:
     attn_implementation: str
     device_map: str | None = None
     random_architecture: str | None = None
+    adapter: str | None = None  # the adapter a model config names (`adapter`), else the one for its model_type
+    siglip_head: str | None = None  # the SigLIP checkpoint giving the probe signals
 
 
 @dataclass
@@ -70,28 +72,39 @@ def load_checkpoint(
     attn_implementation: str = "sdpa",
     device_map: str | None = None,
     random_architecture: str | None = None,
+    adapter: str | None = None,
+    siglip_head: str | None = None,
 ) -> LoadedCheckpoint:
     """Load (or reuse) a checkpoint; only one is kept so that switching models frees memory.
 
     `device_map` (e.g. "auto") spreads a model too large for one GPU over all visible GPUs.
     `random_architecture` ("0.5b", "7b", "72b") builds that real architecture with random weights
-    instead, without any download: for latency and memory only.
+    instead, without any download: for latency and memory only. `adapter` names the model adapter
+    (`llava_video`) where the checkpoint's model_type alone does not tell; `siglip_head` is the SigLIP
+    checkpoint whose pooling head gives the probe signals (read on first use).
     """
     global _loaded, LOAD_COUNT
     from dycoke_eval.models import adapter_class, checkpoint_config
 
-    key = CheckpointKey(str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture)
+    key = CheckpointKey(
+        str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture, adapter, siglip_head
+    )
     if _loaded is not None and _loaded.key == key:
         return _loaded
     _loaded = None
     if random_architecture:
         from dycoke_eval.offline.architectures import build_random_model
 
-        adapter = build_random_model(random_architecture, dtype, device, attn_implementation)
+        loaded = build_random_model(random_architecture, dtype, device, attn_implementation, adapter, siglip_head)
     else:
-        adapter = adapter_class(checkpoint_config(None, pretrained), pretrained).load(
-            pretrained, device=device, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
+        loaded = adapter_class(checkpoint_config(None, pretrained), pretrained, adapter).load(
+            pretrained,
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            device_map=device_map,
+            siglip_head=siglip_head,
         )
     LOAD_COUNT += 1
-    _loaded = LoadedCheckpoint(key=key, adapter=adapter)
+    _loaded = LoadedCheckpoint(key=key, adapter=loaded)
     return _loaded

@@ -60,6 +60,8 @@ class CompressedVideoLM(lmms):
         device_map: str | None = None,
         measure: bool = False,
         random_weights_architecture: str | None = None,
+        adapter: str | None = None,  # a model adapter by name (`llava_video`); None: the one for the checkpoint's model_type
+        siglip_head: str | None = None,  # SigLIP checkpoint (hub id or folder) whose pooling head gives the probe signals
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -92,7 +94,14 @@ class CompressedVideoLM(lmms):
             if device.startswith("cuda"):
                 device = f"cuda:{self.accelerator.local_process_index}"
         self.checkpoint: LoadedCheckpoint = load_checkpoint(
-            pretrained, device, resolve_dtype(dtype, device), attn_implementation, device_map or None, random_weights_architecture
+            pretrained,
+            device,
+            resolve_dtype(dtype, device),
+            attn_implementation,
+            device_map or None,
+            random_weights_architecture,
+            adapter or None,
+            siglip_head or None,
         )
         self.measure = bool(measure)  # the efficiency protocol: prefill and decode steps, memory, KV-cache bytes
         # With a device map the inputs go where the model's first layers are.
@@ -108,8 +117,8 @@ class CompressedVideoLM(lmms):
     def method(self, method: CompressionMethod) -> None:
         """A method checked against this model, with a fresh dispatcher for its run of samples."""
         adapter = self.adapter
-        config = adapter.config
-        method.validate_for(ModelInfo(adapter.dims().layers, adapter.available_signals(config)))
+        method.validate_for(ModelInfo(adapter.dims().layers, adapter.capturable_signals()))
+        adapter.prepare(method.signals())
         self.compressor = Compressor(adapter, method)
 
     # lmms-eval reads these attributes.

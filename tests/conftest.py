@@ -16,16 +16,17 @@ import pytest
 import torch
 
 from dycoke_eval.offline.fixtures import ensure_offline_world
-from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
+from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint, ensure_tiny_siglip_head
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def offline_dir(tmp_path_factory) -> Path:
-    """A private offline dir laid out as the app expects (`<dir>/tiny-llava-onevision`, `<dir>/world`)."""
+    """A private offline dir laid out as the app expects (`<dir>/tiny-llava-onevision`, `tiny-siglip-head`, `world`)."""
     root = tmp_path_factory.mktemp("offline")
     ensure_tiny_checkpoint(root / "tiny-llava-onevision")
+    ensure_tiny_siglip_head(root / "tiny-siglip-head")
     world = ensure_offline_world(root / "world")
     # lmms-eval's task utils read HF_HOME when they are imported, so set it before any task loads.
     os.environ.update(HF_HOME=str(world.hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -35,6 +36,12 @@ def offline_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(offline_dir) -> Path:
     return offline_dir / "tiny-llava-onevision"
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_head(offline_dir) -> Path:
+    """The tiny SigLIP checkpoint whose pooling head gives the probe signals (`siglip_head=` of the wrapper)."""
+    return offline_dir / "tiny-siglip-head"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
-"""Model adapters, one per model family, chosen from the checkpoint's HF config (`model_type`).
+"""Model adapters, one per model family, chosen from the checkpoint's HF config (`model_type`) or by name.
 
-A new family is one module here with a `ModelAdapter` subclass, one line in `ADAPTERS`, and a
+A new family is one module here with a `ModelAdapter` subclass, one line in `ADAPTERS` (or in
+`NAMED_ADAPTERS` when its checkpoints share another family's `model_type`, as LLaVA-Video's share
+LLaVA-OneVision's: the model config then names it, `adapter: llava_video`), and a
 `conf/model/*.yaml` per checkpoint.
 """
 
@@ -14,14 +16,37 @@ from dycoke_eval.accounting import LanguageModelDims
 from dycoke_eval.config import ConfigError
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
 from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
+from dycoke_eval.models.llava_video import LlavaVideoAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {model_type: LlavaOneVisionAdapter for model_type in LlavaOneVisionAdapter.model_types}
+NAMED_ADAPTERS: dict[str, type[ModelAdapter]] = {"llava_onevision": LlavaOneVisionAdapter, "llava_video": LlavaVideoAdapter}
 
-__all__ = ["ADAPTERS", "EncodedVideo", "GenerationInputs", "ModelAdapter", "VideoLayout", "adapter_class", "planning_geometry"]
+__all__ = [
+    "ADAPTERS",
+    "NAMED_ADAPTERS",
+    "EncodedVideo",
+    "GenerationInputs",
+    "ModelAdapter",
+    "VideoLayout",
+    "adapter_class",
+    "planning_geometry",
+]
 
 
-def adapter_class(config: Any, pretrained: str = "") -> type[ModelAdapter]:
-    """The adapter for a checkpoint's config, or a ConfigError naming the supported families."""
+def adapter_class(config: Any, pretrained: str = "", name: str | None = None) -> type[ModelAdapter]:
+    """The adapter named `name` (model setting `adapter`) or else the one for the config's `model_type`.
+
+    A ConfigError names the supported families, or the adapters and what each can load.
+    """
+    if name:
+        adapter = NAMED_ADAPTERS.get(name)
+        if adapter is None or config.model_type not in adapter.model_types + adapter.loads:
+            known = "; ".join(f"{key} ({', '.join(a.model_types + a.loads)})" for key, a in NAMED_ADAPTERS.items())
+            raise ConfigError(
+                f"model.adapter={name!r} with pretrained={pretrained!r}, a {config.model_type!r} checkpoint; "
+                f"adapters (and the checkpoints they load): {known}"
+            )
+        return adapter
     adapter = ADAPTERS.get(config.model_type)
     if adapter is None:
         raise ConfigError(
@@ -41,7 +66,7 @@ def planning_geometry(model_cfg: Any, frames: int) -> tuple[LanguageModelDims, V
         side = math.isqrt(model_cfg.tokens_per_frame)
         return LanguageModelDims(**model_cfg.accounting), VideoLayout(frames, side, side)
     config = checkpoint_config(model_cfg.get("architecture"), model_cfg.pretrained)
-    adapter = adapter_class(config, model_cfg.pretrained)
+    adapter = adapter_class(config, model_cfg.pretrained, model_cfg.get("adapter"))
     return adapter.dimensions(config), adapter.video_layout(config, frames)
 
 

@@ -85,11 +85,13 @@ class ModelAdapter(ABC):
     """One model family. Subclasses register their HF `model_type`s in `dycoke_eval.models.ADAPTERS`."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    loads: ClassVar[tuple[str, ...]] = ()  # further model types it runs when a model config names it (`adapter`)
     signals: ClassVar[frozenset[str]] = frozenset()  # encoder signals `encode` can capture
 
-    def __init__(self, model: Any, processor: Any) -> None:
+    def __init__(self, model: Any, processor: Any, siglip_head: str | None = None) -> None:
         self.model = model
         self.processor = processor
+        self.siglip_head = siglip_head  # the SigLIP checkpoint whose pooling head gives the probe signals (hub id or folder)
 
     @property
     def tokenizer(self):
@@ -97,12 +99,30 @@ class ModelAdapter(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, pretrained: str, *, device: str, dtype: torch.dtype, attn_implementation: str, device_map: str | None):
+    def load(
+        cls,
+        pretrained: str,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        attn_implementation: str,
+        device_map: str | None,
+        siglip_head: str | None = None,
+    ):
         """The checkpoint's model (eval mode, on `device` unless a device map spreads it) and processor."""
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config: Any, processor: Any, *, device: str, dtype: torch.dtype, attn_implementation: str):
+    def from_config(
+        cls,
+        config: Any,
+        processor: Any,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        attn_implementation: str,
+        siglip_head: str | None = None,
+    ):
         """Random weights at the config's dimensions, built on `device` without a download (latency and memory only)."""
 
     @classmethod
@@ -116,9 +136,19 @@ class ModelAdapter(ABC):
         """The token layout of a `frames`-frame video, from the HF config alone (plans need no weights)."""
 
     @classmethod
-    def available_signals(cls, config: Any) -> frozenset[str]:
-        """The encoder signals this checkpoint can give (a checkpoint may lack a head, say)."""
+    def available_signals(cls, config: Any, siglip_head: bool = False) -> frozenset[str]:
+        """The encoder signals this checkpoint can give (a checkpoint may lack a head, say).
+
+        `siglip_head`: a SigLIP pooling head is configured (model setting `siglip_head`).
+        """
         return cls.signals
+
+    def capturable_signals(self) -> frozenset[str]:
+        """The encoder signals this loaded model, with its configured pooling head, can give."""
+        return self.available_signals(self.config, bool(self.siglip_head))
+
+    def prepare(self, signals: frozenset[str]) -> None:  # noqa: B027  optional: most adapters have nothing to load
+        """Load now whatever capturing `signals` needs (a pooling head), so a missing file fails before any sample."""
 
     @property
     def config(self) -> Any:

@@ -7,19 +7,21 @@ checkpoint's chat template. Positions: Qwen2's 1-D RoPE, so kept tokens either t
 positions (the shortened sequence, as DyCoke's code does) or keep their original ones (explicit
 `position_ids`; decoding continues at the original length).
 
-Encoder signals it can capture in the same pass (each pooled like the features, [F, N] or [F, N, C]):
+Encoder signals it can capture in the same pass. Pooled like the features ([F, N] or [F, N, C]):
 `keys` (the feature layer's attention keys, heads concatenated), `attention_received` (the
-attention each patch receives at that layer, head and query mean), `probe_attention` (the
-attention of SigLIP's pooling-head probe over the last layer's normalised states; only for a
-tower that keeps the head, which the llava-hf checkpoints drop).
+attention each patch receives at that layer, head and query mean), `probe_attention` (the head-mean
+attention of SigLIP's pooling-head probe over the last kept layer's states). Per frame:
+`probe_features` [F, C] (that head's output G). Unpooled, per patch ([F, P] or [F, P, C]):
+`patch_features` (the projected features before the grid pooling), `patch_keys`,
+`patch_attention_received`. The probe signals need a pooling head: the original SigLIP
+checkpoint's (model setting `siglip_head`, read lazily, only its head tensors; see
+`siglip_head.py`), else the tower's own when it kept one (`vision_use_head`); the llava-hf
+towers drop it.
 
 How the next families fit this interface:
-* **LLaVA-Video** (`lmms-lab/LLaVA-Video-7B-Qwen2`): the same SigLIP and Qwen2, but 2x2 *average*
-  pooling to 13x13 = 169 tokens per frame and a newline token after every row (`newlines="row_end"`,
-  182 tokens per frame). Its adapter subclasses this one and overrides `encode` (pool the
-  unpooled tower output itself, since the HF OneVision video path pools bilinearly to 14x14)
-  and `assemble` (re-insert a row's newline only where the row keeps a token, as FastVID's code does).
-  Stages are unchanged: they see the [F, 169, D] grid.
+* **LLaVA-Video** (`llava_video.py`): the same SigLIP and Qwen2, but 2x2 *average* pooling to
+  13x13 = 169 tokens per frame and a newline token after every row (`newlines="row_end"`); it
+  overrides the pooling, the layout and `assemble`. Stages are unchanged: they see the [F, 169, D] grid.
 * **Qwen2.5-VL**: the vision tower merges 2x2 patches and 2 frames into one token, so `layout` has
   frames = T/2; positions are M-RoPE (temporal, height, width) triples from `get_rope_index`. Its
   `generation_inputs` returns `position_ids` of shape [3, 1, L] for the kept tokens (their original
@@ -38,13 +40,31 @@ from dycoke_eval.accounting import LanguageModelDims
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
 from dycoke_eval.prompts import render_prompt
 
+HEAD_SIGNALS = frozenset({"probe_attention", "probe_features"})  # need a SigLIP pooling head
+UNPOOLED = "patch_"  # `patch_<signal>`: the signal per patch, before the grid pooling
+
 
 class LlavaOneVisionAdapter(ModelAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
-    signals: ClassVar[frozenset[str]] = frozenset({"keys", "attention_received", "probe_attention"})
+    signals: ClassVar[frozenset[str]] = frozenset(
+        {"keys", "attention_received", "patch_features", "patch_keys", "patch_attention_received", *HEAD_SIGNALS}
+    )
+
+    def __init__(self, model: Any, processor: Any, siglip_head: str | None = None) -> None:
+        super().__init__(model, processor, siglip_head)
+        self._head = None  # the pooling head, loaded on first use
 
     @classmethod
-    def load(cls, pretrained: str, *, device: str, dtype: torch.dtype, attn_implementation: str, device_map: str | None):
+    def load(
+        cls,
+        pretrained: str,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        attn_implementation: str,
+        device_map: str | None,
+        siglip_head: str | None = None,
+    ):
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(
@@ -52,18 +72,35 @@ class LlavaOneVisionAdapter(ModelAdapter):
         )
         if device_map is None:
             model.to(device)
-        return cls(model.eval(), AutoProcessor.from_pretrained(pretrained))
+        return cls(model.eval(), AutoProcessor.from_pretrained(pretrained), siglip_head)
 
     @classmethod
-    def from_config(cls, config: Any, processor: Any, *, device: str, dtype: torch.dtype, attn_implementation: str):
-        """Random weights at the config's dimensions, initialised directly on `device` (latency and memory only)."""
+    def from_config(
+        cls,
+        config: Any,
+        processor: Any,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        attn_implementation: str,
+        siglip_head: str | None = None,
+    ):
+        """Random weights at the config's dimensions, initialised directly on `device` (latency and memory only).
+
+        With `siglip_head` set, the pooling head is random too, at the tower's dimensions (nothing is read).
+        """
         from transformers import LlavaOnevisionForConditionalGeneration
+
+        from dycoke_eval.models.siglip_head import SiglipPoolingHead
 
         config._attn_implementation = attn_implementation
         torch.manual_seed(0)
         with torch.device(device):
             model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
-        return cls(model, processor)
+            head = SiglipPoolingHead.build(config.vision_config).to(dtype).eval() if siglip_head else None
+        adapter = cls(model, processor, siglip_head)
+        adapter._head = head
+        return adapter
 
     @classmethod
     def dimensions(cls, config: Any) -> LanguageModelDims:
@@ -76,8 +113,8 @@ class LlavaOneVisionAdapter(ModelAdapter):
         return VideoLayout(frames=frames, rows=side, cols=side, newlines="video_end")
 
     @classmethod
-    def available_signals(cls, config: Any) -> frozenset[str]:
-        return cls.signals if config.vision_config.vision_use_head else cls.signals - {"probe_attention"}
+    def available_signals(cls, config: Any, siglip_head: bool = False) -> frozenset[str]:
+        return cls.signals if siglip_head or config.vision_config.vision_use_head else cls.signals - HEAD_SIGNALS
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -90,35 +127,76 @@ class LlavaOneVisionAdapter(ModelAdapter):
     def preprocess(self, frames: Any) -> torch.Tensor:
         return self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
 
-    def encode(self, pixels: torch.Tensor, signals: frozenset[str] = frozenset()) -> EncodedVideo:
-        model = self.model
-        captured: dict[str, torch.Tensor] = {}
-        with self._capturing(signals, captured):
-            features = model.get_video_features(
-                pixels.to(model.device, model.dtype),
-                vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            ).pooler_output[0]
-        layout = self.layout(int(pixels.shape[1]))
-        pool = model.model.apply_pooling  # the features' own 2x2 bilinear pooling
-        pooled = {
-            name: pool(value.unsqueeze(-1)).squeeze(-1) if value.dim() == 2 else pool(value) for name, value in captured.items()
-        }
-        grid = features[:-1].view(layout.frames, layout.tokens_per_frame, features.shape[-1])
-        return EncodedVideo(grid=grid, layout=layout, newline=features[-1], signals=pooled)
+    def prepare(self, signals: frozenset[str]) -> None:
+        if signals & HEAD_SIGNALS:
+            self.pooling_head()
 
-    def _capturing(self, signals: frozenset[str], into: dict[str, torch.Tensor]):
+    def pooling_head(self):
+        """The configured SigLIP checkpoint's pooling head (read once), else the tower's own; None without either."""
+        from dycoke_eval.models.siglip_head import SiglipPoolingHead, load_siglip_head
+
+        if self._head is None and self.siglip_head:
+            tower = self.vision_tower
+            hidden = self.config.vision_config.hidden_size
+            self._head = load_siglip_head(self.siglip_head, hidden, tower.device, tower.dtype)
+        if self._head is None and self.config.vision_config.vision_use_head:
+            self._head = SiglipPoolingHead(self.vision_tower.post_layernorm, self.vision_tower.head)
+        return self._head
+
+    def encode(self, pixels: torch.Tensor, signals: frozenset[str] = frozenset()) -> EncodedVideo:
+        unknown = set(signals) - self.capturable_signals()
+        if unknown:
+            hint = "; probe_attention and probe_features need SigLIP's pooling head: set model.siglip_head"
+            raise ValueError(
+                f"encoder signals {sorted(unknown)} are not available from this checkpoint"
+                + (f"{hint} (e.g. google/siglip-so400m-patch14-384)" if unknown & HEAD_SIGNALS else "")
+            )
+        per_patch: dict[str, torch.Tensor] = {}  # each signal before the grid pooling
+        per_frame: dict[str, torch.Tensor] = {}  # one vector per frame: nothing to pool
+        with self._capturing({name.removeprefix(UNPOOLED) for name in signals}, per_patch):
+            per_patch["features"], last_hidden = self._project(pixels)
+        if signals & HEAD_SIGNALS:
+            per_patch["probe_attention"], per_frame["probe_features"] = self.pooling_head()(last_hidden)
+        grid = self.pool(per_patch["features"])
+        captured = {}
+        for name in signals:
+            if name in per_frame:
+                captured[name] = per_frame[name]
+            elif name.startswith(UNPOOLED):
+                captured[name] = per_patch[name.removeprefix(UNPOOLED)]
+            else:
+                captured[name] = self.pool(per_patch[name])
+        newline = self.model.model.image_newline.to(grid.device, grid.dtype)
+        return EncodedVideo(grid=grid, layout=self.layout(int(pixels.shape[1])), newline=newline, signals=captured)
+
+    def _project(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, F, 3, H, W] -> projected features per patch [F, P, D] and the tower's last kept layer [F, P, C].
+
+        What `get_video_features` computes before its pooling; the last layer's states are
+        `hidden_states[-1]`, before the tower's post-layernorm.
+        """
+        model = self.model
+        hidden = self.vision_tower(pixels.flatten(0, 1).to(model.device, model.dtype), output_hidden_states=True).hidden_states
+        layer = model.config.vision_feature_layer
+        selected = torch.cat([hidden[i] for i in ([layer] if isinstance(layer, int) else layer)], dim=-1)
+        if model.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        return model.model.multi_modal_projector(selected), hidden[-1]
+
+    def pool(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-patch values [F, P] or [F, P, C] -> per-token values [F, N] or [F, N, C], as the features are pooled."""
+        if values.dim() == 2:
+            return self.pool(values.unsqueeze(-1)).squeeze(-1)
+        return self.model.model.apply_pooling(values)  # HF's 2x2 bilinear pooling
+
+    def _capturing(self, signals: set[str], into: dict[str, torch.Tensor]):
         """Route the tower's attention to record the feature layer's keys and scores while it encodes."""
         from contextlib import ExitStack
 
         from dycoke_eval.plumbing.attention import attention_kernel, routed_attention  # imported here: plans need no kernels
-        from dycoke_eval.plumbing.hooks import captured_output
 
-        unknown = set(signals) - self.available_signals(self.config)
-        if unknown:
-            raise ValueError(f"encoder signals {sorted(unknown)} are not available from this checkpoint")
         stack = ExitStack()
-        if not signals:
+        if not signals & {"keys", "attention_received"}:
             return stack
         tower = self.vision_tower
         feature_layer = self.config.vision_feature_layer
@@ -135,12 +213,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
                     )
             return kernel(module, query, key, value, attention_mask, **kwargs)
 
-        if signals & {"keys", "attention_received"}:
-            stack.enter_context(routed_attention(tower, "encoder_capture", attention))
-        if "probe_attention" in signals:
-            hidden: dict[str, torch.Tensor] = {}
-            stack.enter_context(captured_output(tower.post_layernorm, hidden, "hidden"))
-            stack.callback(lambda: into.__setitem__("probe_attention", _probe_attention(tower.head, hidden["hidden"])))
+        stack.enter_context(routed_attention(tower, "encoder_capture", attention))
         return stack
 
     def assemble(self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,9 +252,3 @@ class LlavaOneVisionAdapter(ModelAdapter):
 def _mean_received(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
     """[H, P, d] query and key of one frame -> [P] attention each patch receives, head and query mean."""
     return (query.float() @ key.float().transpose(-1, -2) * scaling).softmax(dim=-1).mean(dim=(0, 1))
-
-
-def _probe_attention(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """[frames, P, D] post-layernorm states -> [frames, P] attention of SigLIP's pooling-head probe."""
-    probe = head.probe.expand(hidden.shape[0], -1, -1)
-    return head.attention(probe, hidden, hidden, need_weights=True)[1][:, 0]

@@ -4,8 +4,11 @@ One source for the real dimensions (SPEC section 1, supplementary Table 8): the 
 `dycoke_eval.accounting` read them before any model is loaded, and `random_weights: true` builds
 the real architecture from them with random weights (latency and memory only; **accuracy is
 meaningless with these weights**). The vision tower is SigLIP-so400m as LLaVA-OV uses it (384 px,
-patch 14, 26 layers, no pooling head); the language model is Qwen2 at 0.5B / 7B / 72B. `tiny` is
-the offline test model. The tokenizer is the tiny offline one, enough to build prompts.
+patch 14, 26 layers, no pooling head); the language model is Qwen2 at 0.5B / 7B / 72B. `video_7b`
+is LLaVA-Video-7B-Qwen2 (`llava-hf/LLaVA-Video-7B-Qwen2-hf`), the same HF config as `7b`: its token
+layout comes from its adapter (model setting `adapter: llava_video`). `tiny` is the offline test
+model. The tokenizer is the tiny offline one, enough to build prompts. `SIGLIP_SO400M_HEAD` is the
+vision config of the original SigLIP checkpoint whose pooling head FastVID re-attaches.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 SIGLIP_SO400M = {"image_size": 384, "patch_size": 14, "hidden_size": 1152, "intermediate_size": 4304,
                  "num_hidden_layers": 26, "num_attention_heads": 16, "vision_use_head": False}  # fmt: skip
+SIGLIP_SO400M_HEAD = {**SIGLIP_SO400M, "num_hidden_layers": 27, "vision_use_head": True}  # google/siglip-so400m-patch14-384
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ QWEN2 = {
     "0.5b": LanguageModelShape(896, 4864, 24, 14, 2, 151936, True),
     "7b": LanguageModelShape(3584, 18944, 28, 28, 4, 152064, False),
     "72b": LanguageModelShape(8192, 29568, 80, 64, 8, 152064, False),
+    "video_7b": LanguageModelShape(3584, 18944, 28, 28, 4, 152064, False),  # LLaVA-Video-7B-Qwen2: OV-7B's Qwen2-7B
 }
 ARCHITECTURES = ("tiny", *QWEN2)
 
@@ -59,13 +64,24 @@ def architecture_config(name: str, tokenizer=None):
     )
 
 
-def build_random_model(size: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa"):
-    """The adapter of LLaVA-OV-`size` with random weights, initialised directly on `device`."""
+def build_random_model(
+    size: str,
+    dtype: torch.dtype,
+    device: str,
+    attn_implementation: str = "sdpa",
+    adapter: str | None = None,
+    siglip_head: str | None = None,
+):
+    """The adapter (`adapter` by name, else by model type) of architecture `size` with random weights, built on `device`.
+
+    With `siglip_head` set, a random pooling head at the tower's dimensions stands in for that checkpoint's.
+    """
     from dycoke_eval.models import adapter_class
     from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer
 
     tokenizer = build_tokenizer()
     config = architecture_config(size, tokenizer)
     processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
-    adapter = adapter_class(config)
-    return adapter.from_config(config, processor, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    return adapter_class(config, name=adapter).from_config(
+        config, processor, device=device, dtype=dtype, attn_implementation=attn_implementation, siglip_head=siglip_head
+    )

@@ -4,7 +4,9 @@ It stands in for a hub checkpoint wherever no network is available (tests, the o
 run). Its token geometry matches the real model's in kind: SigLIP 56 px / patch 8 gives a 7x7
 grid per frame, 2x2 bilinear pooling gives 4x4 = 16 tokens per frame, and one `image_newline`
 token follows the whole video. It is saved with `save_pretrained`, so the wrapper loads it exactly
-like `llava-hf/llava-onevision-qwen2-0.5b-ov-hf`.
+like `llava-hf/llava-onevision-qwen2-0.5b-ov-hf`. Beside it, a tiny SigLIP checkpoint in the format
+of `google/siglip-so400m-patch14-384` (a whole `SiglipModel`, same key names) gives the pooling
+head that FastVID re-attaches, at the tiny tower's width (`build_tiny_siglip_head`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_
 BUILD_VERSION = 5  # bump when the recipe changes so cached copies are rebuilt
 GENERATION_CAP = 16  # new tokens per answer: a random model stops when it happens to emit <|im_end|>
 MARKER = "dycoke_tiny.json"  # the build's version and its generation cap, beside the weights
+TINY_SIGLIP = {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "hidden_size": 32, "intermediate_size": 64,
+               "num_attention_heads": 2}  # fmt: skip
 
 # The chat template of the llava-hf OneVision checkpoints, as transformers' own processor tests
 # write it (tests/models/llava_onevision/test_processing_llava_onevision.py): a space after the
@@ -116,15 +120,7 @@ def tiny_config(tokenizer, vision_use_head: bool = False):
 
     return llava_onevision_config(
         tokenizer,
-        vision_config=SiglipVisionConfig(
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            vision_use_head=vision_use_head,
-        ),
+        vision_config=SiglipVisionConfig(**TINY_SIGLIP, num_hidden_layers=2, vision_use_head=vision_use_head),
         text_config=Qwen2Config(
             vocab_size=len(tokenizer),
             hidden_size=64,
@@ -167,11 +163,45 @@ def build_tiny_checkpoint(path: str | Path, vision_use_head: bool = False) -> Pa
 
 def ensure_tiny_checkpoint(path: str | Path) -> Path:
     """Return `path` holding the tiny checkpoint, building it only when absent or stale."""
+    return _ensure(Path(path), build_tiny_checkpoint)
+
+
+def build_tiny_siglip_head(path: str | Path) -> Path:
+    """Save a tiny SigLIP checkpoint (`SiglipModel`, text tower included) at `path`, deterministically.
+
+    Its vision width and heads are the tiny tower's; the pooling head and post-layernorm are
+    perturbed from their initial values (layernorms start at exactly 1 and 0), so that a test can
+    tell this checkpoint's layers from the tiny tower's own.
+    """
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
     path = Path(path)
+    text = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # fmt: skip
+    config = SiglipConfig(text_config=text, vision_config={**TINY_SIGLIP, "num_hidden_layers": 1})
+    torch.manual_seed(0)
+    model = SiglipModel(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.vision_model.named_parameters():
+            if name.startswith(("post_layernorm.", "head.")):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    (path / MARKER).write_text(json.dumps({"build_version": BUILD_VERSION}))
+    return path
+
+
+def ensure_tiny_siglip_head(path: str | Path) -> Path:
+    """Return `path` holding the tiny SigLIP checkpoint, building it only when absent or stale."""
+    return _ensure(Path(path), build_tiny_siglip_head)
+
+
+def _ensure(path: Path, build) -> Path:
     marker = path / MARKER
     if marker.exists() and json.loads(marker.read_text()).get("build_version") == BUILD_VERSION:
         return path
-    return build_tiny_checkpoint(path)
+    return build(path)
 
 
 def checkpoint_generation_cap(pretrained: str) -> int | None:
