@@ -22,11 +22,13 @@ from dycoke_eval.config import ConfigError, group_options, instantiate_method
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.methods.fastv import FastV, fastv_keep_count
+from dycoke_eval.methods.fastvid import FastVID
 from dycoke_eval.methods.pooling import Pooling
 from dycoke_eval.methods.prumerge import PruMerge
 from dycoke_eval.methods.prunevid import PruneVid
 from dycoke_eval.methods.random_tokens import RandomTokens
 from dycoke_eval.methods.ttm import TokenTemporalMerging, ttm_keep_indices
+from dycoke_eval.methods.visionzip import VisionZip
 from dycoke_eval.offline.videos import synthetic_frames
 from dycoke_eval.plumbing.attention import masked_attention, routed_attention
 from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
@@ -51,8 +53,9 @@ GREEDY_WITH_LOGITS = {
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_checkpoint):
-    return CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu")
+def lm(tiny_checkpoint, tiny_siglip_head):
+    """The tiny model with SigLIP's pooling head attached, as `model=tiny` runs it (FastVID's signals)."""
+    return CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", siglip_head=str(tiny_siglip_head))
 
 
 def hooks(model) -> dict[str, set[int]]:
@@ -129,6 +132,8 @@ STAGES = [  # every stage on its own, as a method of one stage (PruneVid's in-LL
     RandomTokens(ratio=0.3),
     Pooling(ratio=0.25),
     PruneVid(in_llm=True, selected_layer=2),
+    VisionZip(form="in_encoder"),
+    FastVID(mode="paper"),
 ]
 
 
