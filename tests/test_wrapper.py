@@ -147,8 +147,8 @@ def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
     [
         (
             {"method": "dycokee"},
-            "valid method options: dycoke, dycoke_no_dp, dycoke_random, dycoke_ttm, fastv, full, pooling, prumerge, "
-            "prumerge_official, random",
+            "valid method options: dycoke, dycoke_no_dp, dycoke_random, dycoke_ttm, fastv, fastvid, full, pooling, prumerge, "
+            "prumerge_official, prunevid, random, visionzip",
         ),
         ({"frames": 0}, "frames=0"),
         ({"batch_size": 4}, "batch_size=4"),
