@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dycoke_eval.config import CONF_DIR, ConfigError, group_options
+from dycoke_eval.groups import GROUP_KEY, Companion, run_group
 
 
 class CellFailed(Exception):
@@ -263,8 +264,13 @@ def _task_set_names(option: str) -> list[str]:
     return list(yaml.safe_load((CONF_DIR / "tasks" / f"{option}.yaml").read_text())["names"])
 
 
-def run_cell(cfg: DictConfig) -> Path:
-    """Evaluate one cell and write its folder; returns the folder."""
+def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journal: bool = True) -> Path:
+    """Evaluate one cell and write its folder; returns the folder.
+
+    `companions`: the other cells of its sample-major group, answered from the same
+    encoder passes into their own journals. `clear_journal=False` keeps the journal under `force=true`: a
+    group empties its cells' journals before its first cell runs, and the others then read what it wrote.
+    """
     method = check_cell(cfg)  # before anything slow
 
     from hydra.utils import instantiate
@@ -272,6 +278,7 @@ def run_cell(cfg: DictConfig) -> Path:
     from dycoke_eval import checkpoints
     from dycoke_eval.accounting import plan_row
     from dycoke_eval.encoder_cache import ENCODER_CACHE
+    from dycoke_eval.groups import ENCODER_PASSES
     from dycoke_eval.plumbing.attention import kernel_name
     from dycoke_eval.store import cell_directory, format_efficiency, is_complete, write_cell
 
@@ -281,7 +288,7 @@ def run_cell(cfg: DictConfig) -> Path:
         if (settings := instantiate(cfg.judge)).enabled():
             judge_saved_cell(cell_dir, settings)  # finishes judging a run that died while judging; cached replies are free
         return cell_dir
-    if cfg.force:
+    if cfg.force and clear_journal:
         (cell_dir / "journal.jsonl").unlink(missing_ok=True)
     task_dirs = prepare_environment(cfg)
     task_manager = resolve_tasks(list(cfg.tasks.names), task_dirs)
@@ -305,6 +312,7 @@ def run_cell(cfg: DictConfig) -> Path:
         siglip_head=cfg.model.get("siglip_head"),
         max_new_tokens=generation_cap(cfg),
         journal=str(cell_dir / "journal.jsonl"),
+        companions=companions,
     )
     if cfg.model.build_tiny:
         print(f"model: {cfg.model.name} (RANDOM weights: its accuracies are meaningless; the run exercises the path)")
@@ -315,7 +323,7 @@ def run_cell(cfg: DictConfig) -> Path:
         ENCODER_CACHE.capacity_bytes = 0  # measured cells pay for their own video decode and encoder
     else:
         ENCODER_CACHE.capacity_bytes = int(cfg.encoder_cache_mb * 2**20)
-    cache_before = (ENCODER_CACHE.hits, ENCODER_CACHE.seconds_saved)
+    cache_before = (ENCODER_CACHE.hits, ENCODER_CACHE.seconds_saved, ENCODER_PASSES.done)
     with filtered_stderr(cfg.verbose), interruptible(cell_dir):
         output = simple_evaluate(
             model=lm,
@@ -347,9 +355,12 @@ def run_cell(cfg: DictConfig) -> Path:
         print(format_efficiency(cell_dir.name, records))
     resumed = sum(record["from_journal"] for record in records)
     hits, saved = ENCODER_CACHE.hits - cache_before[0], ENCODER_CACHE.seconds_saved - cache_before[1]
+    passes = ENCODER_PASSES.done - cache_before[2]
+    group = f" (and {len(companions)} more cells of its group)" if companions else ""
     print(
         f"cell {cell_dir.name}: {len(records) - resumed} samples generated, {resumed} resumed from its journal, "
-        f"{hits} encoder-cache hits ({saved:.1f} s saved); checkpoint loads in this process: {checkpoints.LOAD_COUNT}"
+        f"{passes} encoder passes{group}, {hits} encoder-cache hits ({saved:.1f} s saved); "
+        f"checkpoint loads in this process: {checkpoints.LOAD_COUNT}"
     )
     failures = [r for r in records if r["status"] != "ok"]
     if failures and len(failures) == len(records):
@@ -404,6 +415,8 @@ def main(cfg: DictConfig) -> None:
             from dycoke_eval.accounting import write_plan
 
             write_plan([cfg], Path(cfg.results_dir) / cfg.run_name / "plan.csv")
+        elif cfg.get(GROUP_KEY) is not None:  # a sweep's job for a sample-major group of cells
+            run_group(cfg)
         else:
             run_cell(cfg)
     except ConfigError as error:

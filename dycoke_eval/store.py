@@ -117,6 +117,7 @@ class SampleRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     method_stats: dict[str, Any] = field(default_factory=dict)
     encoder_cache_hit: bool = False  # decode and encoder skipped: features reused from an earlier cell
+    encoder_shared: bool = False  # decode and encoder paid by another cell of its sample-major group, in the same pass
     memory: dict[str, float] = field(default_factory=dict)  # measure mode: peak memory (GB)
     kv_cache_bytes: int = 0  # measure mode: the cache's keys and values after generation
     decode_step_seconds: list[float] = field(default_factory=list)  # measure mode: every decode step
@@ -439,6 +440,7 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             "resumed_from_journal": sum(r.get("from_journal", False) for r in rows),
             **_efficiency(ok),
             "encoder_cache_hits": sum(r.get("encoder_cache_hit", False) for r in rows),
+            "encoder_shared": sum(r.get("encoder_shared", False) for r in rows),
         }
     return summary
 

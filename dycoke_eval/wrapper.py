@@ -10,14 +10,18 @@ pre-LLM stages pick the video tokens, has the adapter assemble the prompt (confi
 which installs the prefill and decode stages. Stage times, the standard token counts and the
 sampled frame indices are recorded in `sample_records`. A sample whose video fails is recorded as
 failed and is not journaled, so the next run of the cell retries it.
+
+With `companions` (the other cells of a sample-major group, `groups.py`) each sample that this cell or a
+companion lacks in its journal is decoded and encoded once, with the encoder signals all of them need, and
+every cell lacking it answers from that pass with its own method, into its own journal.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, astuple
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from dycoke_eval.compression.dispatcher import Compressor
 from dycoke_eval.compression.stages import CompressionMethod, ModelInfo, routes_attention
 from dycoke_eval.config import ConfigError, check_routable
 from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCache
+from dycoke_eval.groups import ENCODER_PASSES, Companion
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.offline.tiny_model import checkpoint_generation_cap
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
@@ -41,6 +46,14 @@ from dycoke_eval.video_frames import SampledVideo, VideoDecodeError, sample_vide
 
 class VideoUnavailable(Exception):
     """The sample's video is missing or cannot be decoded; the sample is recorded as failed."""
+
+
+@dataclass(frozen=True)
+class _Member:
+    """A cell answering from one encoder pass: its method's compressor and its journal (None: not journaled)."""
+
+    compressor: Compressor
+    journal: SampleJournal | None
 
 
 class CompressedVideoLM(lmms):
@@ -62,6 +75,7 @@ class CompressedVideoLM(lmms):
         random_weights_architecture: str | None = None,
         adapter: str | None = None,  # a model adapter by name (`llava_video`); None: the one for the checkpoint's model_type
         siglip_head: str | None = None,  # SigLIP checkpoint (hub id or folder) whose pooling head gives the probe signals
+        companions: Sequence[Companion] = (),  # the other cells of its sample-major group, answered in the same passes
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -107,6 +121,9 @@ class CompressedVideoLM(lmms):
         # With a device map the inputs go where the model's first layers are.
         self._device = self.checkpoint.model.device if device_map else torch.device(device)
         self.method = method
+        if companions and self.measure:
+            raise ConfigError("measure=true runs cell by cell: a measured cell pays for its own decode and encoder")
+        self.companions = [_Member(self._compressor(c.method), SampleJournal(c.journal)) for c in companions]
         self.sample_records: list[SampleRecord] = []
 
     @property
@@ -115,11 +132,14 @@ class CompressedVideoLM(lmms):
 
     @method.setter
     def method(self, method: CompressionMethod) -> None:
+        self.compressor = self._compressor(method)
+
+    def _compressor(self, method: CompressionMethod) -> Compressor:
         """A method checked against this model, with a fresh dispatcher for its run of samples."""
         adapter = self.adapter
         method.validate_for(ModelInfo(adapter.dims().layers, adapter.capturable_signals()))
         adapter.prepare(method.signals())
-        self.compressor = Compressor(adapter, method)
+        return Compressor(adapter, method)
 
     # lmms-eval reads these attributes.
     @property
@@ -155,58 +175,90 @@ class CompressedVideoLM(lmms):
     def generate_until(self, requests) -> list[str]:
         keys = [SampleJournal.key(task, doc_id, context, kwargs) for context, kwargs, _, doc_id, task, _ in _args(requests)]
         saved = {key: done for key in keys if self.journal is not None and (done := self.journal.get(key)) is not None}
-        progress = tqdm(total=len(keys), initial=len(saved), disable=self.rank != 0, desc=f"Generating ({self.method.name})")
+        group = f" and {len(self.companions)} more of its group" if self.companions else ""
+        progress = tqdm(
+            total=len(keys), initial=len(saved), disable=self.rank != 0, desc=f"Generating ({self.method.name}{group})"
+        )
         if saved:
             progress.set_postfix_str(f"{len(saved)} resumed from the journal")
         answers = []
-        for key, (context, gen_kwargs, doc_to_visual, doc_id, task, split) in zip(keys, _args(requests), strict=True):
-            if key in saved:
-                answer, record = saved[key]
-            else:
-                record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
-                try:
-                    answer = self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split, record)
-                except VideoUnavailable as error:  # not journaled: the next run of this cell retries it
-                    record.status, record.error, answer = "failed", str(error), ""
-                if self.journal is not None and record.status == "ok":
-                    self.journal.add(key, answer, record)
+        for key, request in zip(keys, _args(requests), strict=True):
+            members = [] if key in saved else [_Member(self.compressor, self.journal)]
+            members += [member for member in self.companions if member.journal.get(key) is None]
+            computed = self._answer(key, request, members) if members else []
+            answer, record = saved[key] if key in saved else computed[0]
+            if key not in saved:
                 progress.update()
             self.sample_records.append(record)
             answers.append(answer)
         progress.close()
         return answers
 
-    def _answer(self, context, gen_kwargs, doc_to_visual, doc_id, task, split, record: SampleRecord) -> str:
+    def _answer(self, key: str, request: tuple, members: list[_Member]) -> list[tuple[str, SampleRecord]]:
+        """One sample for every member lacking it: one decode and encoder pass, then each member's method, journaled.
+
+        A sample whose video fails is failed for every member and journaled for none, so each cell retries it.
+        """
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request
+        records = [SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames) for _ in members]
         if self.measure:
             reset_peak_memory(self.device)
             cpu_start = time.process_time()
-        doc = self.task_dict[task][split][doc_id]
-        record.video_path = video_path = _resolve_video_path(doc_to_visual, doc)
-        signals = self.method.signals()
+        try:
+            encoded = self._encode_sample(self.task_dict[task][split][doc_id], doc_to_visual, members, records)
+        except VideoUnavailable as error:  # not journaled: the next run of each cell retries it
+            for record in records:
+                record.status, record.error = "failed", str(error)
+            return [("", record) for record in records]
+        answered = []
+        for member, record in zip(members, records, strict=True):
+            own = replace(encoded, signals={name: encoded.signals[name] for name in member.compressor.method.signals()})
+            output, prompt_length = self.generate_from_encoded(
+                own, context, self._generation_kwargs(dict(gen_kwargs)), record, f"{task}/{doc_id}", member.compressor
+            )
+            new_tokens = output[0, prompt_length:]
+            record.output_tokens = int(new_tokens.shape[0])
+            if self.measure:
+                record.memory = peak_memory(self.device)
+                record.seconds["cpu_time"] = time.process_time() - cpu_start
+            answer = read_answer(self.tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kwargs.get("until"))
+            if member.journal is not None:
+                member.journal.add(key, answer, record)
+            ENCODER_PASSES.answers += 1
+            answered.append((answer, record))
+        return answered
+
+    def _encode_sample(self, doc, doc_to_visual, members: list[_Member], records: list[SampleRecord]) -> EncodedVideo:
+        """The sample's video decoded and encoded once, with every encoder signal the members' methods need.
+
+        The first record carries the pass's stage times; the others are marked `encoder_shared`. An encoder-cache
+        hit (same checkpoint, file, frames and signals) skips both, for every member.
+        """
+        video_path = _resolve_video_path(doc_to_visual, doc)
+        for record in records:
+            record.video_path = video_path  # a failure names the video too
+        signals = frozenset().union(*(member.compressor.method.signals() for member in members))
         checkpoint = astuple(self.checkpoint.key)  # checkpoint, device, dtype, kernel, random-weights mode
         cache_key = EncoderCache.key(checkpoint, video_path, self.frames, signals) if Path(video_path).is_file() else None
         cached = ENCODER_CACHE.get(cache_key) if cache_key else None
+        first = records[0]
         if cached is not None:
-            record.encoder_cache_hit, encoded = True, cached.encoded
+            encoded = cached.encoded
         else:
-            with self._stage(record, "video_decode"):
+            with self._stage(first, "video_decode"):
                 sampled = _decode_video(video_path, self.frames)
-            encoded = self.encode_video(sampled.frames, record)
+            encoded = self.encode_video(sampled.frames, first, signals)
+            ENCODER_PASSES.done += 1
             encoded.frame_count, encoded.indices = sampled.frame_count, list(sampled.indices)
             if cache_key:
-                spent = sum(record.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
+                spent = sum(first.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
                 ENCODER_CACHE.put(cache_key, CachedEncoding(encoded, spent))
-        record.frames, record.video_frame_count = encoded.layout.frames, encoded.frame_count
-        record.sampled_indices = list(encoded.indices)
-        output, prompt_length = self.generate_from_encoded(
-            encoded, context, self._generation_kwargs(gen_kwargs), record, sample=f"{task}/{doc_id}"
-        )
-        new_tokens = output[0, prompt_length:]
-        record.output_tokens = int(new_tokens.shape[0])
-        if self.measure:
-            record.memory = peak_memory(self.device)
-            record.seconds["cpu_time"] = time.process_time() - cpu_start
-        return read_answer(self.tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kwargs.get("until"))
+        for record in records:
+            record.encoder_cache_hit = cached is not None
+            record.encoder_shared = cached is None and record is not first
+            record.frames, record.video_frame_count = encoded.layout.frames, encoded.frame_count
+            record.sampled_indices = list(encoded.indices)
+        return encoded
 
     def warm_up(self, passes: int) -> None:
         """Untimed passes over a synthetic video, so the first measured sample pays no start-up costs."""
@@ -225,28 +277,36 @@ class CompressedVideoLM(lmms):
         encoded = self.encode_video(video, record)
         return self.generate_from_encoded(encoded, context, generate_kwargs, record, sample)
 
-    def encode_video(self, video, record: SampleRecord) -> EncodedVideo:
-        """Frames [T, H, W, 3] -> the adapter's encoded video, with the encoder signals the method needs."""
+    def encode_video(self, video, record: SampleRecord, signals: frozenset[str] | None = None) -> EncodedVideo:
+        """Frames [T, H, W, 3] -> the adapter's encoded video, with `signals` (default: those the method needs)."""
         record.frames = int(video.shape[0])
         with torch.inference_mode():
             with self._stage(record, "preprocess"):
                 pixels = self.adapter.preprocess(video)
             with self._stage(record, "vision_encoder"):
-                return self.adapter.encode(pixels, self.method.signals())
+                return self.adapter.encode(pixels, self.method.signals() if signals is None else signals)
 
     def generate_from_encoded(
-        self, encoded: EncodedVideo, context: str, generate_kwargs: dict[str, Any], record: SampleRecord, sample: str = ""
+        self,
+        encoded: EncodedVideo,
+        context: str,
+        generate_kwargs: dict[str, Any],
+        record: SampleRecord,
+        sample: str = "",
+        compressor: Compressor | None = None,
     ):
-        """Let the method's stages pick and prune the video tokens while generating; returns (output, prompt length)."""
-        adapter, compressor = self.adapter, self.compressor
+        """Let the method's stages (`compressor`'s, default this cell's) pick and prune the video tokens while generating;
+        returns (output, prompt length)."""
+        adapter, compressor = self.adapter, compressor or self.compressor
+        method = compressor.method
         prompt_ids = self.tokenizer(self.build_prompt(context), return_tensors="pt")["input_ids"][0]
         with torch.inference_mode():
             with self._stage(record, "compress"):
                 selected = compressor.select(encoded, sample)
             visual, positions = adapter.assemble(encoded, selected.tokens.features, selected.tokens.index)
-            positions = positions if self.method.keeps_positions() else None  # None: consecutive positions
+            positions = positions if method.keeps_positions() else None  # None: consecutive positions
             if positions is not None and bool((positions < 0).any()):
-                raise ValueError(f"method {self.method.name!r} keeps positions, but a stage made tokens at no grid position")
+                raise ValueError(f"method {method.name!r} keeps positions, but a stage made tokens at no grid position")
             inputs = adapter.generation_inputs(prompt_ids, visual, positions, encoded.layout.full_tokens)
             clock = StepClock(self.device) if self.measure else None
             if clock is not None:

@@ -86,7 +86,8 @@ def test_cells_that_share_a_model_and_frame_count_run_next_to_each_other():
     assert order == sorted(order) and len(set(order)) == 4
 
 
-SMOKE = ["+sweep=smoke", "model=tiny", "method=full,dycoke", "frames=4", "limit=2"]
+# Cell by cell (no sample-major groups): each cell resumes from its own journal (tests/test_groups.py covers groups).
+SMOKE = ["+sweep=smoke", "model=tiny", "method=full,dycoke", "frames=4", "limit=2", "hydra.sweeper.sample_major=false"]
 SAMPLES_PER_CELL = 10 * 2  # ten fixture tasks, two documents each
 
 

@@ -7,6 +7,10 @@ cells with a matching value are kept (`model=llava_ov_0.5b` drops the 7B and 72B
 overrides apply to every cell (`limit=50`). Cells are ordered by model and frame count, so the
 basic launcher, which runs jobs in one process, loads each checkpoint once. Launching is left to
 the configured launcher (basic, joblib, submitit_slurm, ...).
+
+Cells that differ only in their method form a sample-major group (`dycoke_eval/groups.py`) and run as
+one job, which decodes and encodes each video once for all of them; `hydra.sweeper.sample_major=false`
+runs one job per cell instead. `measure=true` cells are never grouped.
 """
 
 import itertools
@@ -22,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from dycoke_eval.app import CellFailed
+from dycoke_eval.groups import group_override, sample_major_groups
 
 GROUPING_KEYS = ("model", "frames")  # cells sharing these run next to each other
 
@@ -30,6 +35,7 @@ GROUPING_KEYS = ("model", "frames")  # cells sharing these run next to each othe
 class GridsSweeperConf:
     _target_: str = "hydra_plugins.dycoke_eval_sweeper.grids_sweeper.GridsSweeper"
     max_batch_size: Optional[int] = None  # noqa: UP045
+    sample_major: bool = True  # one job per group of cells differing only in method: each video decoded and encoded once
     params: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
     grids: List[Any] = field(default_factory=list)  # noqa: UP006
 
@@ -76,9 +82,25 @@ def expand_grids(
 
 
 class GridsSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None, grids: list | None = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: int | None,
+        params: dict[str, str] | None = None,
+        grids: list | None = None,
+        sample_major: bool = True,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(grid) for grid in OmegaConf.to_container(grids)] if grids is not None else [{}]
+        self.sample_major = sample_major
+
+    def _jobs(self, cells: list[list[str]]) -> list[list[str]]:
+        """One job per sample-major group (its first cell's overrides, naming the others), or one per cell."""
+        if not self.sample_major:
+            return cells
+        configs = [self.hydra_context.config_loader.load_sweep_config(self.config, cell) for cell in cells]
+        groups = sample_major_groups(configs)
+        print(f"sweep: {len(groups)} sample-major groups: " + ", ".join(str(len(group)) + " cells" for group in groups))
+        return [[*cells[group[0]], group_override([cells[i] for i in group[1:]])] for group in groups]
 
     def _write_plan(self, cells: list[list[str]]) -> list:
         """dry_run=true: each cell's plan row (dycoke_eval.accounting), as a table and a CSV; nothing is launched."""
@@ -91,13 +113,13 @@ class GridsSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         cells = expand_grids(parser, self.params, self.grids, arguments)
-        self.overrides = list(self.split_overrides_to_chunks(cells, self.max_batch_size))
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         print(f"sweep: {len(cells)} cells")
         if self.config.get("dry_run"):
             return self._write_plan(cells)
+        self.overrides = list(self.split_overrides_to_chunks(self._jobs(cells), self.max_batch_size))
         returns, failed, initial_job_idx = [], [], 0
         while not self.is_done():
             batch = self.get_job_batch()
@@ -111,7 +133,7 @@ class GridsSweeper(BasicSweeper):
                     failed.append(str(error))
             initial_job_idx += len(batch)
             returns.append(results)
-            print(f"sweep: batch of {len(batch)} cells done in {time.perf_counter() - tic:.1f} s")
+            print(f"sweep: batch of {len(batch)} jobs done in {time.perf_counter() - tic:.1f} s")
         self._render_report()
         if failed:
             sys.exit(f"sweep: {len(failed)} cells failed entirely and are not complete:\n" + "\n".join(failed))
