@@ -305,6 +305,8 @@ def run_cell(cfg: DictConfig) -> Path:
         siglip_head=cfg.model.get("siglip_head"),
         max_new_tokens=generation_cap(cfg),
         journal=str(cell_dir / "journal.jsonl"),
+        prefetch_depth=cfg.prefetch_depth,
+        prefetch_workers=cfg.prefetch_workers,
     )
     if cfg.model.build_tiny:
         print(f"model: {cfg.model.name} (RANDOM weights: its accuracies are meaningless; the run exercises the path)")

@@ -9,15 +9,18 @@ pre-LLM stages pick the video tokens, has the adapter assemble the prompt (confi
 `prompts.py`) and `generate`'s inputs, and generates inside the dispatcher (`compression/dispatcher.py`),
 which installs the prefill and decode stages. Stage times, the standard token counts and the
 sampled frame indices are recorded in `sample_records`. A sample whose video fails is recorded as
-failed and is not journaled, so the next run of the cell retries it.
+failed and is not journaled, so the next run of the cell retries it. Unless measuring, the videos of
+the next samples to compute are decoded and preprocessed in background threads (`prefetch.py`)
+while the model computes the current one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import asdict, astuple
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,11 @@ from dycoke_eval.config import ConfigError, check_routable
 from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCache
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.offline.tiny_model import checkpoint_generation_cap
+from dycoke_eval.prefetch import Prefetcher
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
 from dycoke_eval.store import SampleJournal, SampleRecord
 from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
-from dycoke_eval.video_frames import SampledVideo, VideoDecodeError, sample_video
+from dycoke_eval.video_frames import VideoDecodeError, sample_video
 
 
 class VideoUnavailable(Exception):
@@ -62,11 +66,15 @@ class CompressedVideoLM(lmms):
         random_weights_architecture: str | None = None,
         adapter: str | None = None,  # a model adapter by name (`llava_video`); None: the one for the checkpoint's model_type
         siglip_head: str | None = None,  # SigLIP checkpoint (hub id or folder) whose pooling head gives the probe signals
+        prefetch_depth: int = 2,  # samples whose video is decoded ahead in the background (0: decode inline)
+        prefetch_workers: int = 1,  # background threads decoding them
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if int(batch_size) != 1:
             raise ConfigError(f"batch_size={batch_size}: this wrapper runs one sample at a time; use batch_size=1")
+        self.prefetch_depth = _count_setting("prefetch_depth", prefetch_depth, 0, "0 decodes inline")
+        self.prefetch_workers = _count_setting("prefetch_workers", prefetch_workers, 1, "background decoding threads")
         self.frames = int(frames)
         if self.frames < 1:
             raise ConfigError(f"frames={frames}: sample at least one frame per video")
@@ -159,40 +167,80 @@ class CompressedVideoLM(lmms):
         if saved:
             progress.set_postfix_str(f"{len(saved)} resumed from the journal")
         answers = []
-        for key, (context, gen_kwargs, doc_to_visual, doc_id, task, split) in zip(keys, _args(requests), strict=True):
-            if key in saved:
-                answer, record = saved[key]
-            else:
-                record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
-                try:
-                    answer = self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split, record)
-                except VideoUnavailable as error:  # not journaled: the next run of this cell retries it
-                    record.status, record.error, answer = "failed", str(error), ""
-                if self.journal is not None and record.status == "ok":
-                    self.journal.add(key, answer, record)
-                progress.update()
-            self.sample_records.append(record)
-            answers.append(answer)
+        ahead = self._decode_ahead(requests, keys, saved)  # an empty plan starts no thread
+        with Prefetcher(ahead.values(), self._prepare_video, self.prefetch_depth or 1, self.prefetch_workers) as prefetched:
+            for index, (key, (context, gen_kwargs, doc_to_visual, doc_id, task, split)) in enumerate(
+                zip(keys, _args(requests), strict=True)
+            ):
+                if key in saved:
+                    answer, record = saved[key]
+                else:
+                    record = SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames)
+                    prepared = next(prefetched)[1] if index in ahead else None
+                    try:
+                        answer = self._answer(context, dict(gen_kwargs), doc_to_visual, doc_id, task, split, record, prepared)
+                    except VideoUnavailable as error:  # not journaled: the next run of this cell retries it
+                        record.status, record.error, answer = "failed", str(error), ""
+                    if self.journal is not None and record.status == "ok":
+                        self.journal.add(key, answer, record)
+                    progress.update()
+                self.sample_records.append(record)
+                answers.append(answer)
         progress.close()
         return answers
 
-    def _answer(self, context, gen_kwargs, doc_to_visual, doc_id, task, split, record: SampleRecord) -> str:
+    def _decode_ahead(self, requests, keys: list[str], saved: dict) -> dict[int, str]:
+        """Request index -> video path, in order, for the samples whose video this run will decode.
+
+        Those not resumed from the journal, whose video is a file not in the encoder cache and not
+        decoded for an earlier sample of this run. Empty when measuring (per-stage times stay clean)
+        or with `prefetch_depth=0`. Samples left out decode inline, as do ones the plan got wrong.
+        """
+        if self.measure or not self.prefetch_depth:
+            return {}
+        ahead, planned = {}, set()
+        for index, (key, (_, _, doc_to_visual, doc_id, task, split)) in enumerate(zip(keys, _args(requests), strict=True)):
+            if key in saved:
+                continue
+            try:
+                path = _resolve_video_path(doc_to_visual, self.task_dict[task][split][doc_id])
+            except VideoUnavailable:
+                continue  # fails again when its turn comes
+            cache_key = self._cache_key(path)
+            if cache_key is not None and cache_key not in planned and cache_key not in ENCODER_CACHE:
+                ahead[index] = path
+                planned.add(cache_key)
+        return ahead
+
+    def _prepare_video(self, path: str) -> PreparedVideo:
+        return prepare_video(path, self.frames, self.adapter.preprocess)
+
+    def _cache_key(self, video_path: str) -> tuple | None:
+        """The encoder-cache key of this model, method and frame count for the video; None if it is no file."""
+        if not Path(video_path).is_file():
+            return None
+        checkpoint = astuple(self.checkpoint.key)  # checkpoint, device, dtype, kernel, random-weights mode
+        return EncoderCache.key(checkpoint, video_path, self.frames, self.method.signals())
+
+    def _answer(
+        self, context, gen_kwargs, doc_to_visual, doc_id, task, split, record: SampleRecord, prepared: Future | None = None
+    ) -> str:
+        """One sample's answer; `prepared` is its video decoded and preprocessed in the background, if it was."""
         if self.measure:
             reset_peak_memory(self.device)
             cpu_start = time.process_time()
         doc = self.task_dict[task][split][doc_id]
         record.video_path = video_path = _resolve_video_path(doc_to_visual, doc)
-        signals = self.method.signals()
-        checkpoint = astuple(self.checkpoint.key)  # checkpoint, device, dtype, kernel, random-weights mode
-        cache_key = EncoderCache.key(checkpoint, video_path, self.frames, signals) if Path(video_path).is_file() else None
+        cache_key = self._cache_key(video_path)
         cached = ENCODER_CACHE.get(cache_key) if cache_key else None
         if cached is not None:
             record.encoder_cache_hit, encoded = True, cached.encoded
         else:
-            with self._stage(record, "video_decode"):
-                sampled = _decode_video(video_path, self.frames)
-            encoded = self.encode_video(sampled.frames, record)
-            encoded.frame_count, encoded.indices = sampled.frame_count, list(sampled.indices)
+            with self._stage(record, "video_wait"):  # the model idles: for the background work, or decoding here
+                video = prepared.result() if prepared is not None else self._prepare_video(video_path)
+            record.seconds.update(video.seconds)
+            encoded = self.encode_pixels(video.pixels, record)
+            encoded.frame_count, encoded.indices = video.frame_count, list(video.indices)
             if cache_key:
                 spent = sum(record.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
                 ENCODER_CACHE.put(cache_key, CachedEncoding(encoded, spent))
@@ -228,11 +276,14 @@ class CompressedVideoLM(lmms):
     def encode_video(self, video, record: SampleRecord) -> EncodedVideo:
         """Frames [T, H, W, 3] -> the adapter's encoded video, with the encoder signals the method needs."""
         record.frames = int(video.shape[0])
-        with torch.inference_mode():
-            with self._stage(record, "preprocess"):
-                pixels = self.adapter.preprocess(video)
-            with self._stage(record, "vision_encoder"):
-                return self.adapter.encode(pixels, self.method.signals())
+        with self._stage(record, "preprocess"):
+            pixels = self.adapter.preprocess(video)
+        return self.encode_pixels(pixels, record)
+
+    def encode_pixels(self, pixels, record: SampleRecord) -> EncodedVideo:
+        """The adapter's preprocessed frames -> its encoded video, with the encoder signals the method needs."""
+        with torch.inference_mode(), self._stage(record, "vision_encoder"):
+            return self.adapter.encode(pixels, self.method.signals())
 
     def generate_from_encoded(
         self, encoded: EncodedVideo, context: str, generate_kwargs: dict[str, Any], record: SampleRecord, sample: str = ""
@@ -348,8 +399,34 @@ def _resolve_video_path(doc_to_visual, doc) -> str:
     return paths[0]
 
 
-def _decode_video(path: str, frames: int) -> SampledVideo:
+@dataclass(frozen=True)
+class PreparedVideo:
+    """A sample's video, decoded and preprocessed for the vision tower (on CPU), with the seconds each step took."""
+
+    pixels: Any
+    frame_count: int
+    indices: tuple[int, ...]
+    seconds: dict[str, float]  # video_decode, preprocess: wall time in the thread that did them
+
+
+def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any]) -> PreparedVideo:
+    """Decode `frames` frames of the video and preprocess them; a video that fails raises VideoUnavailable.
+
+    Runs in a prefetch thread or inline; CPU work only, so plain wall times are the steps' times.
+    """
+    start = time.perf_counter()
     try:
-        return sample_video(path, frames)
+        sampled = sample_video(path, frames)
     except VideoDecodeError as error:
         raise VideoUnavailable(str(error)) from None
+    decoded = time.perf_counter()
+    pixels = preprocess(sampled.frames)
+    seconds = {"video_decode": decoded - start, "preprocess": time.perf_counter() - decoded}
+    return PreparedVideo(pixels, sampled.frame_count, sampled.indices, seconds)
+
+
+def _count_setting(name: str, value: Any, least: int, meaning: str) -> int:
+    """An integer setting of at least `least`, or a ConfigError naming the value."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit() or int(value) < least:
+        raise ConfigError(f"{name}={value!r}: use an integer >= {least} ({meaning})")
+    return int(value)
