@@ -313,6 +313,8 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
         max_new_tokens=generation_cap(cfg),
         journal=str(cell_dir / "journal.jsonl"),
         companions=companions,
+        prefetch_depth=cfg.prefetch_depth,
+        prefetch_workers=cfg.prefetch_workers,
     )
     if cfg.model.build_tiny:
         print(f"model: {cfg.model.name} (RANDOM weights: its accuracies are meaningless; the run exercises the path)")

@@ -37,6 +37,10 @@ class EncoderCache:
         stat = os.stat(video_path)
         return (checkpoint, os.path.abspath(video_path), stat.st_size, stat.st_mtime_ns, frames, tuple(sorted(signals)))
 
+    def __contains__(self, key: tuple) -> bool:
+        """Whether the entry is held, without counting a hit or a miss (the prefetcher plans with it)."""
+        return key in self._entries
+
     def get(self, key: tuple) -> CachedEncoding | None:
         entry = self._entries.get(key)
         if entry is None:

@@ -75,7 +75,7 @@ TASK_METRICS = {  # task (fixture_ prefix and _deferred suffix dropped) -> [(lmm
     "nextqa_mc_test": [("exact_match", "nextqa_mc", 100)],
     "perceptiontest_val_mc": [("accuracy", "perceptiontest_val", 100)],
     "video_dc499": [("gpt_eval_score", "videodc", 1)],
-    "videomme": [("videomme_perception_score", "videomme_wo_sub", 1)],
+    "videomme": [("videomme_perception_score", "videomme_wo_sub", 1), ("videomme_perception_score", "videomme_avg", 1)],
     "videomme_w_subtitle": [("videomme_perception_score", "videomme_w_sub", 1)],
     "longvideobench_val_v": [("lvb_acc", "longvideobench", 100)],
     **{f"mvbench_{name}": [("mvbench_accuracy", code, 1)] for name, code in MVBENCH_CODES.items()},

@@ -9,7 +9,9 @@ pre-LLM stages pick the video tokens, has the adapter assemble the prompt (confi
 `prompts.py`) and `generate`'s inputs, and generates inside the dispatcher (`compression/dispatcher.py`),
 which installs the prefill and decode stages. Stage times, the standard token counts and the
 sampled frame indices are recorded in `sample_records`. A sample whose video fails is recorded as
-failed and is not journaled, so the next run of the cell retries it.
+failed and is not journaled, so the next run of the cell retries it. Unless measuring, the videos of
+the next samples to compute are decoded and preprocessed in background threads (`prefetch.py`)
+while the model computes the current one.
 
 With `companions` (the other cells of a sample-major group, `groups.py`) each sample that this cell or a
 companion lacks in its journal is decoded and encoded once, with the encoder signals all of them need, and
@@ -19,7 +21,8 @@ every cell lacking it answers from that pass with its own method, into its own j
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
@@ -38,10 +41,11 @@ from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCach
 from dycoke_eval.groups import ENCODER_PASSES, Companion
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.offline.tiny_model import checkpoint_generation_cap
+from dycoke_eval.prefetch import Prefetcher
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
 from dycoke_eval.store import SampleJournal, SampleRecord
 from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
-from dycoke_eval.video_frames import SampledVideo, VideoDecodeError, sample_video
+from dycoke_eval.video_frames import VideoDecodeError, sample_video
 
 
 class VideoUnavailable(Exception):
@@ -76,11 +80,15 @@ class CompressedVideoLM(lmms):
         adapter: str | None = None,  # a model adapter by name (`llava_video`); None: the one for the checkpoint's model_type
         siglip_head: str | None = None,  # SigLIP checkpoint (hub id or folder) whose pooling head gives the probe signals
         companions: Sequence[Companion] = (),  # the other cells of its sample-major group, answered in the same passes
+        prefetch_depth: int = 2,  # samples whose video is decoded ahead in the background (0: decode inline)
+        prefetch_workers: int = 1,  # background threads decoding them
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if int(batch_size) != 1:
             raise ConfigError(f"batch_size={batch_size}: this wrapper runs one sample at a time; use batch_size=1")
+        self.prefetch_depth = _count_setting("prefetch_depth", prefetch_depth, 0, "0 decodes inline")
+        self.prefetch_workers = _count_setting("prefetch_workers", prefetch_workers, 1, "background decoding threads")
         self.frames = int(frames)
         if self.frames < 1:
             raise ConfigError(f"frames={frames}: sample at least one frame per video")
@@ -182,22 +190,67 @@ class CompressedVideoLM(lmms):
         if saved:
             progress.set_postfix_str(f"{len(saved)} resumed from the journal")
         answers = []
-        for key, request in zip(keys, _args(requests), strict=True):
-            members = [] if key in saved else [_Member(self.compressor, self.journal)]
-            members += [member for member in self.companions if member.journal.get(key) is None]
-            computed = self._answer(key, request, members) if members else []
-            answer, record = saved[key] if key in saved else computed[0]
-            if key not in saved:
-                progress.update()
-            self.sample_records.append(record)
-            answers.append(answer)
+        ahead = self._decode_ahead(requests, keys, saved)  # an empty plan starts no thread
+        with Prefetcher(ahead.values(), self._prepare_video, self.prefetch_depth or 1, self.prefetch_workers) as prefetched:
+            for index, (key, request) in enumerate(zip(keys, _args(requests), strict=True)):
+                members = [] if key in saved else [_Member(self.compressor, self.journal)]
+                members += [member for member in self.companions if member.journal.get(key) is None]
+                prepared = next(prefetched)[1] if index in ahead else None
+                computed = self._answer(key, request, members, prepared) if members else []
+                answer, record = saved[key] if key in saved else computed[0]
+                if key not in saved:
+                    progress.update()
+                self.sample_records.append(record)
+                answers.append(answer)
         progress.close()
         return answers
 
-    def _answer(self, key: str, request: tuple, members: list[_Member]) -> list[tuple[str, SampleRecord]]:
+    def _decode_ahead(self, requests, keys: list[str], saved: dict) -> dict[int, str]:
+        """Request index -> video path, in order, for the samples whose video this run will decode.
+
+        Those that this cell or a companion still lacks, whose video is a file not in the encoder cache and
+        not decoded for an earlier sample of this run. Empty when measuring (per-stage times stay clean) or
+        with `prefetch_depth=0`. Samples left out decode inline, as do ones the plan got wrong.
+        """
+        if self.measure or not self.prefetch_depth:
+            return {}
+        signals = self._signals([_Member(self.compressor, self.journal), *self.companions])
+        ahead, planned = {}, set()
+        for index, (key, (_, _, doc_to_visual, doc_id, task, split)) in enumerate(zip(keys, _args(requests), strict=True)):
+            if key in saved and all(member.journal.get(key) is not None for member in self.companions):
+                continue
+            try:
+                path = _resolve_video_path(doc_to_visual, self.task_dict[task][split][doc_id])
+            except VideoUnavailable:
+                continue  # fails again when its turn comes
+            cache_key = self._cache_key(path, signals)
+            if cache_key is not None and cache_key not in planned and cache_key not in ENCODER_CACHE:
+                ahead[index] = path
+                planned.add(cache_key)
+        return ahead
+
+    def _prepare_video(self, path: str) -> PreparedVideo:
+        return prepare_video(path, self.frames, self.adapter.preprocess)
+
+    def _cache_key(self, video_path: str, signals: frozenset[str]) -> tuple | None:
+        """The encoder-cache key of this model, frame count and encoder signals for the video; None if it is no file."""
+        if not Path(video_path).is_file():
+            return None
+        checkpoint = astuple(self.checkpoint.key)  # checkpoint, device, dtype, kernel, random-weights mode
+        return EncoderCache.key(checkpoint, video_path, self.frames, signals)
+
+    @staticmethod
+    def _signals(members: Sequence[_Member]) -> frozenset[str]:
+        """Every encoder signal the members' methods need, captured in one pass."""
+        return frozenset().union(*(member.compressor.method.signals() for member in members))
+
+    def _answer(
+        self, key: str, request: tuple, members: list[_Member], prepared: Future | None = None
+    ) -> list[tuple[str, SampleRecord]]:
         """One sample for every member lacking it: one decode and encoder pass, then each member's method, journaled.
 
-        A sample whose video fails is failed for every member and journaled for none, so each cell retries it.
+        `prepared` is its video decoded and preprocessed in the background, if it was. A sample whose video fails
+        is failed for every member and journaled for none, so each cell retries it.
         """
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request
         records = [SampleRecord(task=task, doc_id=int(doc_id), frames=self.frames) for _ in members]
@@ -205,7 +258,7 @@ class CompressedVideoLM(lmms):
             reset_peak_memory(self.device)
             cpu_start = time.process_time()
         try:
-            encoded = self._encode_sample(self.task_dict[task][split][doc_id], doc_to_visual, members, records)
+            encoded = self._encode_sample(self.task_dict[task][split][doc_id], doc_to_visual, members, records, prepared)
         except VideoUnavailable as error:  # not journaled: the next run of each cell retries it
             for record in records:
                 record.status, record.error = "failed", str(error)
@@ -228,7 +281,9 @@ class CompressedVideoLM(lmms):
             answered.append((answer, record))
         return answered
 
-    def _encode_sample(self, doc, doc_to_visual, members: list[_Member], records: list[SampleRecord]) -> EncodedVideo:
+    def _encode_sample(
+        self, doc, doc_to_visual, members: list[_Member], records: list[SampleRecord], prepared: Future | None
+    ) -> EncodedVideo:
         """The sample's video decoded and encoded once, with every encoder signal the members' methods need.
 
         The first record carries the pass's stage times; the others are marked `encoder_shared`. An encoder-cache
@@ -237,19 +292,19 @@ class CompressedVideoLM(lmms):
         video_path = _resolve_video_path(doc_to_visual, doc)
         for record in records:
             record.video_path = video_path  # a failure names the video too
-        signals = frozenset().union(*(member.compressor.method.signals() for member in members))
-        checkpoint = astuple(self.checkpoint.key)  # checkpoint, device, dtype, kernel, random-weights mode
-        cache_key = EncoderCache.key(checkpoint, video_path, self.frames, signals) if Path(video_path).is_file() else None
+        signals = self._signals(members)
+        cache_key = self._cache_key(video_path, signals)
         cached = ENCODER_CACHE.get(cache_key) if cache_key else None
         first = records[0]
         if cached is not None:
             encoded = cached.encoded
         else:
-            with self._stage(first, "video_decode"):
-                sampled = _decode_video(video_path, self.frames)
-            encoded = self.encode_video(sampled.frames, first, signals)
+            with self._stage(first, "video_wait"):  # the model idles: for the background work, or decoding here
+                video = prepared.result() if prepared is not None else self._prepare_video(video_path)
+            first.seconds.update(video.seconds)
+            encoded = self.encode_pixels(video.pixels, first, signals)
             ENCODER_PASSES.done += 1
-            encoded.frame_count, encoded.indices = sampled.frame_count, list(sampled.indices)
+            encoded.frame_count, encoded.indices = video.frame_count, list(video.indices)
             if cache_key:
                 spent = sum(first.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
                 ENCODER_CACHE.put(cache_key, CachedEncoding(encoded, spent))
@@ -280,11 +335,14 @@ class CompressedVideoLM(lmms):
     def encode_video(self, video, record: SampleRecord, signals: frozenset[str] | None = None) -> EncodedVideo:
         """Frames [T, H, W, 3] -> the adapter's encoded video, with `signals` (default: those the method needs)."""
         record.frames = int(video.shape[0])
-        with torch.inference_mode():
-            with self._stage(record, "preprocess"):
-                pixels = self.adapter.preprocess(video)
-            with self._stage(record, "vision_encoder"):
-                return self.adapter.encode(pixels, self.method.signals() if signals is None else signals)
+        with self._stage(record, "preprocess"):
+            pixels = self.adapter.preprocess(video)
+        return self.encode_pixels(pixels, record, signals)
+
+    def encode_pixels(self, pixels, record: SampleRecord, signals: frozenset[str] | None = None) -> EncodedVideo:
+        """The adapter's preprocessed frames -> its encoded video, with `signals` (default: those the method needs)."""
+        with torch.inference_mode(), self._stage(record, "vision_encoder"):
+            return self.adapter.encode(pixels, self.method.signals() if signals is None else signals)
 
     def generate_from_encoded(
         self,
@@ -408,8 +466,34 @@ def _resolve_video_path(doc_to_visual, doc) -> str:
     return paths[0]
 
 
-def _decode_video(path: str, frames: int) -> SampledVideo:
+@dataclass(frozen=True)
+class PreparedVideo:
+    """A sample's video, decoded and preprocessed for the vision tower (on CPU), with the seconds each step took."""
+
+    pixels: Any
+    frame_count: int
+    indices: tuple[int, ...]
+    seconds: dict[str, float]  # video_decode, preprocess: wall time in the thread that did them
+
+
+def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any]) -> PreparedVideo:
+    """Decode `frames` frames of the video and preprocess them; a video that fails raises VideoUnavailable.
+
+    Runs in a prefetch thread or inline; CPU work only, so plain wall times are the steps' times.
+    """
+    start = time.perf_counter()
     try:
-        return sample_video(path, frames)
+        sampled = sample_video(path, frames)
     except VideoDecodeError as error:
         raise VideoUnavailable(str(error)) from None
+    decoded = time.perf_counter()
+    pixels = preprocess(sampled.frames)
+    seconds = {"video_decode": decoded - start, "preprocess": time.perf_counter() - decoded}
+    return PreparedVideo(pixels, sampled.frame_count, sampled.indices, seconds)
+
+
+def _count_setting(name: str, value: Any, least: int, meaning: str) -> int:
+    """An integer setting of at least `least`, or a ConfigError naming the value."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit() or int(value) < least:
+        raise ConfigError(f"{name}={value!r}: use an integer >= {least} ({meaning})")
+    return int(value)

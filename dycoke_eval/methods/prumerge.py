@@ -17,7 +17,8 @@ No official SigLIP adaptation exists (open questions in DyCoke's and PruMerge's 
 `score_source` names the choice made here:
 * `mean_received` (default): the attention each patch receives, averaged over heads and queries;
 * `pooling_head`: the attention of SigLIP's pooling-head probe (FastVID's recipe). It needs a
-  vision tower that keeps the head, which the llava-hf OneVision checkpoints drop.
+  vision tower that keeps the head, which the llava-hf OneVision checkpoints drop, or the head read from
+  SigLIP's own checkpoint (model setting `siglip_head`).
 Scores and keys are encoder signals the model adapter captures in the encoder pass and pools from
 the patch grid to the token grid exactly as the features are. The achieved ratio is reported per sample.
 """
@@ -186,7 +187,8 @@ class PruMerge(PreLLMStage):
         if self.score_source == "pooling_head" and "probe_attention" not in model.signals:
             raise ConfigError(
                 "score_source=pooling_head needs SigLIP's attention-pooling head, which this checkpoint's vision "
-                "tower does not have (vision_use_head=false); use score_source=mean_received"
+                "tower does not have (vision_use_head=false): set model.siglip_head (e.g. google/siglip-so400m-patch14-384) "
+                "or use score_source=mean_received"
             )
         super().check(model)
 
