@@ -9,11 +9,12 @@ from torch import einsum
 
 from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
 from dycoke_eval.config import ConfigError, instantiate_method
+from dycoke_eval.methods.density_peaks import dpc_knn
 from dycoke_eval.methods.kv_selection import max_attention
 from dycoke_eval.methods.prunevid import (
+    NEIGHBOURS,
     DensityNoise,
     PruneVid,
-    dpc_knn,
     merge_group,
     prunevid_merge,
     prunevid_selection,
@@ -270,7 +271,7 @@ def test_groups_of_more_than_14_tokens_become_int_n_times_cluster_ratio_cluster_
     fourteen = merge_group(features[:14], index[:14], 0.5, NO_NOISE)
     assert torch.equal(fourteen[0], features[:14]) and torch.equal(fourteen[1], index[:14])  # 14: as they are
     merged, where = merge_group(features, index, 0.5, NO_NOISE)
-    labels, centres = dpc_knn(features, 7)
+    labels, centres = dpc_knn(features, 7, NEIGHBOURS)
     assert merged.shape == (7, 8) and torch.equal(where, index[centres])  # int(15 * 0.5) means, at the centres, by rank
     for cluster in range(7):
         torch.testing.assert_close(merged[cluster], features[labels == cluster].mean(dim=0))

@@ -63,6 +63,8 @@ import torch
 
 from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
 from dycoke_eval.config import ConfigError
+from dycoke_eval.methods.density_peaks import cluster_means, density_scores, dpc_knn
+from dycoke_eval.methods.visionzip import contextual_targets
 
 MODES = ("official", "paper")
 VARIANTS = ("onevision", "video")
@@ -131,39 +133,12 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def density_scores(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, P, D] -> [B, P] density-peak scores rho * delta (Eq. 3-4, as released) over each batch's points.
-
-    Distances are Euclidean / sqrt(D) in float32. rho uses the k=4 smallest squared distances, the point's own
-    0 included; `noise` [B, P] is added to rho (the released tie-break). delta is the distance to the nearest
-    point of higher rho, and for the densest point the largest distance in its whole batch (not its row).
-    """
-    dist = torch.cdist(x.float(), x.float()) / x.shape[-1] ** 0.5
-    nearest = dist.topk(min(NEIGHBOURS, x.shape[1]), dim=-1, largest=False).values
-    rho = (-(nearest**2).mean(dim=-1)).exp()
-    if noise is not None:
-        rho = rho + noise
-    denser = rho[:, None, :] > rho[:, :, None]
-    farthest = dist.flatten(1).max(dim=-1).values[:, None, None]
-    delta = torch.where(denser, dist, farthest).min(dim=-1).values
-    return rho * delta
-
-
-def dpc_knn(x: torch.Tensor, clusters: int, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """[P, D] -> [P] cluster labels by DPC-kNN: centres are the top `clusters` scores (label = rank), every point
-    joins its nearest centre (Euclidean) and each centre its own cluster (as PruneVid's released clustering)."""
-    centres = density_scores(x[None], None if noise is None else noise[None])[0].topk(clusters).indices
-    labels = torch.cdist(x.float(), x[centres].float()).argmin(dim=1)
-    labels[centres] = torch.arange(clusters, device=x.device)
-    return labels
-
-
 def cluster_segments(frame_features: torch.Tensor, c: int, noise: torch.Tensor | None = None) -> list[list[int]]:
     """Table 2's cluster-based segmentation: c DPC-kNN clusters of the normalised frame features, frames in time order.
 
     `noise` [F] breaks density ties (identical frames would all be peaks otherwise)."""
     require_frames(frame_features.shape[0], c, "cluster")
-    labels = dpc_knn(torch.nn.functional.normalize(frame_features.float(), dim=-1), c, noise)
+    labels, _ = dpc_knn(torch.nn.functional.normalize(frame_features.float(), dim=-1), c, NEIGHBOURS, noise)
     return sorted((labels == k).nonzero().flatten().tolist() for k in range(c))
 
 
@@ -261,14 +236,6 @@ def non_salient(salient: torch.Tensor, tokens: int) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def uniform_positions(count: int, pool: torch.Tensor) -> torch.Tensor:
-    """VisionZip's targets among a frame's `pool` of non-salient tokens: positions 0, step, 2 step, ... with
-    step = max(1, len(pool) // count), the first `count` (none for count 0)."""
-    if not count:
-        return pool[:0]
-    return torch.arange(0, pool.numel(), max(1, pool.numel() // count), device=pool.device)[:count]
-
-
 def anchor_centric_merge(anchors: torch.Tensor, pool: torch.Tensor, beta: float, rule: str) -> torch.Tensor:
     """[A, D] anchors, [P, D] merge pool -> [A, D]: each pool token joins its most cosine-similar anchor (first on ties).
 
@@ -324,14 +291,14 @@ def density_anchors(
         return chosen
     if variant == "onevision":
         pools = torch.stack([pools.tokens[f, rest] for f, rest in enumerate(pools.rest)])
-        scores = density_scores(pools, _noise(pools.shape[:2], noise_scale, generator, pools.device))
+        scores = density_scores(pools, NEIGHBOURS, _noise(pools.shape[:2], noise_scale, generator, pools.device))
         for f, count in enumerate(plan):
             if count:
                 chosen[f] = scores[f].topk(count).indices
         return chosen
     for frame in (f for segment in segments for f in segment if plan[f]):
         pool = pools.tokens[frame, pools.rest[frame]][None]
-        score = density_scores(pool, _noise(pool.shape[:2], noise_scale, generator, pool.device))[0]
+        score = density_scores(pool, NEIGHBOURS, _noise(pool.shape[:2], noise_scale, generator, pool.device))[0]
         chosen[frame] = score.topk(plan[frame]).indices.sort().values
     return chosen
 
@@ -371,9 +338,8 @@ def cluster_merge_segment(
     pool, where = pools.rest_of(segment)
     if not clusters:
         return pool[:0], where[:0]
-    labels = dpc_knn(pool, clusters, _noise((pool.shape[0],), noise_scale, generator, pool.device))
-    members = torch.nn.functional.one_hot(labels, clusters).to(pool.dtype)
-    return members.T @ pool / members.sum(dim=0)[:, None], where[-clusters:]
+    labels, _ = dpc_knn(pool, clusters, NEIGHBOURS, _noise((pool.shape[0],), noise_scale, generator, pool.device))
+    return cluster_means(pool, labels, clusters), where[-clusters:]
 
 
 def _noise(shape, scale: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor | None:
@@ -424,7 +390,7 @@ def fastvid_select(
         if merging == "dtm":
             chosen = density_anchors(pools, segments, plan, variant, density_noise, generator)
         else:
-            chosen = [uniform_positions(count, pool) for count, pool in zip(plan, rest, strict=True)]
+            chosen = [contextual_targets(pool.numel(), count, pool.device) for count, pool in zip(plan, rest, strict=True)]
         per_frame_anchors = onevision_budget(n, retention, d)[2]
         kept += [merge_segment(pools, s, chosen, beta, mode, variant, per_frame_anchors) for s in segments]
     features, index = torch.cat([f for f, _ in kept]), torch.cat([i for _, i in kept])

@@ -49,6 +49,7 @@ from dycoke_eval.compression.stages import (
     per_sample_seed,
 )
 from dycoke_eval.config import ConfigError
+from dycoke_eval.methods.density_peaks import cluster_means, dpc_knn
 
 NEIGHBOURS = 7  # k of every DPC-kNN call (hard-coded in the released code)
 LARGEST_UNCLUSTERED = 14  # a group of more tokens than this is clustered (hard-coded)
@@ -67,37 +68,6 @@ class DensityNoise:
         return (torch.rand(count, generator=self.generator) * self.amplitude).to(device)
 
 
-def dpc_knn(
-    points: torch.Tensor, clusters: int, k: int = NEIGHBOURS, noise: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, C] points -> each point's cluster id [n] and the centres [clusters] (point indices, by rank).
-
-    Density peaks with kNN density (FastVID's density score): rho = exp(-mean of the k smallest squared
-    distances, the point itself included), delta = distance to the nearest denser point (the largest
-    distance for the densest), centres = the top `clusters` of rho * delta, a centre's id its rank; every
-    other point joins its nearest centre (the lower rank on ties). Distances are float32, over sqrt(C).
-    """
-    distance = torch.cdist(points.float(), points.float()) / points.shape[-1] ** 0.5
-    nearest = distance.topk(min(k, points.shape[0]), dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()
-    if noise is not None:
-        density = density + noise
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    delta = torch.where(denser, distance, distance.max()).min(dim=-1).values
-    centres = (delta * density).topk(clusters).indices
-    labels = distance[centres].argmin(dim=0)
-    labels[centres] = torch.arange(clusters, device=points.device)
-    return labels, centres
-
-
-def cluster_means(points: torch.Tensor, labels: torch.Tensor, clusters: int) -> torch.Tensor:
-    """[clusters, C] the mean of each cluster's points in the points' dtype (0 for an empty cluster)."""
-    onehot = F.one_hot(labels, clusters).to(points.dtype)  # [n, clusters]
-    counts = onehot.sum(dim=0)
-    means = (onehot.T @ points) / counts.clamp(min=1)[:, None]
-    return means.masked_fill((counts == 0)[:, None], 0)
-
-
 def merge_group(
     features: torch.Tensor, index: torch.Tensor, cluster_ratio: float, noise: DensityNoise
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +77,7 @@ def merge_group(
     if count <= LARGEST_UNCLUSTERED:
         return features, index
     clusters = int(count * cluster_ratio)
-    labels, centres = dpc_knn(features, clusters, noise=noise.draw(count, features.device))
+    labels, centres = dpc_knn(features, clusters, NEIGHBOURS, noise.draw(count, features.device))
     return cluster_means(features, labels, clusters), index[centres]
 
 
@@ -168,7 +138,7 @@ def temporal_windows(grid: torch.Tensor, temporal_segment_ratio: float, noise: D
     """[T, N, D] -> the windows' frame counts, in order: DPC-kNN over the frame means, refined, runs."""
     frames = grid.shape[0]
     clusters = max(1, int(frames * temporal_segment_ratio))
-    labels, _ = dpc_knn(grid.mean(dim=1), clusters, noise=noise.draw(frames, grid.device))
+    labels, _ = dpc_knn(grid.mean(dim=1), clusters, NEIGHBOURS, noise.draw(frames, grid.device))
     return [end - start for _, start, end in _runs(refine_clusters(labels.tolist()))]
 
 

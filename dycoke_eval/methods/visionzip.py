@@ -86,7 +86,11 @@ def remaining_indices(tokens: int, dominant: torch.Tensor) -> torch.Tensor:
 
 
 def contextual_targets(remaining: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[count] positions among the remaining tokens that become contextual tokens: 0, step, 2*step, ..."""
+    """[count] positions among the remaining tokens that become contextual tokens: 0, step, 2*step, ... (none for 0).
+
+    FastVID's uniform-merging ablation places its anchors by the same rule."""
+    if not count:
+        return torch.arange(0, device=device)
     step = max(1, remaining // count)
     return torch.arange(0, remaining, step, device=device)[:count]
 
