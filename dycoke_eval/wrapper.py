@@ -193,8 +193,7 @@ class CompressedVideoLM(lmms):
         ahead = self._decode_ahead(requests, keys, saved)  # an empty plan starts no thread
         with Prefetcher(ahead.values(), self._prepare_video, self.prefetch_depth or 1, self.prefetch_workers) as prefetched:
             for index, (key, request) in enumerate(zip(keys, _args(requests), strict=True)):
-                members = [] if key in saved else [_Member(self.compressor, self.journal)]
-                members += [member for member in self.companions if member.journal.get(key) is None]
+                members = self._lacking(key, saved)
                 prepared = next(prefetched)[1] if index in ahead else None
                 computed = self._answer(key, request, members, prepared) if members else []
                 answer, record = saved[key] if key in saved else computed[0]
@@ -204,6 +203,11 @@ class CompressedVideoLM(lmms):
                 answers.append(answer)
         progress.close()
         return answers
+
+    def _lacking(self, key: str, saved: dict) -> list[_Member]:
+        """The cells that still need this sample: this one unless resumed from its journal, and companions lacking it."""
+        members = [] if key in saved else [_Member(self.compressor, self.journal)]
+        return members + [member for member in self.companions if member.journal.get(key) is None]
 
     def _decode_ahead(self, requests, keys: list[str], saved: dict) -> dict[int, str]:
         """Request index -> video path, in order, for the samples whose video this run will decode.
@@ -217,7 +221,7 @@ class CompressedVideoLM(lmms):
         signals = self._signals([_Member(self.compressor, self.journal), *self.companions])
         ahead, planned = {}, set()
         for index, (key, (_, _, doc_to_visual, doc_id, task, split)) in enumerate(zip(keys, _args(requests), strict=True)):
-            if key in saved and all(member.journal.get(key) is not None for member in self.companions):
+            if not self._lacking(key, saved):
                 continue
             try:
                 path = _resolve_video_path(doc_to_visual, self.task_dict[task][split][doc_id])
