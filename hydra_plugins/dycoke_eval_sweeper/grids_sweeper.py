@@ -93,11 +93,15 @@ class GridsSweeper(BasicSweeper):
         self.grids = [dict(grid) for grid in OmegaConf.to_container(grids)] if grids is not None else [{}]
         self.sample_major = sample_major
 
+    def _configs(self, cells: list[list[str]]) -> list:
+        """Each cell's resolved config, loaded as the launcher loads a job's."""
+        return [self.hydra_context.config_loader.load_sweep_config(self.config, cell) for cell in cells]
+
     def _jobs(self, cells: list[list[str]]) -> list[list[str]]:
         """One job per sample-major group (its first cell's overrides, naming the others), or one per cell."""
         if not self.sample_major:
             return cells
-        configs = [self.hydra_context.config_loader.load_sweep_config(self.config, cell) for cell in cells]
+        configs = self._configs(cells)
         groups = sample_major_groups(configs)
         print(f"sweep: {len(groups)} sample-major groups: " + ", ".join(str(len(group)) + " cells" for group in groups))
         return [[*cells[group[0]], group_override([cells[i] for i in group[1:]])] for group in groups]
@@ -106,7 +110,7 @@ class GridsSweeper(BasicSweeper):
         """dry_run=true: each cell's plan row (dycoke_eval.accounting), as a table and a CSV; nothing is launched."""
         from dycoke_eval.accounting import write_plan
 
-        configs = [self.hydra_context.config_loader.load_sweep_config(self.config, cell) for cell in cells]
+        configs = self._configs(cells)
         write_plan(configs, Path(self.config.results_dir) / self.config.run_name / "plan.csv")
         return []
 
