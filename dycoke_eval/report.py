@@ -154,8 +154,9 @@ def _sample_columns(cell: Cell, sources: dict[str, list[str]]) -> dict[str, Any]
             columns[column] = estimate(columns["scores"][column])
             sources[column] = [task for name, task in tasks.items() if benchmark(name) == column]
     if "videomme" in samples:
+        by_duration = videomme_durations(samples["videomme"])
         for duration in VIDEOMME_DURATIONS:
-            value = videomme_durations(samples["videomme"])[duration]
+            value = by_duration[duration]
             if value is not None:
                 columns[f"videomme_{duration}"] = value
                 sources[f"videomme_{duration}"] = [tasks["videomme"]]
