@@ -30,8 +30,9 @@ class Interrupted(Exception):
     """Ctrl-C during a cell: its journal keeps every finished sample, and the same command resumes."""
 
     def __init__(self, cell_dir: Path) -> None:
-        journal = cell_dir / "journal.jsonl"
-        saved = len(journal.read_text().splitlines()) if journal.exists() else 0
+        from dycoke_eval.store import SampleJournal, journal_path
+
+        saved = len(SampleJournal(journal_path(cell_dir)))
         super().__init__(
             f"interrupted: {saved} finished samples of cell {cell_dir.name} are saved; "
             "run the same command again to resume where it stopped"
@@ -41,8 +42,16 @@ class Interrupted(Exception):
 def prepare_environment(cfg: DictConfig) -> list[Path]:
     """Set the process environment lmms-eval and HF read at import; write task YAMLs and offline assets.
 
-    Returns the folders of our task YAMLs, for lmms-eval's TaskManager.
+    Returns the folders of our task YAMLs, for lmms-eval's TaskManager. Under several processes rank 0 writes
+    them first and the others then find them in place.
     """
+    from dycoke_eval.distributed import main_process_first
+
+    with main_process_first():
+        return _prepare_environment(cfg)
+
+
+def _prepare_environment(cfg: DictConfig) -> list[Path]:
     if cfg.hub_offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -114,16 +123,21 @@ def build_method(method_cfg):
 
 def check_task_names(names: list[str], offline_dir: Path) -> None:
     """Refuse unknown task names at once: a quick scan of the task YAMLs, then lmms-eval's full index, kept on disk."""
-    from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES
-    from dycoke_eval.task_configs import DEFERRED_TASKS
-
-    ours = {*FIXTURE_TASK_NAMES, *DEFERRED_TASKS}
+    ours = own_task_names()
     if all(name in ours for name in names) or not (set(names) - ours - declared_task_names()):
         return
     known = ours | indexed_task_names(offline_dir)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ConfigError(_unknown_tasks_message(unknown, sorted(known)))
+
+
+def own_task_names() -> set[str]:
+    """The tasks whose YAMLs this project writes: the fixture copies and the deferred-judge variants."""
+    from dycoke_eval.offline.fixtures import FIXTURE_TASK_NAMES
+    from dycoke_eval.task_configs import DEFERRED_TASKS
+
+    return {*FIXTURE_TASK_NAMES, *DEFERRED_TASKS}
 
 
 def declared_task_names() -> set[str]:
@@ -222,9 +236,10 @@ class filtered_stderr:  # noqa: N801 - used as a context manager, like contextli
         return getattr(self.stream, name)
 
 
-def resolve_tasks(names: list[str], task_dirs: list[Path]):
-    """A TaskManager that knows our task YAMLs, after checking every requested name exists."""
-    manager = task_manager(task_dirs)
+def resolve_tasks(names: list[str], task_dirs: list[Path], seed: int = 0):
+    """A TaskManager that knows our task YAMLs, after checking every requested name exists; `seed` seeds the
+    scorers that draw from `random` (`scoring.py`). Only our own tasks: lmms-eval's built-in ones are not indexed."""
+    manager = task_manager(task_dirs, seed, builtins=not set(names) <= own_task_names())
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise ConfigError(_unknown_tasks_message(unknown, sorted(manager.all_tasks)))
@@ -234,23 +249,26 @@ def resolve_tasks(names: list[str], task_dirs: list[Path]):
 _TASK_MANAGERS: dict[tuple, Any] = {}
 
 
-def task_manager(task_dirs: list[Path]):
-    """lmms-eval's TaskManager for `task_dirs`, built once per process for the same folders.
+def task_manager(task_dirs: list[Path], seed: int = 0, builtins: bool = True):
+    """lmms-eval's TaskManager for `task_dirs`, seeding scorers that draw (`scoring.py`); one per process per folders.
 
-    Building one indexes all of lmms-eval's ~2,000 task YAMLs (seconds of CPU), and every cell of a
-    sweep asks for the same one. The key holds the folders and their YAMLs' names and text, so a task
+    With `builtins` it also indexes all of lmms-eval's ~2,000 task YAMLs (about 8 s of CPU), and every cell
+    of a sweep asks for the same one; our own tasks (fixtures, deferred judging) include their built-in
+    YAMLs by path, so a run of only those indexes its folders alone. The key holds the folders and their
+    YAMLs' names and text, so a task
     written or renamed in them later is still found. The index is all a reused manager carries over;
     the tasks themselves are loaded afresh from their YAMLs by each evaluation.
     """
     import collections
 
-    from lmms_eval.tasks import TaskManager
+    from dycoke_eval.scoring import SeededScoringTaskManager
 
     include = [str(path) for path in task_dirs]
-    key = tuple((path, _yaml_texts(Path(path))) for path in include)
+    key = (builtins, *((path, _yaml_texts(Path(path))) for path in include))
     if (manager := _TASK_MANAGERS.get(key)) is None:
-        manager = _TASK_MANAGERS[key] = TaskManager(include_path=include)
+        manager = _TASK_MANAGERS[key] = SeededScoringTaskManager(include_path=include, include_defaults=builtins)
     manager.task_group_map = collections.defaultdict(list)  # per-load bookkeeping (duplicate subtasks), fresh as a new one's
+    manager.seed, manager.seeded = seed, set()  # this run's
     return manager
 
 
@@ -275,23 +293,25 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
 
     from hydra.utils import instantiate
 
-    from dycoke_eval import checkpoints
+    from dycoke_eval import checkpoints, distributed
     from dycoke_eval.accounting import plan_row
     from dycoke_eval.encoder_cache import ENCODER_CACHE
     from dycoke_eval.groups import ENCODER_PASSES
     from dycoke_eval.plumbing.attention import kernel_name
-    from dycoke_eval.store import cell_directory, format_efficiency, is_complete, write_cell
+    from dycoke_eval.provenance import hardware
+    from dycoke_eval.store import cell_directory, format_efficiency, is_complete, journal_path, write_cell
 
     cell_dir = cell_directory(cfg)
     if is_complete(cell_dir, cfg) and not cfg.force:
-        print(f"cell {cell_dir.name}: complete, skipped (force=true reruns it)")
-        if (settings := instantiate(cfg.judge)).enabled():
-            judge_saved_cell(cell_dir, settings)  # finishes judging a run that died while judging; cached replies are free
+        if distributed.is_main():
+            print(f"cell {cell_dir.name}: complete, skipped (force=true reruns it)")
+            if (settings := instantiate(cfg.judge)).enabled():
+                judge_saved_cell(cell_dir, settings)  # finishes judging a run that died while judging; cached replies are free
         return cell_dir
     if cfg.force and clear_journal:
-        (cell_dir / "journal.jsonl").unlink(missing_ok=True)
+        clear_journals([cell_dir])
     task_dirs = prepare_environment(cfg)
-    task_manager = resolve_tasks(list(cfg.tasks.names), task_dirs)
+    task_manager = resolve_tasks(list(cfg.tasks.names), task_dirs, cfg.seed)
 
     from lmms_eval.evaluator import simple_evaluate
 
@@ -311,14 +331,15 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
         adapter=cfg.model.get("adapter"),
         siglip_head=cfg.model.get("siglip_head"),
         max_new_tokens=generation_cap(cfg),
-        journal=str(cell_dir / "journal.jsonl"),
+        journal=str(journal_path(cell_dir, distributed.rank())),
         companions=companions,
         prefetch_depth=cfg.prefetch_depth,
         prefetch_workers=cfg.prefetch_workers,
+        seed=cfg.seed,
     )
-    if cfg.model.build_tiny:
+    if cfg.model.build_tiny and distributed.is_main():
         print(f"model: {cfg.model.name} (RANDOM weights: its accuracies are meaningless; the run exercises the path)")
-    if cfg.model.get("random_weights"):
+    if cfg.model.get("random_weights") and distributed.is_main():
         print(f"model: {cfg.model.name} with RANDOM weights at real dimensions: latency and memory only, accuracy is meaningless")
     if cfg.measure:
         lm.warm_up(cfg.warmup)
@@ -339,7 +360,15 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
             bootstrap_iters=0,
         )
     records = _gather_records(lm)
-    if lm.rank != 0:
+    counts = distributed.summed(
+        {
+            "passes": ENCODER_PASSES.done - cache_before[2],
+            "hits": ENCODER_CACHE.hits - cache_before[0],
+            "saved": ENCODER_CACHE.seconds_saved - cache_before[1],
+        }
+    )
+    machines = distributed.gather(hardware())
+    if not distributed.is_main():
         return Path()
     runtime = {
         "device": str(lm.device),
@@ -351,17 +380,20 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
         "max_new_tokens": lm.max_new_tokens,  # the cap in force, the checkpoint's own included
         "random_weights": bool(cfg.model.get("random_weights")),
         "measured": bool(cfg.measure),
+        "processes": len(machines),
+        "hardware_by_rank": machines,
+        "seeded_scorers": sorted(task_manager.seeded),  # tasks whose scorer's random draws are seeded per document
     }
     write_cell(cell_dir, cfg, output, records, method.describe(), plan_row(cfg), runtime)
     if cfg.measure:
         print(format_efficiency(cell_dir.name, records))
     resumed = sum(record["from_journal"] for record in records)
-    hits, saved = ENCODER_CACHE.hits - cache_before[0], ENCODER_CACHE.seconds_saved - cache_before[1]
-    passes = ENCODER_PASSES.done - cache_before[2]
     group = f" (and {len(companions)} more cells of its group)" if companions else ""
+    processes = f" over {len(machines)} processes" if len(machines) > 1 else ""
     print(
         f"cell {cell_dir.name}: {len(records) - resumed} samples generated, {resumed} resumed from its journal, "
-        f"{passes} encoder passes{group}, {hits} encoder-cache hits ({saved:.1f} s saved); "
+        f"{counts['passes']} encoder passes{group}, {counts['hits']} encoder-cache hits "
+        f"({counts['saved']:.1f} s saved){processes}; "
         f"checkpoint loads in this process: {checkpoints.LOAD_COUNT}"
     )
     failures = [r for r in records if r["status"] != "ok"]
@@ -400,23 +432,41 @@ def judge_saved_cell(cell_dir: Path, settings) -> None:
         print(f"judge ({settings.model}):\n{format_judge_summary(summary)}")
 
 
-def _gather_records(lm) -> list[dict[str, Any]]:
-    records = lm.records_as_dicts()
-    if lm.world_size > 1:
-        from accelerate.utils import gather_object
+def clear_journals(cell_dirs: Sequence[Path]) -> None:
+    """`force=true`: rank 0 removes every process's journal of the cells, before any process appends to one."""
+    from dycoke_eval import distributed
+    from dycoke_eval.store import journal_files
 
-        records = gather_object(records)
-    return records
+    if distributed.is_main():
+        for cell_dir in cell_dirs:
+            for journal in journal_files(cell_dir):
+                journal.unlink()
+    distributed.barrier()
+
+
+def _gather_records(lm) -> list[dict[str, Any]]:
+    """Every process's sample records, in the order one process records them: task by task, documents in order."""
+    from dycoke_eval import distributed
+
+    per_rank = distributed.gather(lm.records_as_dicts())
+    records = [record for rank_records in per_rank for record in rank_records]
+    task_order = {task: index for index, task in enumerate(dict.fromkeys(record["task"] for record in records))}
+    return sorted(records, key=lambda record: (task_order[record["task"]], record["doc_id"]))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        from dycoke_eval.distributed import adopt_submitit_tasks
+
+        adopt_submitit_tasks()  # a submitit job's tasks (SLURM tasks_per_node) become the ranks of a data-parallel run
         quiet_libraries(cfg.verbose)
         if cfg.dry_run:  # a single cell's plan; sweeps plan all their cells in the grids sweeper
+            from dycoke_eval import distributed
             from dycoke_eval.accounting import write_plan
 
-            write_plan([cfg], Path(cfg.results_dir) / cfg.run_name / "plan.csv")
+            if distributed.is_main():
+                write_plan([cfg], Path(cfg.results_dir) / cfg.run_name / "plan.csv")
         elif cfg.get(GROUP_KEY) is not None:  # a sweep's job for a sample-major group of cells
             run_group(cfg)
         else:

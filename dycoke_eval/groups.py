@@ -118,15 +118,15 @@ def run_group(cfg: DictConfig) -> None:
     and each cell is recomputed. A cell in which every sample failed does not stop the others; the job
     raises `CellFailed` for them at the end.
     """
-    from dycoke_eval.app import CellFailed, check_cell, run_cell
-    from dycoke_eval.store import JOURNAL_FILE, cell_directory, is_complete
+    from dycoke_eval import distributed
+    from dycoke_eval.app import CellFailed, check_cell, clear_journals, run_cell
+    from dycoke_eval.store import cell_directory, is_complete, journal_path
 
     members = group_members(cfg)
     methods = [check_cell(member) for member in members]
-    journals = [cell_directory(member) / JOURNAL_FILE for member in members]
+    journals = [journal_path(cell_directory(member), distributed.rank()) for member in members]  # this process's own
     if cfg.force:
-        for journal in journals:
-            journal.unlink(missing_ok=True)
+        clear_journals([journal.parent for journal in journals])
     pending = [i for i, member in enumerate(members) if member.force or not is_complete(journals[i].parent, member)]
     leader, others = pending[:1], pending[1:]  # no leader when every cell is complete: each is skipped
     before = (ENCODER_PASSES.done, ENCODER_PASSES.saved)
@@ -137,25 +137,12 @@ def run_group(cfg: DictConfig) -> None:
             run_cell(members[index], companions, clear_journal=False)
         except CellFailed as error:
             failed.append(str(error))
-    counts = over_ranks((ENCODER_PASSES.done - before[0], ENCODER_PASSES.saved - before[1]))
-    if counts is not None:
+    counts = distributed.summed({"done": ENCODER_PASSES.done - before[0], "saved": ENCODER_PASSES.saved - before[1]})
+    if distributed.is_main():
         described = describe_group(members[0], methods)
-        print(f"group of {len(members)} cells ({described}): encoder passes: {counts[0]} done, {counts[1]} saved")
+        print(f"group of {len(members)} cells ({described}): encoder passes: {counts['done']} done, {counts['saved']} saved")
     if failed:
         raise CellFailed("\n".join(failed))
-
-
-def over_ranks(counts: tuple[int, int]) -> tuple[int, int] | None:
-    """Under accelerate each rank runs its shard of every cell: the counts summed over ranks, on rank 0 (None elsewhere)."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes == 1:
-        return counts
-    from accelerate.utils import gather_object
-
-    gathered = gather_object([counts])
-    return (sum(done for done, _ in gathered), sum(saved for _, saved in gathered)) if state.is_main_process else None
 
 
 def describe_group(first: DictConfig, methods: list) -> str:

@@ -6,7 +6,8 @@ tools and the nightly read these names, so they never change):
   samples_<task>.jsonl    lmms-eval's logged samples
   sample_records.jsonl    per sample: visual tokens, stage seconds, failures (`SampleRecord`)
   run.json                resolved config, method settings, plan, versions, git commit, hardware, runtime
-  journal.jsonl           finished samples, appended as they finish, so a killed cell resumes (`SampleJournal`)
+  journal.jsonl           finished samples, appended as they finish, so a killed cell resumes (`SampleJournal`);
+  journal.rank<r>.jsonl   under several processes, rank r's own (r > 0): no file has two writers, readers merge them
   judgements_<task>.jsonl per sample of a GPT-judged task: the verdict held and the judge (endpoint, models) that gave it
 
 Every whole-file write goes through `write_json_atomic` / `write_jsonl_atomic`, so a reader never
@@ -38,6 +39,7 @@ PIPELINE_STAGES = ("video_decode", "preprocess", "vision_encoder", "compress", "
 CELL_KEYS = ("model", "method", "frames", "prompt", "tasks", "limit", "seed", "max_new_tokens")  # what makes two cells the same
 NOT_SETTINGS = {"name", "paper_retained_ratio", "planned_ratio", "compile_ttm"}  # derived, plan-only or how it computes
 RUN_FILE, RESULTS_FILE, RECORDS_FILE, JOURNAL_FILE = "run.json", "results.json", "sample_records.jsonl", "journal.jsonl"
+JOURNAL_GLOB = "journal*.jsonl"  # every process's journal of a cell
 CELL_FILES = (RUN_FILE, RESULTS_FILE, JOURNAL_FILE)  # a folder with none of these is not a cell
 FORCE_HINT = "re-run it with force=true"
 
@@ -130,21 +132,43 @@ class SampleRecord:
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
+def journal_path(cell_dir: Path, rank: int = 0) -> Path:
+    """The journal that process `rank` appends to: `journal.jsonl` for rank 0 (and a single process), else its own."""
+    return Path(cell_dir) / (JOURNAL_FILE if rank == 0 else f"journal.rank{rank}.jsonl")
+
+
+def journal_files(cell_dir: Path) -> list[Path]:
+    """Every process's journal of the cell, whatever the number of processes that wrote them."""
+    return sorted(Path(cell_dir).glob(JOURNAL_GLOB))
+
+
 class SampleJournal:
-    """Finished samples of one cell, appended and synced one by one, so a killed run resumes where it stopped."""
+    """Finished samples of one cell, appended and synced one by one, so a killed run resumes where it stopped.
+
+    Each process appends to its own file (`path`, from `journal_path`), so no file ever has two writers (safe on
+    NFS too); reading merges every process's file in the folder. A cell killed under N processes thus resumes
+    under M, whose shards differ: each sample is found whichever process finished it.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._done: dict[str, tuple[str, SampleRecord]] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
+        for journal in journal_files(self.path.parent):
+            for line in journal.read_text().splitlines():
                 try:
                     entry = json.loads(line)
                     record = SampleRecord.from_json({**entry["record"], "from_journal": True})
-                    self._done[entry["key"]] = (entry["answer"], record)
+                    self._done.setdefault(entry["key"], (entry["answer"], record))
                 except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill: redo that sample
                     continue
         self.resumed = len(self._done)
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def answers(self) -> dict[str, str]:
+        """Every finished sample's answer, by key, whichever process wrote it."""
+        return {key: answer for key, (answer, _) in self._done.items()}
 
     @staticmethod
     def key(task: str, doc_id: int, context: str, gen_kwargs: dict) -> str:
@@ -490,7 +514,8 @@ def write_cell(
     summary = summarise_records(records)
     failed = sum(task["failed"] for task in summary.values())
     for task, samples in (output.get("samples") or {}).items():
-        write_jsonl_atomic(cell_dir / f"samples_{task}.jsonl", samples)
+        # In document order, as one process logs them (lmms-eval gathers ranks' shards one after another).
+        write_jsonl_atomic(cell_dir / f"samples_{task}.jsonl", sorted(samples, key=lambda sample: sample["doc_id"]))
     write_jsonl_atomic(cell_dir / RECORDS_FILE, records)
     results = {key: value for key, value in output.items() if key != "samples"}
     results["dycoke_eval"] = summary

@@ -35,7 +35,7 @@ from transformers import LogitsProcessorList
 
 from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor
-from dycoke_eval.compression.stages import CompressionMethod, ModelInfo, routes_attention
+from dycoke_eval.compression.stages import CompressionMethod, ModelInfo, per_sample_seed, routes_attention
 from dycoke_eval.config import ConfigError, check_routable
 from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCache
 from dycoke_eval.groups import ENCODER_PASSES, Companion
@@ -82,6 +82,7 @@ class CompressedVideoLM(lmms):
         companions: Sequence[Companion] = (),  # the other cells of its sample-major group, answered in the same passes
         prefetch_depth: int = 2,  # samples whose video is decoded ahead in the background (0: decode inline)
         prefetch_workers: int = 1,  # background threads decoding them
+        seed: int = 0,  # with sampled decoding (temperature > 0), each sample's draws are seeded by this and the sample
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -98,6 +99,7 @@ class CompressedVideoLM(lmms):
                 f"prompt={prompt!r}; use one of {', '.join(PROMPT_FORMS)} (paper: the papers' qwen_1_5 conversation)"
             )
         self.prompt = prompt
+        self.seed = int(seed)
         if routes_attention(method):
             check_routable(attn_implementation, method.name)
         # Caps the task's own setting; a tiny random checkpoint carries its own cap (lmms-eval's CLI path included).
@@ -107,7 +109,10 @@ class CompressedVideoLM(lmms):
 
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator()
+        from dycoke_eval.distributed import process_state, uses_cpu
+
+        process_state()  # distributed on CPU-only machines too (over gloo), as every rank must agree
+        self.accelerator = Accelerator(cpu=uses_cpu())
         device = resolve_device(device)
         if self.accelerator.num_processes > 1:
             # lmms-eval shards the documents by rank; each process holds its own copy of the model.
@@ -181,6 +186,13 @@ class CompressedVideoLM(lmms):
         raise NotImplementedError("llava_onevision_compressed only supports single-round generate_until tasks")
 
     def generate_until(self, requests) -> list[str]:
+        """Answers in request order. lmms-eval's padding requests (copies that even out the ranks' shards) get an
+        empty answer with no compute: they are never scored, recorded or journaled."""
+        real = [request for request in requests if not is_padding(request)]
+        answers = iter(self._generate(real))
+        return ["" if is_padding(request) else next(answers) for request in requests]
+
+    def _generate(self, requests) -> list[str]:
         keys = [SampleJournal.key(task, doc_id, context, kwargs) for context, kwargs, _, doc_id, task, _ in _args(requests)]
         saved = {key: done for key in keys if self.journal is not None and (done := self.journal.get(key)) is not None}
         group = f" and {len(self.companions)} more of its group" if self.companions else ""
@@ -379,7 +391,7 @@ class CompressedVideoLM(lmms):
                 }
             with self._stage(record, "generate"):
                 started = time.perf_counter()
-                with compressor.generating(inputs, selected) as figures:
+                with compressor.generating(inputs, selected) as figures, self._sampling_seeded(generate_kwargs, sample):
                     output = self.model.generate(**inputs.kwargs, **generate_kwargs)
         sequences = output.sequences if hasattr(output, "sequences") else output
         if clock is not None:
@@ -399,6 +411,18 @@ class CompressedVideoLM(lmms):
         record.retained_ratio = figures.retained_ratio(encoded.layout.full_tokens, decode_steps)
         record.method_stats = {**selected.figures, **figures.figures}
         return output, prompt_length
+
+    @contextmanager
+    def _sampling_seeded(self, generate_kwargs: dict[str, Any], sample: str) -> Iterator[None]:
+        """Sampled decoding draws from a generator seeded by the run's seed and the sample alone, so an answer does not
+        depend on which samples ran before it: in this process, in a sample-major group, or on another rank."""
+        if not generate_kwargs.get("do_sample"):
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the process's own generators are left as they were
+            torch.manual_seed(per_sample_seed(self.seed, sample))
+            yield
 
     def build_prompt(self, context: str) -> str:
         """The prompt in the configured form (`paper` or `checkpoint`), the video placed before the question."""
@@ -438,6 +462,11 @@ class CompressedVideoLM(lmms):
 
     def records_as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.sample_records]
+
+
+def is_padding(request) -> bool:
+    """A copy of a request that lmms-eval adds to a rank with fewer documents, so every rank runs as many requests."""
+    return bool((getattr(request, "metadata", None) or {}).get("__padding_only__"))
 
 
 def _args(requests) -> list[tuple]:

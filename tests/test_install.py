@@ -16,6 +16,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "dycoke_eval"
@@ -52,6 +53,7 @@ def fresh_venv(root: Path, wheel: Path) -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_a_wheel_installed_into_a_fresh_venv_runs_the_offline_default(offline_dir, tmp_path):
     wheel = build_wheel(tmp_path)
     shipped = set(zipfile.ZipFile(wheel).namelist())

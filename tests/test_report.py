@@ -40,8 +40,9 @@ def write_cell(results_dir, name, overrides, metrics, recorded_plan=True, sample
     return cell
 
 
-@pytest.fixture
-def report(tmp_path):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
     write_cell(tmp_path, "full", ["model=llava_ov_7b", "method=full"], QA)
     nextqa = lambda v: {**QA, "nextqa_mc_test": {"exact_match,none": v}}  # noqa: E731
     write_cell(tmp_path, "fastv", ["model=llava_ov_7b", "method=fastv"], nextqa(0.70))

@@ -188,3 +188,54 @@ def test_an_encoded_video_is_reused_only_with_the_encoder_signals_it_was_made_wi
         lm.generate_until(make_requests(lm, [video], task=f"cache-{name}"))
         hits.append(lm.sample_records[-1].encoder_cache_hit)
     assert hits == [False, True, False, True]
+
+
+@dataclass
+class PaddedRequest(Request):
+    """A request as lmms-eval makes it, with its metadata (a padding copy carries `__padding_only__`)."""
+
+    metadata: dict
+
+
+def test_lmms_eval_padding_requests_get_an_empty_answer_with_no_compute_record_or_journal(tiny_checkpoint, video, tmp_path):
+    journal = tmp_path / "journal.jsonl"
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal))
+    (real,) = make_requests(lm, [video])
+    padding = PaddedRequest(real.args, {"task": "t", "doc_id": 0, "repeats": 1, "__padding_only__": True})
+    computed = []
+    lm._answer = lambda *args: computed.append(args[0]) or type(lm)._answer(lm, *args)
+    answers = lm.generate_until([PaddedRequest(real.args, {"task": "t"}), padding, padding])
+    assert answers[0] and answers[1:] == ["", ""]
+    assert len(computed) == 1 and len(lm.sample_records) == 1  # the real request alone was computed and recorded
+    assert len(journal.read_text().splitlines()) == 1
+
+
+SAMPLED = {"max_new_tokens": 12, "temperature": 1.0, "until": ["\n\n\n\n\n\n\n\n"]}
+
+
+def test_sampled_decoding_draws_per_sample_so_an_answer_does_not_depend_on_what_ran_before(tiny_checkpoint, tmp_path):
+    paths = [str(write_video(tmp_path / f"v{i}.mp4", f"clip {i}")) for i in range(3)]
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", seed=0)
+    together = lm.generate_until(make_requests(lm, paths, SAMPLED))
+    torch.manual_seed(1234)  # the process's generator is elsewhere, as on another rank
+    alone = lm.generate_until(make_requests(lm, paths, SAMPLED)[2:])
+    assert alone == together[2:]
+    reseeded = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", seed=1)
+    assert reseeded.generate_until(make_requests(reseeded, paths, SAMPLED)) != together  # it does sample
+    state = torch.random.get_rng_state()
+    lm.generate_until(make_requests(lm, paths[:1], SAMPLED))
+    assert torch.equal(torch.random.get_rng_state(), state)  # and leaves the process's generator as it found it
+
+
+def test_each_process_appends_to_its_own_journal_and_every_process_reads_them_all(tiny_checkpoint, tmp_path):
+    from dycoke_eval.store import journal_path
+
+    paths = [str(write_video(tmp_path / f"v{i}.mp4", f"clip {i}")) for i in range(3)]
+    rank0 = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal_path(tmp_path, 0)))
+    first, third = rank0.generate_until(make_requests(rank0, paths)[0::2])  # a two-process shard: documents 0 and 2
+    rank1 = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal_path(tmp_path, 1)))
+    (second,) = rank1.generate_until(make_requests(rank1, paths)[1::2])
+    assert sorted(path.name for path in tmp_path.glob("journal*")) == ["journal.jsonl", "journal.rank1.jsonl"]
+    alone = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal_path(tmp_path, 0)))
+    assert alone.generate_until(make_requests(alone, paths)) == [first, second, third]  # one process resumes what two did
+    assert [record.from_journal for record in alone.sample_records] == [True, True, True]

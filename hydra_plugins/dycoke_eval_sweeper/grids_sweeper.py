@@ -25,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from dycoke_eval import distributed
 from dycoke_eval.app import CellFailed
 from dycoke_eval.groups import group_override, sample_major_groups
 
@@ -36,6 +37,7 @@ class GridsSweeperConf:
     _target_: str = "hydra_plugins.dycoke_eval_sweeper.grids_sweeper.GridsSweeper"
     max_batch_size: Optional[int] = None  # noqa: UP045
     sample_major: bool = True  # one job per group of cells differing only in method: each video decoded and encoded once
+    report: bool = True  # render the paper tables the sweep has data for when it ends (else: python -m dycoke_eval.report)
     params: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
     grids: List[Any] = field(default_factory=list)  # noqa: UP006
 
@@ -81,6 +83,12 @@ def expand_grids(
     return sorted(cells, key=grouping)  # stable: the grid order is kept within a group
 
 
+def say(line: str) -> None:
+    """A sweep's progress line, printed once however many processes run the sweep."""
+    if distributed.is_main():
+        print(line)
+
+
 class GridsSweeper(BasicSweeper):
     def __init__(
         self,
@@ -88,10 +96,12 @@ class GridsSweeper(BasicSweeper):
         params: dict[str, str] | None = None,
         grids: list | None = None,
         sample_major: bool = True,
+        report: bool = True,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(grid) for grid in OmegaConf.to_container(grids)] if grids is not None else [{}]
         self.sample_major = sample_major
+        self.report = report
 
     def _configs(self, cells: list[list[str]]) -> list:
         """Each cell's resolved config, loaded as the launcher loads a job's."""
@@ -103,15 +113,15 @@ class GridsSweeper(BasicSweeper):
             return cells
         configs = self._configs(cells)
         groups = sample_major_groups(configs)
-        print(f"sweep: {len(groups)} sample-major groups: " + ", ".join(str(len(group)) + " cells" for group in groups))
+        say(f"sweep: {len(groups)} sample-major groups: " + ", ".join(str(len(group)) + " cells" for group in groups))
         return [[*cells[group[0]], group_override([cells[i] for i in group[1:]])] for group in groups]
 
     def _write_plan(self, cells: list[list[str]]) -> list:
         """dry_run=true: each cell's plan row (dycoke_eval.accounting), as a table and a CSV; nothing is launched."""
         from dycoke_eval.accounting import write_plan
 
-        configs = self._configs(cells)
-        write_plan(configs, Path(self.config.results_dir) / self.config.run_name / "plan.csv")
+        if distributed.is_main():
+            write_plan(self._configs(cells), Path(self.config.results_dir) / self.config.run_name / "plan.csv")
         return []
 
     def sweep(self, arguments: list[str]) -> Any:
@@ -120,7 +130,7 @@ class GridsSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        print(f"sweep: {len(cells)} cells")
+        say(f"sweep: {len(cells)} cells")
         if self.config.get("dry_run"):
             return self._write_plan(cells)
         self.overrides = list(self.split_overrides_to_chunks(self._jobs(cells), self.max_batch_size))
@@ -137,8 +147,9 @@ class GridsSweeper(BasicSweeper):
                     failed.append(str(error))
             initial_job_idx += len(batch)
             returns.append(results)
-            print(f"sweep: batch of {len(batch)} jobs done in {time.perf_counter() - tic:.1f} s")
-        self._render_report()
+            say(f"sweep: batch of {len(batch)} jobs done in {time.perf_counter() - tic:.1f} s")
+        if self.report and distributed.is_main():  # every process ran its shard of each cell; rank 0 wrote them
+            self._render_report()
         if failed:
             sys.exit(f"sweep: {len(failed)} cells failed entirely and are not complete:\n" + "\n".join(failed))
         return returns
