@@ -122,6 +122,7 @@ def test_a_group_encodes_each_video_once_and_gives_the_results_of_its_cells_run_
     assert len(records) == VIDEOS and all(record["encoder_shared"] for record in records)  # answered from full's passes
 
 
+@pytest.mark.slow  # the submitit test in test_scale_out.py kills and resumes a group in make test
 def test_a_group_killed_mid_sample_resumes_encoding_only_the_samples_some_cell_lacks(grouped, offline_dir, tmp_path, monkeypatch):
     """Killed after the leader and one more cell journaled the second video's answers: only that video is encoded again."""
     add, appended = SampleJournal.add, []
