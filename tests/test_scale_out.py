@@ -173,3 +173,17 @@ def test_a_sweep_under_submitit_runs_one_job_per_group_and_a_killed_job_resumes_
     assert computed(tmp_path) == computed(one)
     logs = list((tmp_path / "smoke" / ".hydra").glob("*/.submitit/*/*_log.out"))
     assert len(logs) == 2 and any("encoder passes: 8 done, 7 saved" in log.read_text() for log in logs)  # a process per job
+
+
+@pytest.mark.slow
+def test_a_submitit_job_of_two_tasks_runs_them_as_two_ranks_of_one_data_parallel_run(one, offline_dir, tmp_path):
+    """`tasks_per_node=2`, as a SLURM node of several GPUs would run a job: each task one rank, as under accelerate."""
+    proc = run_app(
+        *SWEEP, UNREPORTED, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", f"results_dir={tmp_path}",
+        env={"DYCOKE_OFFLINE_DIR": str(offline_dir)},
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert computed(tmp_path) == computed(one)
+    for cell in (tmp_path / "cells").iterdir():
+        assert json.loads((cell / "run.json").read_text())["runtime"]["processes"] == 2
+        assert (cell / "journal.rank1.jsonl").exists()
