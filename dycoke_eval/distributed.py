@@ -56,10 +56,6 @@ def rank() -> int:
     return process_state().process_index if launched() else 0
 
 
-def world_size() -> int:
-    return process_state().num_processes if launched() else 1
-
-
 def is_main() -> bool:
     """Rank 0: the one process that writes cells, renders reports and judges."""
     return rank() == 0
