@@ -1,7 +1,7 @@
 """The two prompt forms a run can use, and how an answer is read back.
 
 `paper`: the conversation the papers' runs used, LLaVA-NeXT's `qwen_1_5` template (ChatML with a
-system turn; SPEC section 6), with the video placeholder before the question. `checkpoint`: the
+system turn; docs/protocol.md#prompt), with the video placeholder before the question. `checkpoint`: the
 checkpoint's own chat template (llava-hf's renders no system turn and other whitespace). Different
 tokens give different numbers, so a run records which form it used.
 """

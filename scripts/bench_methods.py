@@ -2,7 +2,7 @@
 
 Prints the TTM time for F x 196 x 896 features, the cost of DyCoke's per-step selection against a
 full decode step, and, per method, prefill time and per-token decode time as ratios to `full`,
-beside the FLOPs ratio of eq. 8 (SPEC section 3). Nothing is downloaded: the language model is
+beside the FLOPs ratio of eq. 8 (docs/flops.md). Nothing is downloaded: the language model is
 built from its dimensions with random weights, and the video features are random, so only the
 timings mean anything. Every method runs through the same model adapter and dispatcher
 (`Compressor`) as the evaluation wrapper.

@@ -30,7 +30,7 @@ HEAD_KEYS = {f"vision_model.post_layernorm.{p}" for p in ("weight", "bias")} | {
 
 
 @pytest.mark.parametrize(
-    "architecture, dims",  # SPEC section 1: Qwen2 hidden size, FFN width and layers of each LLaVA-OV size
+    "architecture, dims",  # docs/flops.md#model-dimensions: Qwen2 hidden size, FFN width and layers of each LLaVA-OV size
     [("0.5b", (896, 4864, 24)), ("7b", (3584, 18944, 28)), ("72b", (8192, 29568, 80)), ("tiny", (64, 128, 8))],
 )
 def test_dimensions_and_layout_come_from_the_hf_config(architecture, dims):

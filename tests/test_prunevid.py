@@ -1,4 +1,4 @@
-"""PruneVid: the released arithmetic (Visual-AI/PruneVid@b12600c, SPEC-fastvid §4), rule by rule and as a whole."""
+"""PruneVid: the released arithmetic (Visual-AI/PruneVid@b12600c, docs/methods.md#prunevid), rule by rule and as a whole."""
 
 from statistics import mean
 

@@ -143,7 +143,7 @@ def test_k_one_keeps_exactly_the_frames_kept_whole():
 
 
 @pytest.mark.parametrize(
-    "k, mode, share",  # SPEC-fastvid section 5: FastVID's DyCoke rows on LLaVA-OV, 32 frames of 196 tokens
+    "k, mode, share",  # docs/methods.md#ttm-only: FastVID's DyCoke rows on LLaVA-OV, 32 frames of 196 tokens
     [(0.9, "paper", 0.323), (1.0, "paper", 0.25), (0.9, "official", 0.351), (1.0, "official", 0.281)],
 )
 def test_fastvids_dycoke_rows_keep_the_share_of_video_tokens_the_spec_gives(k, mode, share):

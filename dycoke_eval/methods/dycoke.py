@@ -2,7 +2,7 @@
 
 A composition of two stages (`ttm.TokenTemporalMerging`, `dynamic_pruning.DynamicKVPruning`) with
 the settings people override (`method.k=0.5`). `mode="paper"` is the paper's algorithm;
-`mode="official"` reproduces the released code (SPEC 2.1, 2.2). The Table 5 ablations are settings:
+`mode="official"` reproduces the released code (docs/methods.md#dycoke). The Table 5 ablations are settings:
 `ttm_selection: random` (random pruning) and `one_shot: true` ("w/o DP").
 """
 

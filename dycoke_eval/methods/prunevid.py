@@ -1,6 +1,6 @@
 """PruneVid (baseline): merge the video's tokens before the LLM, then optionally keep a share of them in prefill.
 
-Released code: `Visual-AI/PruneVid@b12600c` (PLLaVA), SPEC-fastvid §4; LightCompress ports the pre-LLM
+Released code: `Visual-AI/PruneVid@b12600c` (PLLaVA), docs/methods.md#prunevid; LightCompress ports the pre-LLM
 merge to LLaVA-OneVision with the same arithmetic. FastVID's Table 1 runs the pre-LLM merge alone.
 
 Pre-LLM (`modeling_pllava.py:764-827`), on the pooled projected features [T, N, D]:

@@ -1,6 +1,6 @@
 """The HF configs of the checkpoints the harness knows, built without any download.
 
-One source for the real dimensions (SPEC section 1, supplementary Table 8): the FLOPs plans of
+One source for the real dimensions (docs/flops.md#model-dimensions, supplementary Table 8): the FLOPs plans of
 `dycoke_eval.accounting` read them before any model is loaded, and `random_weights: true` builds
 the real architecture from them with random weights (latency and memory only; **accuracy is
 meaningless with these weights**). The vision tower is SigLIP-so400m as LLaVA-OV uses it (384 px,
