@@ -51,10 +51,23 @@ def prepare_environment(cfg: DictConfig) -> list[Path]:
         return _prepare_environment(cfg)
 
 
-def _prepare_environment(cfg: DictConfig) -> list[Path]:
+def set_hub_offline(cfg: DictConfig) -> None:
+    """`hub_offline=true`: huggingface_hub, datasets and transformers read these once, when first imported, so
+    they are set before anything (the checks included) imports them."""
     if cfg.hub_offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def builds_tiny(model_cfg: DictConfig, offline_dir: str) -> bool:
+    """A tiny random checkpoint is built only where a tiny model config keeps it, in the offline folder: a
+    `model.pretrained` pointed elsewhere names a real checkpoint, which must exist (`locate_checkpoint`)."""
+    pretrained = Path(model_cfg.pretrained).expanduser().resolve()
+    return bool(model_cfg.build_tiny) and pretrained.is_relative_to(Path(offline_dir).expanduser().resolve())
+
+
+def _prepare_environment(cfg: DictConfig) -> list[Path]:
+    set_hub_offline(cfg)
     from dycoke_eval.task_configs import write_deferred_judge_tasks
 
     task_dirs = [write_deferred_judge_tasks(Path(cfg.offline_dir) / "tasks")]
@@ -68,7 +81,7 @@ def _prepare_environment(cfg: DictConfig) -> list[Path]:
         os.environ["HF_HOME"] = str(Path(cfg.hf_home).expanduser())
     else:
         os.environ.setdefault("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
-    if cfg.model.build_tiny:
+    if builds_tiny(cfg.model, cfg.offline_dir):
         from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
 
         ensure_tiny_checkpoint(cfg.model.pretrained)
@@ -85,12 +98,7 @@ def check_cell(cfg: DictConfig):
     Frames, prompt form and task names (against the task YAMLs) are checked first, then the method's
     settings, then the method against the model's HF config (its known `architecture`, no download).
     """
-    from dycoke_eval.prompts import PROMPT_FORMS
-
-    if isinstance(cfg.frames, bool) or not isinstance(cfg.frames, int) or cfg.frames < 1:
-        raise ConfigError(f"frames={cfg.frames!r}: sample an integer number of frames >= 1 per video (the papers use 16 or 32)")
-    if cfg.prompt not in PROMPT_FORMS:
-        raise ConfigError(f"prompt={cfg.prompt!r}; use one of {', '.join(PROMPT_FORMS)}")
+    check_run_settings(cfg)
     check_task_names(list(cfg.tasks.names), Path(cfg.offline_dir))
 
     from dycoke_eval.compression.stages import ModelInfo, routes_attention
@@ -106,6 +114,34 @@ def check_cell(cfg: DictConfig):
         signals = adapter.available_signals(config, bool(cfg.model.get("siglip_head")))
         method.validate_for(ModelInfo(adapter.dimensions(config).layers, signals))
     return method
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """The run settings every cell and dry run uses: frames, prompt form and limit (lmms-eval reads a limit below 1 as
+    a fraction of each task, any other number as a count, and a negative one as no limit at all)."""
+    from dycoke_eval.prompts import PROMPT_FORMS
+
+    if isinstance(cfg.frames, bool) or not isinstance(cfg.frames, int) or cfg.frames < 1:
+        raise ConfigError(f"frames={cfg.frames!r}: sample an integer number of frames >= 1 per video (the papers use 16 or 32)")
+    if cfg.prompt not in PROMPT_FORMS:
+        raise ConfigError(f"prompt={cfg.prompt!r}; use one of {', '.join(PROMPT_FORMS)}")
+    limit = cfg.limit
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit
+                              or (isinstance(limit, float) and limit >= 1)):  # fmt: skip
+        raise ConfigError(
+            f"limit={limit!r}: give a number of documents per task (an integer >= 1), a fraction in (0, 1), "
+            "or limit=null for every document"
+        )
+
+
+def check_results_dir(overrides: list[str]) -> None:
+    """A results folder that is a file (or lies below one) fails when Hydra makes its run folder there, before the
+    app starts, with a traceback: checked on the command line first."""
+    given = [item.partition("=")[2] for item in overrides if item.lstrip("+").startswith("results_dir=")]
+    results_dir = Path(given[-1] if given else "results").expanduser()
+    for folder in (results_dir, *results_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"results_dir={str(results_dir)!r}: {str(folder)!r} is a file; choose a folder")
 
 
 def build_method(method_cfg):
@@ -173,12 +209,12 @@ def indexed_task_names(offline_dir: Path) -> set[str]:
 
 
 def _unknown_tasks_message(unknown: list[str], known: list[str]) -> str:
-    known_sets = {opt: _task_set_names(opt) for opt in group_options("tasks")}
     hints = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}
-    lines = [f"unknown task {name!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for name, h in hints.items()]
-    lines += ["task sets (tasks=<set>): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in known_sets.items())]
-    lines += [f"any of lmms-eval's {len(known)} tasks is valid too: `python -m lmms_eval tasks` lists them"]
-    return "\n".join(lines)
+    names = "; ".join(f"unknown task {name!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for name, h in hints.items())
+    return (
+        f"{names}; task sets: tasks={','.join(group_options('tasks'))}, and any of lmms-eval's {len(known)} tasks "
+        "(`python -m lmms_eval tasks` lists them)"
+    )
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -276,12 +312,6 @@ def _yaml_texts(folder: Path) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(path), path.read_text()) for path in folder.rglob("*.yaml") if path.is_file()))
 
 
-def _task_set_names(option: str) -> list[str]:
-    import yaml
-
-    return list(yaml.safe_load((CONF_DIR / "tasks" / f"{option}.yaml").read_text())["names"])
-
-
 def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journal: bool = True) -> Path:
     """Evaluate one cell and write its folder; returns the folder.
 
@@ -289,28 +319,33 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
     encoder passes into their own journals. `clear_journal=False` keeps the journal under `force=true`: a
     group empties its cells' journals before its first cell runs, and the others then read what it wrote.
     """
-    method = check_cell(cfg)  # before anything slow
-
     from hydra.utils import instantiate
 
-    from dycoke_eval import checkpoints, distributed
+    from dycoke_eval import distributed
+    from dycoke_eval.store import cell_directory, is_complete
+
+    cell_dir = cell_directory(cfg)
+    if is_complete(cell_dir, cfg) and not cfg.force:  # answered from the store: the model stack is not even imported
+        if distributed.is_main():
+            show_complete_cell(cell_dir)
+            if (settings := instantiate(cfg.judge)).enabled():
+                judge_saved_cell(cell_dir, settings)  # finishes judging a run that died while judging; cached replies are free
+        return cell_dir
+    method = check_cell(cfg)  # before anything slow
+
+    from dycoke_eval import checkpoints
     from dycoke_eval.accounting import plan_row
     from dycoke_eval.encoder_cache import ENCODER_CACHE
     from dycoke_eval.groups import ENCODER_PASSES
     from dycoke_eval.plumbing.attention import kernel_name
     from dycoke_eval.provenance import hardware
-    from dycoke_eval.store import cell_directory, format_efficiency, is_complete, journal_path, write_cell
+    from dycoke_eval.store import format_efficiency, journal_path, write_cell
 
-    cell_dir = cell_directory(cfg)
-    if is_complete(cell_dir, cfg) and not cfg.force:
-        if distributed.is_main():
-            print(f"cell {cell_dir.name}: complete, skipped (force=true reruns it)")
-            if (settings := instantiate(cfg.judge)).enabled():
-                judge_saved_cell(cell_dir, settings)  # finishes judging a run that died while judging; cached replies are free
-        return cell_dir
     if cfg.force and clear_journal:
         clear_journals([cell_dir])
     task_dirs = prepare_environment(cfg)
+    if not cfg.model.get("random_weights"):
+        checkpoints.locate_checkpoint(cfg.model.pretrained)  # before the task index and the model load
     task_manager = resolve_tasks(list(cfg.tasks.names), task_dirs, cfg.seed)
 
     from lmms_eval.evaluator import simple_evaluate
@@ -337,7 +372,7 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
         prefetch_workers=cfg.prefetch_workers,
         seed=cfg.seed,
     )
-    if cfg.model.build_tiny and distributed.is_main():
+    if builds_tiny(cfg.model, cfg.offline_dir) and distributed.is_main():
         print(f"model: {cfg.model.name} (RANDOM weights: its accuracies are meaningless; the run exercises the path)")
     if cfg.model.get("random_weights") and distributed.is_main():
         print(f"model: {cfg.model.name} with RANDOM weights at real dimensions: latency and memory only, accuracy is meaningless")
@@ -347,7 +382,7 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
     else:
         ENCODER_CACHE.capacity_bytes = int(cfg.encoder_cache_mb * 2**20)
     cache_before = (ENCODER_CACHE.hits, ENCODER_CACHE.seconds_saved, ENCODER_PASSES.done)
-    with filtered_stderr(cfg.verbose), interruptible(cell_dir):
+    with filtered_stderr(cfg.verbose), interruptible(cell_dir), task_data_errors():
         output = simple_evaluate(
             model=lm,
             tasks=list(cfg.tasks.names),
@@ -398,7 +433,7 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
     )
     failures = [r for r in records if r["status"] != "ok"]
     if failures and len(failures) == len(records):
-        reasons = sorted({f"{r['video_path']}: {r['error']}" for r in failures})
+        reasons = [f"{r['task']} doc {r['doc_id']} ({r['video_path'] or 'video not located'}): {r['error']}" for r in failures]
         raise CellFailed(
             f"cell {cell_dir.name}: all {len(records)} samples failed, so it is not complete. Reasons:\n  "
             + "\n  ".join(reasons[:10] + ([f"... and {len(reasons) - 10} more"] if len(reasons) > 10 else []))
@@ -412,6 +447,15 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
     return cell_dir
 
 
+def show_complete_cell(cell_dir: Path) -> None:
+    """A finished cell's metrics, as its run printed them, read from its folder."""
+    from dycoke_eval.store import format_summary, read_cell
+
+    cell = read_cell(cell_dir)
+    print(f"cell {cell_dir.name}: complete, skipped (force=true reruns it)")
+    print(format_summary(cell_dir, cell.metrics, cell.summaries))
+
+
 def generation_cap(cfg: DictConfig) -> int | None:
     """New tokens per answer: the run's `max_new_tokens` and the model's `generation_cap`, whichever is smaller."""
     caps = [cap for cap in (cfg.max_new_tokens, cfg.model.get("generation_cap")) if cap]
@@ -421,15 +465,20 @@ def generation_cap(cfg: DictConfig) -> int | None:
 def judge_saved_cell(cell_dir: Path, settings) -> None:
     """Judge the cell's GPT-judged tasks now if a judge is configured; otherwise say how to later."""
     from dycoke_eval.judge.cells import format_judge_summary, judge_cell
-    from dycoke_eval.judge.client import Judge
+    from dycoke_eval.judge.client import Judge, JudgeUnavailable, judge_label
 
+    later = f"judge later with: python -m dycoke_eval.judge {cell_dir}"
     if not settings.enabled():
         print(f"judge: not configured (no ${settings.api_key_env}, no judge.base_url); judged metrics stay 'not judged'.")
-        print(f"  judge later with: python -m dycoke_eval.judge {cell_dir}")
+        print(f"  {later}")
         return
-    summary = judge_cell(cell_dir, Judge(settings))
+    try:
+        summary = judge_cell(cell_dir, Judge(settings))
+    except JudgeUnavailable as error:  # the cell's answers are saved; only its judged metrics wait
+        print(f"judge: {error}; judged metrics stay as they were; {later}")
+        return
     if summary:
-        print(f"judge ({settings.model}):\n{format_judge_summary(summary)}")
+        print(f"judge ({judge_label(settings.endpoint(), settings.model)}):\n{format_judge_summary(summary)}")
 
 
 def clear_journals(cell_dirs: Sequence[Path]) -> None:
@@ -460,7 +509,9 @@ def main(cfg: DictConfig) -> None:
         from dycoke_eval.distributed import adopt_submitit_tasks
 
         adopt_submitit_tasks()  # a submitit job's tasks (SLURM tasks_per_node) become the ranks of a data-parallel run
+        set_hub_offline(cfg)
         quiet_libraries(cfg.verbose)
+        check_run_settings(cfg)
         if cfg.dry_run:  # a single cell's plan; sweeps plan all their cells in the grids sweeper
             from dycoke_eval import distributed
             from dycoke_eval.accounting import write_plan
@@ -472,7 +523,7 @@ def main(cfg: DictConfig) -> None:
         else:
             run_cell(cfg)
     except ConfigError as error:
-        sys.exit(f"dycoke_eval: configuration error:\n{error}")
+        refuse(error)
     except CellFailed as error:
         if _in_multirun():
             raise  # the sweeper goes on with the other cells and reports this one at the end
@@ -480,6 +531,66 @@ def main(cfg: DictConfig) -> None:
     except Interrupted as error:
         print(f"\ndycoke_eval: {error}", file=sys.stderr)
         sys.exit(130)  # the shell's status for Ctrl-C
+    except KeyboardInterrupt:  # before any sample ran (checks, task index, model load): nothing to keep
+        print("\ndycoke_eval: interrupted before any sample ran; nothing was saved", file=sys.stderr)
+        sys.exit(130)
+
+
+USAGE_STATUS = 2  # a bad setting or name, as argparse and the shell's builtins exit: nothing ran
+
+
+def refuse(error: ConfigError) -> None:
+    """Exit with the one line that names the bad value and the fix."""
+    print(f"dycoke_eval: {error}", file=sys.stderr)
+    sys.exit(USAGE_STATUS)
+
+
+def cli() -> None:
+    """The command: group choices (`method=NAME`, ...) checked before Hydra composes them, then `main`."""
+    from dycoke_eval.config import check_group_choices
+
+    try:
+        check_group_choices(sys.argv[1:])
+        check_results_dir(sys.argv[1:])
+    except ConfigError as error:
+        refuse(error)
+    main()
+
+
+@contextmanager
+def task_data_errors() -> Iterator[None]:
+    """A task whose data cannot be loaded (lmms-eval loads each task's dataset as the evaluation starts, retrying)
+    becomes one line naming the task, its dataset, where it was looked for and how to get it."""
+    try:
+        yield
+    except Exception as error:
+        from lmms_eval.api.task import Task
+
+        frames, traceback = [], error.__traceback__
+        while traceback is not None:
+            frames.append(traceback.tb_frame.f_locals.get("self"))
+            traceback = traceback.tb_next
+        task = next((owner for owner in reversed(frames) if isinstance(owner, Task)), None)
+        if task is None:
+            raise
+        cause = _root_cause(error)
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ConfigError(
+            f"task {task.config.task!r}: its data {task.config.dataset_path!r} could not be loaded from "
+            f"HF_HOME={os.environ.get('HF_HOME')} ({type(cause).__name__}{', the hub is offline' if offline else ''}); "
+            f"download it where the hub is reachable (`hf download {task.config.dataset_path} --repo-type dataset`, "
+            "videos as the task's lmms-eval README says) and point hf_home= at that folder"
+        ) from None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first failure under retries (tenacity's RetryError) and re-raises."""
+    while True:
+        attempt = getattr(error, "last_attempt", None)
+        inner = attempt.exception() if attempt is not None else (error.__cause__ or error.__context__)
+        if inner is None:
+            return error
+        error = inner
 
 
 @contextmanager
@@ -502,7 +613,7 @@ def run_in_process(overrides: list[str]) -> int:
     argv = sys.argv
     sys.argv = [str(Path(__file__).with_name("__main__.py")), *overrides]  # what `python -m dycoke_eval` sees
     try:
-        main()
+        cli()
     except SystemExit as exit_:
         return _exit_status(exit_.code)
     finally:

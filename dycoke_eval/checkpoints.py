@@ -7,7 +7,9 @@ process that runs several methods or cells on one model must not reload it each 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +67,49 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return resolved
 
 
+MODEL_CHOICE = "use model=NAME (python -m dycoke_eval --help lists them) or model.pretrained=/path/to/a/checkpoint/folder"
+
+
+def locate_checkpoint(pretrained: str) -> None:
+    """Refuse, in one line, a checkpoint that cannot be loaded, before anything slow: a local folder needs its
+    config.json; a hub id must be in the HF cache or, with the hub online, exist there. Nothing is downloaded.
+
+    Read at call time from the environment (HF_HUB_OFFLINE, HF_HUB_CACHE, HF_HOME), which the app sets per run,
+    so a hub that is offline or unreachable costs no retries.
+    """
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.pretrained={pretrained!r} is a folder without config.json; {MODEL_CHOICE}")
+        return
+    if path.exists() or pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1:
+        raise ConfigError(f"model.pretrained={pretrained!r}: no checkpoint folder there; {MODEL_CHOICE}")
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hub_cache_dir()
+    if isinstance(try_to_load_from_cache(pretrained, "config.json", cache_dir=cache), str):
+        return
+    where = f"not a local folder and not in the Hugging Face cache ({cache})"
+    fetch = f"fetch it where the hub is reachable with `hf download {pretrained}` (HF_HOME={cache.parent})"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"model.pretrained={pretrained!r}: {where}, and the hub is offline; {fetch}, or {MODEL_CHOICE}")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(pretrained, timeout=10)
+    except Exception as error:  # any failure (no network, no such repository, gated) is this one line
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+        raise ConfigError(f"model.pretrained={pretrained!r}: {where}, and the hub answered {reason}; {MODEL_CHOICE}") from None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment says now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
 def load_checkpoint(
     pretrained: str,
     device: str,
@@ -97,6 +142,7 @@ def load_checkpoint(
 
         loaded = build_random_model(random_architecture, dtype, device, attn_implementation, adapter, siglip_head)
     else:
+        locate_checkpoint(pretrained)
         loaded = adapter_class(checkpoint_config(None, pretrained), pretrained, adapter).load(
             pretrained,
             device=device,

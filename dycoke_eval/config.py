@@ -36,6 +36,29 @@ def check_routable(attn_implementation: str, method: str) -> None:
         )
 
 
+GROUPS = ("model", "method", "tasks", "judge", "sweep")  # the config groups a command line chooses from
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Refuse an unknown `group=NAME` on the command line in one line, with the group's options and the closest ones.
+
+    Hydra would print its config search path over some 20 lines, before the app can say anything.
+    A multirun's comma list is checked name by name; sweep expressions (`choice(...)`, globs) are left to Hydra.
+    """
+    import difflib
+
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS or any(char in value for char in "()[]{}*$"):
+            continue
+        options = group_options(key)
+        for name in (part.strip() for part in value.split(",")):
+            if name and name not in options:
+                close = difflib.get_close_matches(name, options, n=2)
+                hint = f"did you mean {' or '.join(close)}? " if close else ""
+                raise ConfigError(f"{key}={name!r} is not a {key} config; {hint}{key} options: {', '.join(options)}")
+
+
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. `group_options("method")`."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -123,11 +123,11 @@ def run_group(cfg: DictConfig) -> None:
     from dycoke_eval.store import cell_directory, is_complete, journal_path
 
     members = group_members(cfg)
-    methods = [check_cell(member) for member in members]
     journals = [journal_path(cell_directory(member), distributed.rank()) for member in members]  # this process's own
     if cfg.force:
         clear_journals([journal.parent for journal in journals])
     pending = [i for i, member in enumerate(members) if member.force or not is_complete(journals[i].parent, member)]
+    methods = {i: check_cell(members[i]) for i in pending}  # a complete cell is answered from the store, unbuilt
     leader, others = pending[:1], pending[1:]  # no leader when every cell is complete: each is skipped
     before = (ENCODER_PASSES.done, ENCODER_PASSES.saved)
     failed = []
@@ -139,12 +139,15 @@ def run_group(cfg: DictConfig) -> None:
             failed.append(str(error))
     counts = distributed.summed({"done": ENCODER_PASSES.done - before[0], "saved": ENCODER_PASSES.saved - before[1]})
     if distributed.is_main():
-        described = describe_group(members[0], methods)
+        described = describe_group(members)
         print(f"group of {len(members)} cells ({described}): encoder passes: {counts['done']} done, {counts['saved']} saved")
     if failed:
         raise CellFailed("\n".join(failed))
 
 
-def describe_group(first: DictConfig, methods: list) -> str:
+def describe_group(members: list[DictConfig]) -> str:
     """`tiny, 4 frames, fixtures: full, dycoke, ...`: what the cells share, then their methods."""
-    return f"{first.model.name}, {first.frames} frames, {first.tasks.name}: {', '.join(m.name for m in methods)}"
+    from dycoke_eval.store import cell_method_name
+
+    first = members[0]
+    return f"{first.model.name}, {first.frames} frames, {first.tasks.name}: {', '.join(map(cell_method_name, members))}"

@@ -215,9 +215,13 @@ def cell_directory(cfg: DictConfig) -> Path:
     """
     config = cell_config(cfg)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    method = cfg.method.get("name") or str(cfg.method._target_).rsplit(".", 1)[-1].lower()
-    name = f"{cfg.model.name}__{method}__f{cfg.frames}__{task_set_label(cfg.tasks)}__{digest}"
+    name = f"{cfg.model.name}__{cell_method_name(cfg)}__f{cfg.frames}__{task_set_label(cfg.tasks)}__{digest}"
     return Path(cfg.results_dir) / "cells" / name
+
+
+def cell_method_name(cfg: DictConfig) -> str:
+    """The method's name in a cell's folder: its config's `name`, else its class's, known without building it."""
+    return str(cfg.method.get("name") or str(cfg.method._target_).rsplit(".", 1)[-1].lower())
 
 
 def task_set_label(tasks: DictConfig) -> str:
@@ -542,14 +546,19 @@ def write_cell(
 
 
 def format_summary(cell_dir: Path, metrics: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> str:
+    """A line per task: its metrics, the failed samples beside them; no metric for a task without a scored sample
+    (lmms-eval scores failed samples as empty answers, which is not a measurement)."""
     lines = [f"results: {cell_dir}"]
     for task, values in metrics.items():
+        counts = summary.get(task, {})
+        if counts.get("samples") and counts.get("failed") == counts["samples"]:
+            lines.append(f"  {task}: no metric: all {counts['samples']} samples FAILED (rerunning the same command retries them)")
+            continue
         shown = ", ".join(
             f"{k.split(',')[0]}={v:.4g}" if isinstance(v, float) else f"{k.split(',')[0]}={v}"
             for k, v in values.items()
             if k != "alias" and "_stderr" not in k
         )
-        counts = summary.get(task, {})
         failed = (
             f"  [{counts['failed']} of {counts['samples']} samples FAILED: scored as empty answers here; "
             "the cell is not complete, and rerunning the same command retries them]"

@@ -98,7 +98,11 @@ def test_a_cell_where_every_sample_failed_exits_non_zero_with_the_reasons(offlin
     )  # fmt: skip
     assert proc.returncode != 0
     assert f"all {len(ANET.docs)} samples failed" in proc.stderr and "does not exist" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "None:" not in proc.stderr
+    for doc in range(len(ANET.docs)):  # each reason names the sample and its video
+        assert f"fixture_activitynetqa doc {doc} (" in proc.stderr
+    assert f"fixture_activitynetqa: no metric: all {len(ANET.docs)} samples FAILED" in proc.stdout
+    assert "gpt_eval" not in proc.stdout
     (run_file,) = results.rglob("run.json")
     assert json.loads(run_file.read_text())["complete"] is False
 
@@ -144,17 +148,20 @@ def test_the_readmes_offline_lmms_eval_command_runs_as_written(offline_dir, tmp_
         ("tasks=table9", ["fixtures", "mvbench", "table1"]),
     ],
 )
-def test_an_unknown_config_name_fails_at_start_listing_the_valid_ones(offline_dir, override, expected):
+def test_an_unknown_config_name_fails_at_start_in_one_line_listing_the_valid_ones(offline_dir, override, expected):
     proc = run_app(override, env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
-    assert proc.returncode != 0
-    assert all(name in proc.stderr for name in expected), proc.stderr
+    (line,) = proc.stderr.splitlines()
+    group, name = override.split("=")
+    assert proc.returncode == 2 and line.startswith(f"dycoke_eval: {group}={name!r} is not a {group} config")
+    assert all(name in line for name in expected), line
 
 
 def test_an_unknown_task_fails_before_loading_the_model_listing_valid_names(offline_dir, tmp_path):
     proc = run_app("tasks.names=[videomem]", f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     assert proc.returncode != 0
     assert "unknown task 'videomme'" not in proc.stderr and "unknown task 'videomem'" in proc.stderr
-    assert "did you mean videomme" in proc.stderr and "fixture_videomme" in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "did you mean videomme" in line and "task sets: tasks=fastvid,fixtures," in line
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("run.json"))
 
@@ -198,6 +205,8 @@ def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(worl
         (["method=dycoke", "method.l=99"], "l=99: the language model has 8 layers (0..7); choose l < 8"),
         (["method=fastv", "method.layer=99"], "layer=99: the language model has 8 layers; choose 1 <= layer < 8"),
         (["prompt=chat"], "prompt='chat'; use one of paper, checkpoint"),
+        (["limit=-1"], "limit=-1: give a number of documents per task (an integer >= 1), a fraction in (0, 1)"),
+        (["limit=1.5", "dry_run=true"], "limit=1.5: give a number of documents per task"),
     ],
 )
 def test_bad_settings_are_refused_before_the_environment_tasks_or_model_are_touched(offline_dir, monkeypatch, overrides, message):
@@ -209,8 +218,72 @@ def test_bad_settings_are_refused_before_the_environment_tasks_or_model_are_touc
 
     monkeypatch.setattr(app, "prepare_environment", slow_path)
     proc = run_app(*overrides, env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
-    assert proc.returncode != 0 and message in proc.stderr
-    assert "Traceback" not in proc.stderr and "slow part" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert proc.returncode == 2 and line.startswith(f"dycoke_eval: {message}")
+    assert "slow part" not in proc.stderr
+
+
+def test_a_results_dir_that_is_a_file_is_refused_in_one_line_before_hydra_writes_there(offline_dir, tmp_path):
+    (tmp_path / "taken").write_text("")
+    proc = run_app(f"results_dir={tmp_path / 'taken' / 'results'}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == f"dycoke_eval: results_dir='{tmp_path}/taken/results': '{tmp_path}/taken' is a file; choose a folder"
+    )
+
+
+@pytest.mark.parametrize("pretrained", ["foo/bar-model", "./no/such/folder"])
+def test_a_checkpoint_neither_local_nor_on_the_hub_is_refused_in_one_line_and_no_random_model_is_built(
+    offline_dir, tmp_path, monkeypatch, pretrained
+):
+    import dycoke_eval.app as app
+
+    def slow_path(*args, **kwargs):
+        raise AssertionError("the run went past the checkpoint check into the task index")
+
+    monkeypatch.setattr(app, "resolve_tasks", slow_path)
+    proc = run_app(f"model.pretrained={pretrained}", f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)},
+                   cwd=tmp_path)  # fmt: skip
+    (line,) = proc.stderr.splitlines()
+    assert proc.returncode == 2 and line.startswith(f"dycoke_eval: model.pretrained={pretrained!r}: ")
+    assert "use model=NAME" in line and "model.pretrained=/path/to/a/checkpoint/folder" in line
+    assert not (tmp_path / pretrained).exists() and not list(tmp_path.rglob("config.json"))  # nothing built in its place
+
+
+def test_the_hub_check_reads_the_offline_switch_and_cache_when_it_runs(tmp_path, monkeypatch):
+    """huggingface_hub reads HF_HUB_OFFLINE and HF_HOME once, when imported; the run sets them later."""
+    from dycoke_eval.checkpoints import locate_checkpoint
+    from dycoke_eval.config import ConfigError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=rf"not in the Hugging Face cache \({tmp_path}/hub\), and the hub is offline; fetch"):
+        locate_checkpoint("llava-hf/llava-onevision-qwen2-7b-ov-hf")
+    snapshot = tmp_path / "hub" / "models--llava-hf--llava-onevision-qwen2-7b-ov-hf" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    locate_checkpoint("llava-hf/llava-onevision-qwen2-7b-ov-hf")  # cached: accepted without the hub
+
+
+def test_a_finished_cell_is_answered_from_its_folder_with_its_metrics_without_checks_or_model(offline_dir, tmp_path, monkeypatch):
+    import dycoke_eval.app as app
+
+    overrides = ("tasks.names=[fixture_nextqa_mc_test]", "frames=4", "limit=1", f"results_dir={tmp_path}")
+    env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
+    assert run_app(*overrides, env=env).returncode == 0
+
+    def slow_path(*args, **kwargs):
+        raise AssertionError("a finished cell was checked or prepared again")
+
+    monkeypatch.setattr(app, "check_cell", slow_path)
+    monkeypatch.setattr(app, "prepare_environment", slow_path)
+    again = run_app(*overrides, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "complete, skipped (force=true reruns it)" in again.stdout and "fixture_nextqa_mc_test: exact_match=" in again.stdout
 
 
 def test_an_unknown_task_is_refused_from_the_task_yamls_and_a_kept_index_without_rebuilding_it(offline_dir, monkeypatch):
