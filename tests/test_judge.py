@@ -14,9 +14,10 @@ import lmms_eval.tasks
 import pytest
 from conftest import run_app
 
+from dycoke_eval.judge import client
 from dycoke_eval.judge.__main__ import main as judge_main
-from dycoke_eval.judge.cells import aggregate, judge_cell
-from dycoke_eval.judge.client import Judge, JudgeRequest, JudgeSettings
+from dycoke_eval.judge.cells import aggregate, format_judge_summary, judge_cell
+from dycoke_eval.judge.client import DEFAULT_ENDPOINT, Judge, JudgeRequest, JudgeSettings, JudgeUnavailable, judge_label
 from dycoke_eval.judge.prompts import MalformedReply, build_messages, parse_reply
 from dycoke_eval.offline.judge_server import running_judge_server
 
@@ -98,10 +99,52 @@ def test_retry_after_is_honoured(settings):
     assert outcome.status == "judged" and time.perf_counter() - start >= 1.0
 
 
-def test_an_unreachable_judge_fails_every_sample_without_crashing(tmp_path):
-    settings = JudgeSettings(base_url="http://127.0.0.1:9/v1", timeout=0.5, max_retries=0, cache_path=str(tmp_path / "c.sqlite"))
-    outcomes = Judge(settings).judge_all([JudgeRequest("qa", "q", "a", "b")] * 3)
-    assert all(o.status == "failed" and "Connection" in o.error for o in outcomes)
+@pytest.fixture
+def no_refusals(monkeypatch):
+    """A fresh process's memory of judges that refused (`client.REFUSED`)."""
+    monkeypatch.setattr(client, "REFUSED", {})
+
+
+def test_an_unreachable_judge_stops_at_the_first_refused_connection_in_one_line(tmp_path, no_refusals):
+    url = closed_port_url()
+    settings = JudgeSettings(base_url=url, max_retries=5, cache_path=str(tmp_path / "c.sqlite"))  # no SDK retries reached
+    with pytest.raises(JudgeUnavailable, match=rf"cannot connect to the judge at {url} \(Connection refused\); start"):
+        Judge(settings).judge_all([JudgeRequest("qa", "q", "a", "b")] * 3)
+    with pytest.raises(JudgeUnavailable, match="as earlier in this process"):  # a sweep's next cell does not try again
+        Judge(settings).judge_all([JudgeRequest("qa", "q", "a", "c")])
+
+
+def test_a_cached_re_judge_needs_no_server(tmp_path, no_refusals):
+    requests = [JudgeRequest("qa", "q", "a", "a")]
+    with running_judge_server() as (url, _):
+        settings = JudgeSettings(base_url=url, cache_path=str(tmp_path / "c.sqlite"))
+        Judge(settings).judge_all(requests)
+    assert Judge(settings).judge_all(requests)[0].cached  # the server is gone: every reply comes from the cache
+
+
+def test_a_rejected_key_stops_judging_every_cell_after_the_first_refusal(tmp_path, monkeypatch, capsys, no_refusals):
+    for name in ("cell_a", "cell_b"):
+        make_cell(tmp_path / name, ["a cat", "a dog", "a cat"])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with running_judge_server(api_key="sk-right") as (url, state):
+        assert judge_main([str(tmp_path), f"judge.base_url={url}", "judge.concurrency=1"]) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dycoke_eval.judge:")]
+    assert f"the judge at {url} refused: AuthenticationError" in line and "check $OPENAI_API_KEY" in line
+    assert state.requests == 1  # one refusal, not one per sample or per cell
+    assert not list(tmp_path.rglob("judgements_*.jsonl"))  # nothing recorded as judged or failed
+
+
+def test_verdicts_from_a_stand_in_endpoint_are_labelled_as_such_and_not_priced(tmp_path, settings, capsys):
+    cell = make_cell(tmp_path / "cell", ["a cat", "a dog", "a cat"])
+    summary = judge_cell(cell, Judge(settings))
+    text = format_judge_summary(summary)
+    assert f"3 verdicts from a stand-in at {settings.base_url}, not OpenAI's API (asked for gpt-4o-mini)" in text
+    assert "not priced" in text and "$" not in text
+    recorded = read_results(cell)
+    assert recorded["dycoke_eval_judge"]["openai_api"] is False and summary["anet"]["estimated_cost_usd"] is None
+    official = judge_label(DEFAULT_ENDPOINT, "gpt-4o-mini", "gpt-4o-mini-2024-07-18")
+    assert official == "gpt-4o-mini, reported gpt-4o-mini-2024-07-18"
 
 
 def test_a_second_run_is_served_from_the_cache_with_the_same_verdicts(server, settings):
@@ -242,7 +285,7 @@ def test_the_judge_identity_is_recorded_with_each_verdict_and_the_key_nowhere(tm
     identity = {"endpoint": url, "model": "gpt-4o-mini", "reported_model": "local-stub-judge"}
     results = read_results(cell)
     assert results["dycoke_eval_judge"]["endpoint"] == url and results["dycoke_eval_judge"]["model"] == "gpt-4o-mini"
-    judges = [{**identity, "verdicts": 3}]
+    judges = [{**identity, "verdicts": 3, "openai_api": False}]
     assert results["dycoke_eval_judge"]["judges"] == results["dycoke_eval"]["anet"]["judge"]["judges"] == judges
     assert [row["judge"] for row in read_judgements(cell)] == [identity] * 3
     for path in cell.rglob("*"):
@@ -259,14 +302,11 @@ def test_a_failed_re_judge_keeps_the_earlier_verdicts_and_metrics_and_exits_non_
     judged = read_results(cell)["results"]["anet"]
     verdicts = [row["verdict"] for row in read_judgements(cell)]
 
-    closed = closed_port_url()  # unreachable: every request fails
-    assert judge_main([str(cell), f"judge.base_url={closed}", "judge.max_retries=0"]) == 1
-    out, err = capsys.readouterr()
-    assert "nothing could be judged" in err and "gpt_eval_score=2.333, gpt_eval_accuracy=33.33" in out
-    assert read_results(cell)["results"]["anet"] == judged
-    rows = read_judgements(cell)
-    assert [row["verdict"] for row in rows] == verdicts and all(row["kept"] and row["judge"]["endpoint"] == url for row in rows)
-    assert all(row["last_attempt"]["judge"]["endpoint"] == closed and row["last_attempt"]["error"] for row in rows)
+    closed = closed_port_url()  # unreachable: judging stops at once, and the cell keeps what it had
+    before = read_judgements(cell)
+    assert judge_main([str(cell), f"judge.base_url={closed}"]) == 1
+    assert f"cannot connect to the judge at {closed}" in capsys.readouterr().err
+    assert read_results(cell)["results"]["anet"] == judged and read_judgements(cell) == before
 
     with running_judge_server(reported_model="judge-b") as (url_b, _):  # a new judge that fails only the flaky sample
         assert judge_main([str(cell), f"judge.base_url={url_b}", "judge.reply_retries=0"]) == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from dycoke_eval.judge.client import Judge, JudgeRequest, JudgeResult
+from dycoke_eval.judge.client import Judge, JudgeRequest, JudgeResult, is_openai_api, judge_label
 from dycoke_eval.judging import NOT_JUDGED
 from dycoke_eval.store import Cell, read_cell
 
@@ -51,7 +51,8 @@ def _cost(judge: Judge, outcomes: list[JudgeResult]) -> dict[str, Any]:
     prompt, completion = sum(u.get("prompt_tokens", 0) for u in fresh), sum(u.get("completion_tokens", 0) for u in fresh)
     settings = judge.settings
     cost = (prompt * settings.price_per_million_input + completion * settings.price_per_million_output) / 1e6
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "estimated_cost_usd": round(cost, 6),
+    priced = is_openai_api(settings.endpoint())  # OpenAI's prices say nothing of what another endpoint costs
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "estimated_cost_usd": round(cost, 6) if priced else None,
             "from_cache": sum(o.cached for o in outcomes)}  # fmt: skip
 
 
@@ -98,6 +99,7 @@ def judge_cell(cell: Cell | Path, judge: Judge) -> dict[str, dict[str, Any]]:
         summaries[task] = {
             "judge_model": identity["model"],  # this run's judge; `judges` says who gave the verdicts held
             "endpoint": identity["endpoint"],
+            "openai_api": is_openai_api(identity["endpoint"]),
             "metrics": metrics,
             "judged": len(held),  # verdicts held: the metrics are computed over these
             "failed": len(rows) - len(held),  # samples without a verdict
@@ -151,7 +153,8 @@ def _verdict_row(
 def _judges(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Who gave the verdicts held: endpoint, requested and reported model, and how many verdicts each."""
     counts = Counter(json.dumps(row["judge"], sort_keys=True) for row in rows)
-    return [{**json.loads(judge), "verdicts": count} for judge, count in counts.most_common()]
+    judges = [{**json.loads(judge), "verdicts": count} for judge, count in counts.most_common()]
+    return [{**judge, "openai_api": is_openai_api(judge["endpoint"])} for judge in judges]
 
 
 def format_judge_summary(summaries: dict[str, dict[str, Any]]) -> str:
@@ -160,13 +163,13 @@ def format_judge_summary(summaries: dict[str, dict[str, Any]]) -> str:
     for task, s in summaries.items():
         scores = ", ".join(f"{name}={value:.4g}" for name, value in s["metrics"].items()) or NOT_JUDGED
         lines.append(f"  {task}: {scores} ({s['judged']} verdicts held, {s['failed']} samples without a verdict)")
+        cost = f"~${s['estimated_cost_usd']:.4f}" if s.get("estimated_cost_usd") is not None else "not priced"
         lines.append(
             f"    this run: judged {s['judged_now']}, failed {s['failed_now']} ({s['from_cache']} from cache), "
-            f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ~${s['estimated_cost_usd']:.4f} "
-            f"with {s['judge_model']} at {s['endpoint']}"
+            f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, {cost}, by {judge_label(s['endpoint'], s['judge_model'])}"
         )
         for j in s["judges"]:
-            lines.append(f"    {j['verdicts']} verdicts from {j['model']} (reported: {j['reported_model']}) at {j['endpoint']}")
+            lines.append(f"    {j['verdicts']} verdicts from {judge_label(j['endpoint'], j['model'], j['reported_model'])}")
         lines += [f"    failed doc {f['doc_id']}: {f['error']}" for f in s["failures"][:3]]
         if s["kept"]:
             lines.append(f"    {s['kept']} samples that failed now keep their earlier verdict")

@@ -29,6 +29,29 @@ from dycoke_eval.judge.prompts import MalformedReply, build_messages, parse_repl
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"  # the openai SDK's own default
 
 
+def is_openai_api(endpoint: str) -> bool:
+    """Verdicts (and prices) are GPT's only from OpenAI's API; any other endpoint is a stand-in, whatever it reports."""
+    return endpoint.rstrip("/") == DEFAULT_ENDPOINT
+
+
+def judge_label(endpoint: str, model: str, reported_model: str | None = None) -> str:
+    """Who gave verdicts, in words: the model for OpenAI's API; for any other endpoint, that it is a stand-in, and where."""
+    reported = f", reported {reported_model}" if reported_model and reported_model != model else ""
+    if is_openai_api(endpoint):
+        return f"{model}{reported}"
+    return f"a stand-in at {endpoint}, not OpenAI's API (asked for {model}{reported})"
+
+
+class JudgeUnavailable(Exception):
+    """The judge cannot answer any request (no connection, key refused): judging stops at the first such failure.
+
+    Verdicts already given are in the reply cache, and a cell's earlier verdicts stay as they were.
+    """
+
+
+REFUSED: dict[str, str] = {}  # judge (endpoint and key digest) -> why it failed, so later cells of a process skip it at once
+
+
 @dataclass
 class JudgeSettings:
     model: str = "gpt-4o-mini"
@@ -67,7 +90,26 @@ class JudgeSettings:
 
         The base URL is recorded without any credentials written into it.
         """
-        return {**vars(self), "base_url": self.base_url and self.endpoint(), "endpoint": self.endpoint()}
+        endpoint = self.endpoint()
+        return {**vars(self), "base_url": self.base_url and endpoint, "endpoint": endpoint, "openai_api": is_openai_api(endpoint)}
+
+    def refusal_key(self) -> str:
+        """This judge as `REFUSED` knows it: the endpoint and a digest of the key (another key may be accepted)."""
+        return f"{self.endpoint()} {hashlib.sha256((self.api_key() or '').encode()).hexdigest()[:12]}"
+
+    def check_reachable(self) -> None:
+        """One TCP connection to the endpoint, before any request: a refused one is one line now, not retries."""
+        import socket
+
+        url = urlsplit(self.request_url())
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=min(self.timeout, 10)).close()
+        except OSError as error:
+            raise JudgeUnavailable(
+                f"cannot connect to the judge at {self.endpoint()} ({error.strerror or error}); start that server or set "
+                "judge.base_url= (or $OPENAI_BASE_URL)"
+            ) from None
 
 
 @dataclass
@@ -139,20 +181,47 @@ class Judge:
         return {"endpoint": self.settings.endpoint(), "model": self.settings.model}
 
     def judge_all(self, requests: list[JudgeRequest], description: str = "Judging") -> list[JudgeResult]:
-        """Judge every request (cached ones for free), with a progress bar; one result per request, in order."""
-        return asyncio.run(self._judge_all(requests, description))
+        """Judge every request (cached ones for free), with a progress bar; one result per request, in order.
+
+        Raises JudgeUnavailable at the first request the judge cannot answer at all (and for the rest of the process).
+        """
+        settings = self.settings
+        if (reason := REFUSED.get(settings.refusal_key())) is not None:
+            raise JudgeUnavailable(f"{reason} (as earlier in this process)")
+        try:
+            return asyncio.run(self._judge_all(requests, description))
+        except JudgeUnavailable as error:
+            REFUSED[settings.refusal_key()] = str(error)
+            raise
+
+    def payload(self, request: JudgeRequest) -> dict[str, Any]:
+        """The chat request for one judgement, as sent and as the cache is keyed."""
+        settings = self.settings
+        return {
+            "model": settings.model,
+            "messages": build_messages(request.kind, request.question, request.answer, request.pred),
+            "temperature": settings.temperature,
+            "max_tokens": settings.max_tokens,
+        }
 
     async def _judge_all(self, requests: list[JudgeRequest], description: str) -> list[JudgeResult]:
         from openai import AsyncOpenAI
 
         settings = self.settings
+        cache = ReplyCache(settings.cache_path)
+        endpoint = settings.endpoint()
+        if any(cache.get(ReplyCache.key(endpoint, self.payload(request))) is None for request in requests):
+            try:
+                settings.check_reachable()  # only when something must be asked: a cached re-run needs no server
+            except JudgeUnavailable:
+                cache.close()
+                raise
         client = AsyncOpenAI(
             api_key=settings.api_key() or "not-needed",
             base_url=settings.request_url(),
             timeout=settings.timeout,
             max_retries=settings.max_retries,
         )
-        cache = ReplyCache(settings.cache_path)
         limit = asyncio.Semaphore(settings.concurrency)
         progress = tqdm(total=len(requests), desc=description, unit="sample", disable=False)  # shown even when other bars are off
 
@@ -163,7 +232,11 @@ class Judge:
             return result
 
         try:
-            return await asyncio.gather(*(one(request) for request in requests))
+            async with asyncio.TaskGroup() as group:  # the first JudgeUnavailable cancels the requests still waiting
+                tasks = [group.create_task(one(request)) for request in requests]
+            return [task.result() for task in tasks]
+        except* JudgeUnavailable as failures:
+            raise failures.exceptions[0] from None
         finally:
             progress.close()
             cache.close()
@@ -173,12 +246,7 @@ class Judge:
         import openai
 
         settings = self.settings
-        payload = {
-            "model": settings.model,
-            "messages": build_messages(request.kind, request.question, request.answer, request.pred),
-            "temperature": settings.temperature,
-            "max_tokens": settings.max_tokens,
-        }
+        payload = self.payload(request)
         endpoint = settings.endpoint()
         key = ReplyCache.key(endpoint, payload)
         if (hit := cache.get(key)) is not None:
@@ -189,6 +257,13 @@ class Judge:
         for _ in range(1 + settings.reply_retries):
             try:
                 response = await client.chat.completions.create(**payload)
+            except (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError) as failure:
+                if isinstance(failure, openai.APITimeoutError):  # one slow reply: that sample fails, the others go on
+                    return JudgeResult("failed", error=f"{type(failure).__name__}: {failure}", usage=usage)
+                raise JudgeUnavailable(
+                    f"the judge at {endpoint} refused: {type(failure).__name__}: {str(failure).splitlines()[0]}; "
+                    f"check ${settings.api_key_env} and judge.base_url"
+                ) from None
             except openai.APIError as failure:  # the SDK has already retried what is retryable
                 return JudgeResult("failed", error=f"{type(failure).__name__}: {failure}", usage=usage)
             except ValueError as failure:  # a 200 whose body is not JSON: ask again like an unparseable reply

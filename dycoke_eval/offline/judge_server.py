@@ -13,8 +13,8 @@ gets {'pred': 'yes', 'score': 5}, anything else {'pred': 'no', 'score': 1}; a de
   [bad-score]      always: a score of 9
 
 Its replies name the requested model, or `reported_model` when one is given (as a real server
-names the model that answered). It listens on 127.0.0.1 only and stops when the
-`running_judge_server` block ends.
+names the model that answered). With `api_key` set it refuses (401) any request without that key.
+It listens on 127.0.0.1 only and stops when the `running_judge_server` block ends.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class ServerState:
     delay: float = 0.0  # seconds before every reply
     slow_seconds: float = 3.0
     reported_model: str | None = None  # the `model` named in replies; None: the requested one
+    api_key: str | None = None  # the only key accepted; None: any
     attempts: Counter = field(default_factory=Counter)  # per request body
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,6 +77,8 @@ def _handler(state: ServerState):
                 state.requests += 1
                 state.attempts[raw] += 1
                 attempt = state.attempts[raw]
+            if state.api_key is not None and self.headers.get("Authorization") != f"Bearer {state.api_key}":
+                return self._send(401, b'{"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}')
             if not self.path.endswith("/chat/completions"):
                 return self._send(404, b'{"error": {"message": "not found"}}')
             request = json.loads(raw)
@@ -111,10 +114,14 @@ def _handler(state: ServerState):
 
 @contextmanager
 def running_judge_server(
-    delay: float = 0.0, slow_seconds: float = 3.0, reported_model: str | None = None, port: int = 0
+    delay: float = 0.0,
+    slow_seconds: float = 3.0,
+    reported_model: str | None = None,
+    port: int = 0,
+    api_key: str | None = None,
 ) -> Iterator[tuple[str, ServerState]]:
     """Serve on 127.0.0.1 (`port`, or a free one) for the duration of the block; yields (base_url, state)."""
-    state = ServerState(delay=delay, slow_seconds=slow_seconds, reported_model=reported_model)
+    state = ServerState(delay=delay, slow_seconds=slow_seconds, reported_model=reported_model, api_key=api_key)
     server = ThreadingHTTPServer(("127.0.0.1", port), _handler(state))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
