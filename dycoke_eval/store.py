@@ -115,6 +115,7 @@ class SampleRecord:
     prefill_visual_by_layer: list[int] = field(default_factory=list)  # visual tokens each LLM layer processed in prefill
     decode_visual_by_layer: list[float] = field(default_factory=list)  # per layer: mean visual tokens attended per decode step
     retained_ratio: float | None = None  # the sample's standard retained ratio (None: the method did not report one)
+    input_tokens: int = 0  # the prompt that entered the LLM: text and visual tokens
     output_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     method_stats: dict[str, Any] = field(default_factory=dict)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 from transformers import LogitsProcessorList
@@ -185,14 +186,15 @@ class CompressedVideoLM(lmms):
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("llava_onevision_compressed only supports single-round generate_until tasks")
 
-    def generate_until(self, requests) -> list[str]:
-        """Answers in request order. lmms-eval's padding requests (copies that even out the ranks' shards) get an
+    def generate_until(self, requests) -> list[GenerationResult | str]:
+        """Answers in request order, each with its token counts (lmms-eval's efficiency summary reads them); a failed
+        sample's empty answer has none. lmms-eval's padding requests (copies that even out the ranks' shards) get an
         empty answer with no compute: they are never scored, recorded or journaled."""
         real = [request for request in requests if not is_padding(request)]
         answers = iter(self._generate(real))
         return ["" if is_padding(request) else next(answers) for request in requests]
 
-    def _generate(self, requests) -> list[str]:
+    def _generate(self, requests) -> list[GenerationResult | str]:
         keys = [SampleJournal.key(task, doc_id, context, kwargs) for context, kwargs, _, doc_id, task, _ in _args(requests)]
         saved = {key: done for key in keys if self.journal is not None and (done := self.journal.get(key)) is not None}
         group = f" and {len(self.companions)} more of its group" if self.companions else ""
@@ -212,7 +214,7 @@ class CompressedVideoLM(lmms):
                 if key not in saved:
                     progress.update()
                 self.sample_records.append(record)
-                answers.append(answer)
+                answers.append(with_token_counts(answer, record))
         progress.close()
         return answers
 
@@ -286,7 +288,7 @@ class CompressedVideoLM(lmms):
                 own, context, self._generation_kwargs(dict(gen_kwargs)), record, f"{task}/{doc_id}", member.compressor
             )
             new_tokens = output[0, prompt_length:]
-            record.output_tokens = int(new_tokens.shape[0])
+            record.input_tokens, record.output_tokens = int(prompt_length), int(new_tokens.shape[0])
             if self.measure:
                 record.memory = peak_memory(self.device)
                 record.seconds["cpu_time"] = time.process_time() - cpu_start
@@ -486,6 +488,14 @@ def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, An
     from dycoke_eval.config import instantiate_method
 
     return instantiate_method(method or "full", overrides)
+
+
+def with_token_counts(answer: str, record: SampleRecord) -> GenerationResult | str:
+    """An answer as lmms-eval takes it with its counts: the prompt's tokens (visual ones included) and the new ones.
+    A failed sample, and one journaled before input counts were recorded, gives what it has."""
+    if record.status != "ok":
+        return answer
+    return GenerationResult(answer, TokenCounts(input_tokens=record.input_tokens or None, output_tokens=record.output_tokens))
 
 
 def _resolve_video_path(doc_to_visual, doc) -> str:

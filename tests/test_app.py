@@ -5,6 +5,7 @@ interpreter would not share set aside); lmms-eval's CLI runs as a command. The o
 command from a shell, from an installed wheel, is tests/test_install.py.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -112,6 +113,8 @@ def test_the_cell_folder_records_how_it_was_made(damaged_run):
     run = json.loads((cell / "run.json").read_text())
     assert run["cell"]["frames"] == 8 and run["method"] == {"name": "full"}
     assert run["versions"]["lmms-eval"] == "0.7.3" and run["versions"]["transformers"].startswith("5.")
+    assert {"numpy", "pandas", "filelock", "torch"} <= set(run["versions"]["installed"])
+    assert run["versions"]["lock_sha256"] == hashlib.sha256((REPO_ROOT / "requirements.lock").read_bytes()).hexdigest()
     assert {"commit", "dirty"} <= set(run["git"]) and "cpu_count" in run["hardware"]
     assert run["runtime"] == {"device": "cpu", "dtype": "torch.float32", "attn_implementation": "sdpa",
                               "attention_kernels": ["sdpa"], "prompt": "paper", "max_new_tokens": 16,
@@ -122,6 +125,11 @@ def test_the_cell_folder_records_how_it_was_made(damaged_run):
         assert (cell / f"samples_{task}.jsonl").stat().st_size > 0
     records = [json.loads(line) for line in (cell / "sample_records.jsonl").read_text().splitlines()]
     assert {r["visual_tokens_in"] for r in records if r["status"] == "ok"} == {8 * 16 + 1}
+    # lmms-eval's own efficiency summary counts what the model read and wrote, failed samples left out
+    overall = json.loads((cell / "results.json").read_text())["efficiency"]["overall"]
+    ok = [r for r in records if r["status"] == "ok"]
+    assert overall["docs_with_token_counts"] == len(ok) and overall["total_output_tokens"] == sum(r["output_tokens"] for r in ok)
+    assert overall["total_input_tokens"] == sum(r["input_tokens"] for r in ok) > sum(r["visual_tokens_in"] for r in ok)
 
 
 @pytest.mark.slow
