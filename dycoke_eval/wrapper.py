@@ -42,6 +42,7 @@ from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCach
 from dycoke_eval.groups import ENCODER_PASSES, Companion
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.offline.tiny_model import checkpoint_generation_cap
+from dycoke_eval.plumbing.cache import generated_cache
 from dycoke_eval.prefetch import Prefetcher
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
 from dycoke_eval.store import SampleJournal, SampleRecord
@@ -401,7 +402,7 @@ class CompressedVideoLM(lmms):
             if steps := clock.decode_steps():
                 record.seconds["decode_per_token"] = sum(steps) / len(steps)
                 record.decode_step_seconds = steps
-            record.kv_cache_bytes = cache_bytes(output.past_key_values)
+            record.kv_cache_bytes = cache_bytes(generated_cache(output))
             output = sequences
         prompt_length = inputs.input_ids.shape[1]
         decode_steps = max(int(sequences.shape[1]) - prompt_length - 1, 0)  # the first new token comes from prefill

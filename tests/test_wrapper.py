@@ -239,3 +239,15 @@ def test_each_process_appends_to_its_own_journal_and_every_process_reads_them_al
     alone = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", journal=str(journal_path(tmp_path, 0)))
     assert alone.generate_until(make_requests(alone, paths)) == [first, second, third]  # one process resumes what two did
     assert [record.from_journal for record in alone.sample_records] == [True, True, True]
+
+
+def test_generation_passes_no_argument_transformers_deprecates(tiny_checkpoint, video):
+    """DyCoke hands generate a cache of its own: under the argument name transformers 6 keeps."""
+    import warnings
+
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", method="dycoke")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (answer,) = lm.generate_until(make_requests(lm, [video]))
+    assert lm.sample_records[-1].status == "ok"
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)]

@@ -37,7 +37,7 @@ from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.kv_selection import attended_key_index, last_query_attention, max_attention
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.plumbing.attention import attention_kernel, kernel_name, masked_attention, routed_attention, subset_attention
-from dycoke_eval.plumbing.cache import PrunableLayer, TrimmedLayer
+from dycoke_eval.plumbing.cache import GENERATE_CACHE_ARGUMENT, PrunableLayer, TrimmedLayer
 from dycoke_eval.plumbing.hooks import prefill_position_pruning
 
 
@@ -153,7 +153,7 @@ class _PrefillRoute:
             if self.trimmed:
                 layers = decoder.config.num_hidden_layers
                 self.cache = Cache(layers=[TrimmedLayer() if i in self.trimmed else DynamicLayer() for i in range(layers)])
-                inputs.kwargs["past_key_values"] = self.cache
+                inputs.kwargs[GENERATE_CACHE_ARGUMENT] = self.cache
 
     def present_at(self, layer: int) -> torch.Tensor | None:
         """Prompt positions whose states reach `layer` (None: all of them)."""
@@ -242,7 +242,7 @@ class _DecodeRoute:
         cold = "cpu" if getattr(stage, "offload_pruned", False) else None
         self.cache = Cache(layers=[PrunableLayer(cold) if i in self.aside else DynamicLayer() for i in range(layers)])
         if self.aside:
-            inputs.kwargs["past_key_values"] = self.cache
+            inputs.kwargs[GENERATE_CACHE_ARGUMENT] = self.cache
         self.index: torch.Tensor | None = None  # keys the pruned layers attend to at this step
         self.applied: torch.Tensor | None = None  # the kept set the held-aside layers hold
         self.attended: list[int] = []  # visual tokens the pruned layers attended, per decode step

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 IMAGE_SIZE = 56
@@ -187,9 +189,23 @@ def build_tiny_siglip_head(path: str | Path) -> Path:
             if name.startswith(("post_layernorm.", "head.")):
                 parameter.add_(0.2 * torch.randn_like(parameter))
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    with transformers_errors_only():  # saving compares with a default SiglipConfig, whose text token ids warn
+        model.save_pretrained(path)
     (path / MARKER).write_text(json.dumps({"build_version": BUILD_VERSION}))
     return path
+
+
+@contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """transformers logs errors only inside the block; its verbosity is restored after."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def ensure_tiny_siglip_head(path: str | Path) -> Path:

@@ -10,8 +10,20 @@ already, and attention over keys does not depend on their order, so the hot stor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import DynamicLayer
+from transformers.generation import utils as generation_utils
+
+# The generate() argument and output field holding the cache: `cache` since transformers 5.2x, which deprecates
+# `past_key_values` (removed in 6); earlier 5.x releases know only `past_key_values`.
+GENERATE_CACHE_ARGUMENT = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def generated_cache(output: Any) -> Any:
+    """The cache a `generate(..., return_dict_in_generate=True)` output holds, under either name."""
+    return getattr(output, GENERATE_CACHE_ARGUMENT)
 
 
 class PrunableLayer(DynamicLayer):
