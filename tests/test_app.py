@@ -137,15 +137,16 @@ def test_the_readmes_offline_lmms_eval_command_runs_as_written(offline_dir, tmp_
     """The README's block, run by bash as written (the offline dir comes from $DYCOKE_OFFLINE_DIR, output in tmp)."""
     readme = (REPO_ROOT / "README.md").read_text()
     (block,) = [b for b in readme.split("```bash\n")[1:] if "--include_path" in b.split("```")[0]]
-    command = block.split("```")[0].replace("logs/", f"{tmp_path}/")
+    command = block.split("```")[0].replace("results/lmms-eval/", f"{tmp_path}/")
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # `python` is this environment's, as in an activated venv
     env = {**os.environ, "PATH": path, "DYCOKE_OFFLINE_DIR": str(offline_dir)}
     proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = tmp_path.rglob("*_results.json")
     results = json.loads(results_file.read_text())
-    assert "exact_match,none" in results["results"]["fixture_nextqa_mc_test"]
-    assert results["n-samples"]["fixture_nextqa_mc_test"]["effective"] == 2
+    assert "accuracy,none" in results["results"]["fixture_perceptiontest_val_mc"]
+    assert results["n-samples"]["fixture_perceptiontest_val_mc"]["effective"] == 2
+    assert "nltk" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(
