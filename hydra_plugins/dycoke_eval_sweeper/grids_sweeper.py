@@ -139,7 +139,7 @@ class GridsSweeper(BasicSweeper):
             batch = self.get_job_batch()
             tic = time.perf_counter()
             self.validate_batch_is_legal(batch)
-            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            results = self._launch(batch, initial_job_idx)
             for result in results:
                 try:
                     _ = result.return_value  # raise if a job failed
@@ -153,6 +153,20 @@ class GridsSweeper(BasicSweeper):
         if failed:
             sys.exit(f"sweep: {len(failed)} cells failed entirely and are not complete:\n" + "\n".join(failed))
         return returns
+
+    def _launch(self, batch: list, initial_job_idx: int) -> list:
+        """The launcher's jobs; one that died (killed, preempted, out of memory) ends the sweep in one line: every
+        answer it journaled is kept, and the same command resumes."""
+        try:
+            return self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+        except Exception as error:
+            if type(error).__name__ not in ("UncompletedJobError", "FailedJobError"):  # submitit's, imported only with it
+                raise
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            sys.exit(
+                f"sweep: a job stopped before finishing ({reason}); its finished samples are saved in the cells' journals: "
+                "run the same command again to resume"
+            )
 
     def _render_report(self) -> None:
         """A paper table's sweep (its run_name names a CSV of dycoke_eval/paper) renders that table; other sweeps
