@@ -1,6 +1,6 @@
 """Nightly regression: compare a run's cells with a committed baseline, per method and metric.
 
-    python -m dycoke_eval.nightly compare RESULTS_DIR [--baseline results/baselines/nightly.json] [--run-name nightly]
+    python -m dycoke_eval.nightly compare RESULTS_DIR [--baseline results/baselines/nightly.json] [--run-name nightly] [--all]
     python -m dycoke_eval.nightly refresh RESULTS_DIR [--baseline ...] [--run-name nightly]
 
 A method is identified by its model, name and every setting (`tiny/fastv(layer=5,ratio=0.35)`),
@@ -10,7 +10,8 @@ within an absolute band around the baseline. Efficiency figures (the share of vi
 entering the LLM, the achieved retained ratio, generate time relative to full in the same run)
 must stay within their bands too.
 GPT-judged metrics are compared only when a judge is configured; the report says when they are
-skipped. `compare` prints a table of everything that moved and exits 1 on a regression.
+skipped. `compare` prints the figures that moved beyond their band, then one summary line, and exits 1
+when any did (a figure or a method missing from the run counts as moved); `--all` prints every figure.
 `refresh` writes the baseline from a run and records where it came from.
 """
 
@@ -86,8 +87,11 @@ def collect(results_dir: Path, run_name: str) -> dict[str, dict[str, float]]:
     return figures
 
 
+COLUMNS = ["method", "figure", "baseline", "now", "change", "band", "regressed"]
+
+
 def compare(current: dict[str, dict[str, float]], baseline: dict[str, Any], judged: bool) -> tuple[pd.DataFrame, list[str]]:
-    """A row per compared figure (with whether it regressed) and notes on what was not compared."""
+    """A row per compared figure (`COLUMNS`: with whether it moved beyond its band) and notes on what was not compared."""
     bands = {**DEFAULT_BANDS, **baseline.get("bands", {})}
     rows, notes = [], []
     for method, expected in baseline["methods"].items():
@@ -105,7 +109,36 @@ def compare(current: dict[str, dict[str, float]], baseline: dict[str, Any], judg
             regressed = now is None or abs(change) > band
             rows.append({"method": method, "figure": figure, "baseline": before, "now": now, "change": change,
                          "band": band, "regressed": regressed})  # fmt: skip
-    return pd.DataFrame(rows), notes
+    return pd.DataFrame(rows, columns=COLUMNS), notes
+
+
+def figures_text(table: pd.DataFrame) -> str:
+    """Compared figures as a text table: values to 4 digits, the change signed, 'missing' where the run lacks one."""
+    text = {
+        "method": table.method,
+        "figure": table.figure,
+        "baseline": table.baseline.map(_number_text),
+        "now": table.now.map(lambda value: "missing" if pd.isna(value) else _number_text(value)),
+        "change": table.change.map(lambda value: _number_text(value, "+")),
+        "band": table.band.map(_number_text),
+        "status": table.regressed.map({True: "moved", False: "within"}),
+    }
+    return pd.DataFrame(text).to_string(index=False)
+
+
+def _number_text(value, sign: str = "") -> str:
+    return "-" if pd.isna(value) else f"{value:{sign}.4g}"
+
+
+def summary(table: pd.DataFrame, notes: list[str]) -> str:
+    """'nightly: 42 figures compared, 2 moved beyond tolerance, 40 within', and how many judged ones were not."""
+    moved = int(table.regressed.sum())
+    line = f"nightly: {_figures(len(table))} compared, {moved} moved beyond tolerance, {len(table) - moved} within"
+    return line + (f"; {_figures(len(notes), 'GPT-judged ')} not compared (no judge configured)" if notes else "")
+
+
+def _figures(count: int, kind: str = "") -> str:
+    return f"{count} {kind}figure{'' if count == 1 else 's'}"
 
 
 def refresh(results_dir: Path, run_name: str, path: Path) -> dict[str, Any]:
@@ -139,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-name", default="nightly")
     parser.add_argument("--judged", action=argparse.BooleanOptionalAction, default=bool(os.environ.get("OPENAI_API_KEY")),
                         help="compare GPT-judged metrics (default: when OPENAI_API_KEY is set)")  # fmt: skip
+    parser.add_argument("--all", action="store_true", help="print every compared figure and every note, not only what moved")
     args = parser.parse_args(argv)
     if args.command == "refresh":
         refresh(args.results_dir, args.run_name, args.baseline)
@@ -147,20 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dycoke_eval.nightly: no baseline at {args.baseline}; create one with `refresh`", file=sys.stderr)
         return 2
     table, notes = compare(collect(args.results_dir, args.run_name), json.loads(args.baseline.read_text()), args.judged)
-    moved = table[table.regressed]
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}") if not table.empty else "nothing to compare")
-    for note in notes:
+    shown = table if args.all else table[table.regressed]
+    if not shown.empty:
+        print(figures_text(shown))
+    for note in notes if args.all else []:
         print(f"note: {note}")
-    if len(moved):
-        print(f"\nREGRESSION: {len(moved)} figure(s) moved outside their band:")
-        print(
-            moved[["method", "figure", "baseline", "now", "change", "band"]].to_string(
-                index=False, float_format=lambda x: f"{x:+.4g}"
-            )
-        )
-        return 1
-    print(f"\nno regression: {len(table)} figures within their bands")
-    return 0
+    print(summary(table, notes))
+    return 1 if table.regressed.any() else 0
 
 
 if __name__ == "__main__":

@@ -2,16 +2,17 @@
 
     python -m dycoke_eval.report RESULTS_DIR [--tables 1 2]
 
-Reads every cell under RESULTS_DIR/cells and the paper's numbers in dycoke_eval/paper/, and writes
-RESULTS_DIR/report/tableN.{md,tex,csv} for every table it has data for, and a PNG per model of
-accuracy against TFLOPs with its data (`plots.py`). Rows follow the paper
-(model groups, then methods); a model the paper does not have (the tiny offline model) gets
-its own group. Columns are the table's metrics, each as ours / paper / difference. Best and
-second-best among the pruning methods (every row but full tokens) are marked per model and
-metric, bold and underlined as in the paper; a value we do not have is a dash. FLOPs columns
-come from the cell's plan (`accounting.plan_row`, recorded in run.json when the cell ran), so ours
-are the eq. 8 cost of the cell that was run; our retained ratio is the measured one (mean over
-tasks) where the cell recorded it, else the planned one. Cells are read through `store.py`.
+Reads every cell under RESULTS_DIR/cells and the paper's numbers in dycoke_eval/paper/, and writes, for every
+table it has data for, RESULTS_DIR/report/tableN.{md,tex} (compact: per metric one column, ours with our
+difference from the paper's, "75.00 (-3.20)"), tableN_wide.md (ours / paper / difference per metric) and
+tableN.csv (every column), and a PNG per model of accuracy against TFLOPs with its data (`plots.py`). Rows
+follow the paper (model groups, then methods); a model the paper does not have (the tiny offline model) gets
+its own group, and a row the paper labels "Ours" is labelled with the method's name. Best and second-best
+among the pruning methods (every row but full tokens) are marked per model and metric, bold and underlined as
+in the paper; a value we do not have is a dash. FLOPs columns come from the cell's plan
+(`accounting.plan_row`, recorded in run.json when the cell ran), so ours are the eq. 8 cost of the cell that
+was run; our retained ratio is the measured one (mean over tasks) where the cell recorded it, else the planned
+one. Cells are read through `store.py`.
 
 Rows are told apart: the paper's label, with the row's settings where the paper uses one label
 twice (Table 5's "DyCoke (K=0.7, L=3, P=0.7)"); a frames column where the rows differ in frames;
@@ -20,15 +21,19 @@ match a row (a `limit=1` run beside a full one, Table 3's measured cells beside 
 with the table's evaluation (`_pick`: the same tasks, per-task sample counts and run settings as
 the table's other rows), else the row's largest, is shown, and every cell skipped is printed with
 the reason. The .tex is escaped by pandas' LaTeX writer: text between a pair of `$` is math,
-everything else is escaped.
+everything else is escaped; it fits the line width (`to_latex`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import re
+import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +116,7 @@ def cell_rows(cells: list[Cell]) -> pd.DataFrame:
         row["settings"] = json.dumps(method_settings(cell.run.method), sort_keys=True)  # every setting: no two collide
         row["run"] = _json({key: cell.run.config.get(key) for key in RUN_SETTINGS})
         row["cell"], row["limit"] = cell.name, cell.run.config.get("limit")
+        row["stand_in_judge"] = stand_in_judge(cell.results)
         measured = cell.retained_ratio()  # DyCoke's decode-time attendance, PruMerge's adaptive count: beats the plan
         if measured is not None:
             row["retained_ratio"] = measured
@@ -139,6 +145,18 @@ def cell_rows(cells: list[Cell]) -> pd.DataFrame:
     if "latency_per_example_s" in frame:  # speed-up against full tokens of the same model, frames and evaluation
         frame["speedup"] = 1 / _to_full(frame.assign(evaluation=frame.counts.map(_json)), "latency_per_example_s", FULL_KEY)
     return frame
+
+
+JUDGED = {"activitynetqa_acc", "activitynetqa_score", "videodc"}  # columns a GPT judge scores
+
+
+def stand_in_judge(results: dict[str, Any]) -> str | None:
+    """The endpoint(s) of a cell's verdicts that are not OpenAI's API (a local or other stand-in), else None."""
+    from dycoke_eval.judge.client import is_openai_api
+
+    judges = results.get("dycoke_eval_judge", {}).get("judges", [])
+    others = sorted({judge["endpoint"] for judge in judges if not is_openai_api(judge.get("endpoint", ""))})
+    return ", ".join(others) or None
 
 
 def _sample_columns(cell: Cell, sources: dict[str, list[str]]) -> dict[str, Any]:
@@ -226,18 +244,17 @@ def _title(table: int | str) -> str:
     return f"table {table}" if isinstance(table, int) else table
 
 
-def build_table(
-    table: int | str, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, with_tflops: bool = False
-) -> pd.DataFrame | None:
+def build_table(table: int | str, ours: pd.DataFrame, paper_dir: Path = PAPER_DIR, for_plot: bool = False) -> pd.DataFrame | None:
     """The table as numbers: rows in the paper's order, columns (metric, ours|paper|diff); None without data.
 
     `table`: DyCoke's by number, FastVID's by name (`fastvid_table1`, the CSV's name). The first columns
-    name the row: model, method (the paper's label; settings appended where the paper's label alone is
-    shared by rows of one model and frame count), R (FastVID's retention block, where the paper has one),
-    frames (only where the table's rows differ in frames) and samples (only where the rows' cells
-    evaluated different samples). A row matches the cells whose settings are the ones the table's CSV
-    names. Where several cells match a row, `_pick` chooses one; `frame.attrs["notes"]` says which cells
-    were skipped and why. `with_tflops` adds our planned TFLOPs where the paper's layout has none (for plots).
+    name the row: model, method (the paper's label, its "Ours" replaced by the method's name (`_our_label`);
+    settings appended where the paper's label alone is shared by rows of one model and frame count), R
+    (FastVID's retention block, where the paper has one), frames (only where the table's rows differ in
+    frames) and samples (only where the rows' cells evaluated different samples). A row matches the cells
+    whose settings are the ones the table's CSV names. Where several cells match a row, `_pick` chooses
+    one; `frame.attrs["notes"]` says which cells were skipped and why. `for_plot` adds our planned TFLOPs
+    where the paper's layout has none, and a series column: each row's name in legends (`series_name`).
 
     A table with FastVID's "% of vanilla" column (`RELATIVE`) divides each row's Avg. by that of the
     vanilla row of its model and frames, and adds (metric, "vs vanilla") to every column with per-sample
@@ -248,18 +265,18 @@ def build_table(
     settings = [name for name in SETTINGS if name in paper.columns]  # what this table's rows name
     paper = paper.assign(**{name: math.nan for name in SETTINGS if name not in paper})
     metrics = [c for c in paper.columns if c not in (*SETTINGS, *LABELS)]
-    if with_tflops and "tflops" not in metrics:
+    if for_plot and "tflops" not in metrics:
         metrics.insert(0, "tflops")
     measured = set(metrics) - PLANNED  # plan figures exist for every cell; a table needs one of its measured metrics
     if ours.empty or not measured & set(ours.columns) or ours[list(measured & set(ours.columns))].isna().all().all():
         return None
-    paper["row"] = _distinct_labels(paper)
+    paper["row"] = _distinct_labels(paper.assign(row=paper.apply(lambda row: _our_label(row["row"], row["method"]), axis=1)))
     paper_models = list(dict.fromkeys(paper.model))
     paper["key"], ours = _key(paper, settings), ours.assign(key=_key(ours, settings))
     extra = ours[~ours.model.isin(paper_models)]  # models the paper does not have, e.g. the tiny offline model
     # Rows for models the paper lacks: the first model's rows, once per method and settings (any frame count).
     template = paper[paper.model == paper_models[0]].drop_duplicates(subset=settings[1:-1])
-    slots = []  # (model, paper row, label, the cells that could fill it)
+    slots = []  # (model, paper row, what tells its cells from the paper's settings, the cells that could fill it)
     for model in paper_models + list(dict.fromkeys(extra.model)):
         group = (
             paper[paper.model == model]
@@ -271,7 +288,7 @@ def build_table(
                 match = ours[ours.key.map(lambda key, wanted=paper_row.key: key == wanted)]
             else:  # the method's settings (the key without model and frames) as the paper row names them, any frame count
                 match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:-1] == wanted[1:-1])]
-            slots += [(model, paper_row, label, cells) for label, cells in _variants(paper_row["row"], match)]
+            slots += [(model, paper_row, variant, cells) for variant, cells in _variants(match)]
     picked, notes = _pick(table, slots, metrics)
     runs = {evaluation.run for _, evaluation in picked if evaluation is not None}
     relative = RELATIVE in metrics
@@ -279,18 +296,23 @@ def build_table(
     for (model, paper_row, _, _), (our_row, _) in zip(slots, picked, strict=True):
         if paper_row["method"] == "full" and not our_row.empty:
             vanilla.setdefault((model, our_row["frames"]), our_row)
-    rows = []
-    for (model, paper_row, label, _), (our_row, evaluation) in zip(slots, picked, strict=True):
+    rows, stand_ins = [], set()
+    for (model, paper_row, variant, _), (our_row, evaluation) in zip(slots, picked, strict=True):
+        if isinstance(our_row.get("stand_in_judge"), str) and any(
+            pd.notna(our_row.get(c, math.nan)) for c in JUDGED & set(metrics)
+        ):
+            stand_ins.add(our_row["stand_in_judge"])
         frames = our_row.get("frames", paper_row["frames"])
         base = vanilla.get((model, frames)) if relative and not our_row.empty else None
         if base is not None:
             our_row = _against_vanilla(our_row, base)
         if len(runs) > 1 and evaluation is not None:  # rows run differently (max_new_tokens, prompt, seed): say how
             differing = [(key, value) for key, value in evaluation.run if any(dict(run).get(key) != value for run in runs)]
-            label = f"{label} [{', '.join(f'{key}={value}' for key, value in differing)}]"
+            variant = f"{variant} [{', '.join(f'{key}={value}' for key, value in differing)}]"
         row = {
             ("", "model"): model,
-            ("", "method"): label,
+            ("", "method"): paper_row["row"] + variant,
+            **({("", "series"): series_name(paper_row["method"], paper_row) + variant} if for_plot else {}),
             **({("", "R"): f"{paper_row['R']:.0%}"} if "R" in paper_row else {}),
             ("", "frames"): "-" if pd.isna(frames) else str(int(frames)),
             ("", "samples"): "-" if evaluation is None else _samples_text(evaluation.counts),
@@ -311,6 +333,7 @@ def build_table(
     if len({evaluation.counts for _, evaluation in picked if evaluation is not None}) < 2:  # the same samples in every row
         frame = frame.drop(columns=[("", "samples")])
     frame.attrs["notes"] = notes
+    frame.attrs["stand_in_judges"] = sorted(stand_ins)
     return frame
 
 
@@ -334,6 +357,57 @@ def _number_or_none(value) -> float | None:
 
 
 LABEL_SETTINGS = {"k": "K", "l": "L", "p": "P", "layer": "layer", "ratio": "ratio"}  # how a label names a setting
+METHOD_NAMES = {  # a method's name in labels and legends, by its config's name (conf/method/)
+    "full": "Full tokens", "dycoke": "DyCoke", "dycoke_ttm": "DyCoke (TTM only)", "dycoke_no_dp": "DyCoke w/o DP",
+    "dycoke_random": "DyCoke, random pruning", "fastv": "FastV", "prumerge": "PruMerge", "visionzip": "VisionZip",
+    "prunevid": "PruneVid", "fastvid": "FastVID", "random": "Random tokens", "pooling": "Pooling",
+}  # fmt: skip
+BUDGETS = {"k", "ratio", "retention", "cluster_ratio"}  # how many tokens a method keeps: its points along a plot's x
+SERIES_SETTINGS = [name for name in ("l", "p", *NAMED_SETTINGS) if name not in BUDGETS]  # what else tells series apart
+
+
+def _our_label(label: str, method: str) -> str:
+    """The paper's label with its self-reference replaced by the method's name, since in our report "Ours" would
+    read as our runs: 'Ours ($K=0.7$)' -> 'DyCoke ($K=0.7$)', 'Our DySeg' -> 'FastVID (DySeg)', 'FastVID (Ours)' ->
+    'FastVID'."""
+    name = METHOD_NAMES.get(method, method)
+    label = re.sub(r"\s*\(ours\)", "", label, flags=re.IGNORECASE)
+    label = re.sub(r"^ours\b", lambda _: name, label, flags=re.IGNORECASE)
+    return re.sub(r"^our (.+)$", lambda found: f"{name} ({found[1]})", label, flags=re.IGNORECASE)
+
+
+def series_name(method: str, settings: Mapping[str, Any]) -> str:
+    """A method at one configuration in the same words in every table's legend, where the paper's labels vary
+    ('Full Tokens', 'Vanilla', 'Ours ($K = 0.7$)'): the method's name, then its settings other than its budget
+    (`BUDGETS`, which the plot's x shows) that differ from its config's defaults, as in 'FastV (layer=2)'."""
+    defaults = _method_defaults(method)
+    named = [
+        f"{LABEL_SETTINGS.get(name, name)}={_setting_text(settings[name])}"
+        for name in SERIES_SETTINGS
+        if not pd.isna(settings.get(name)) and _setting(settings[name]) != _setting(defaults.get(name))
+    ]
+    return f"{METHOD_NAMES.get(method, method)} ({', '.join(named)})" if named else METHOD_NAMES.get(method, method)
+
+
+@functools.cache
+def _method_defaults(method: str) -> dict[str, Any]:
+    """The settings of conf/method/<method>.yaml, with those of the configs it extends (its `defaults`)."""
+    path = CONF_DIR / "method" / f"{method}.yaml"
+    config = yaml.safe_load(path.read_text()) if path.exists() else {}
+    inherited = [_method_defaults(parent) for parent in config.pop("defaults", []) if parent != "_self_"]
+    return {name: value for settings in [*inherited, config] for name, value in settings.items()}
+
+
+def _setting(value) -> Any:
+    """A setting as the paper's CSV and a config both give it: 3.0 and 3 alike, 'False' and false alike."""
+    if isinstance(value, (bool, np.bool_)) or value in ("True", "False"):
+        return str(value) == "True"
+    return round(float(value), 4) if isinstance(value, (int, float)) else value
+
+
+def _setting_text(value) -> str:
+    value = _setting(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _distinct_labels(paper: pd.DataFrame) -> pd.Series:
@@ -353,22 +427,22 @@ def _distinct_labels(paper: pd.DataFrame) -> pd.Series:
     return labels
 
 
-def _variants(label: str, match: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def _variants(match: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """The cells matching a paper row, in groups that each get a row: one group per method setting and frame count.
 
     Cells whose settings differ beyond what the paper row names (PruMerge's variant or mode,
-    DyCoke's mode or threshold, ...) are never merged: each group gets its own row, labelled with
-    the settings that tell them apart (frames are the frames column's). Within a group the cells
-    differ only in what they evaluated (tasks, limit, prompt, seed, max_new_tokens, measured or
-    not); `_pick` chooses among them.
+    DyCoke's mode or threshold, ...) are never merged: each group gets its own row, its label followed
+    by the settings that tell them apart (' [variant=plus]'; frames are the frames column's), the text
+    returned with the group. Within a group the cells differ only in what they evaluated (tasks, limit,
+    prompt, seed, max_new_tokens, measured or not); `_pick` chooses among them.
     """
     if match.empty:
-        return [(label, match)]
+        return [("", match)]
     parsed = [(json.loads(settings), cells) for (settings, _), cells in match.groupby(["settings", "frames"], sort=True)]
     differing = sorted({key for settings, _ in parsed for key in settings if any(s.get(key) != settings[key] for s, _ in parsed)})
     if not differing:
-        return [(label, cells) for _, cells in parsed]
-    return [(f"{label} [{', '.join(f'{key}={settings.get(key)}' for key in differing)}]", cells) for settings, cells in parsed]
+        return [("", cells) for _, cells in parsed]
+    return [(f" [{', '.join(f'{key}={settings.get(key)}' for key in differing)}]", cells) for settings, cells in parsed]
 
 
 @dataclass(frozen=True)
@@ -430,10 +504,11 @@ def _pick(table: int | str, slots: list, metrics: list[str]) -> tuple[list[tuple
     tally = Counter(evaluation for choices in options for evaluation in {e for e, _ in choices} if evaluation.counts)
     target = max(tally, key=lambda e: (len(e.columns), tally[e], *e.rank()[1:]), default=None)
     picked, notes = [], []
-    for (model, _, label, _), choices in zip(slots, options, strict=True):
+    for (model, paper_row, variant, _), choices in zip(slots, options, strict=True):
         if not choices:
             picked.append((pd.Series(dtype=object), None))
             continue
+        label = paper_row["row"] + variant
         best = [c for c in choices if c[0] == target] or choices
         top = max(evaluation.rank() for evaluation, _ in best)
         tied = [c for c in best if c[0].rank() == top]
@@ -520,57 +595,90 @@ def _format(metric: str, value: float, signed: bool) -> str:
     sign = "+" if signed else ""
     if metric.endswith("ratio"):
         return f"{value * 100:{sign}.2f}%"
-    if metric == "tflops":
-        return f"{value:{sign}.4g}"
+    if metric == "tflops" and not signed:  # 1.27 to 262.5: four digits; a difference to two decimals, as other metrics
+        return f"{value:.4g}"
     return f"{value:{sign}.2f}"
 
 
-MARKS = {"md": {"best": "**{}**", "second": "<u>{}</u>"}, "plain": {"best": "{}", "second": "{}"}}
-LATEX_MARKS = {"best": "textbf:--rwrap;", "second": "underline:--rwrap;"}  # Styler: \textbf{...} around the escaped value
+MARKS = {"md": {"best": "**{}**", "second": "<u>{}</u>"}, "tex": {"best": r"\textbf{{{}}}", "second": r"\underline{{{}}}"}}
 
 
 def render(frame: pd.DataFrame, style: str) -> pd.DataFrame:
-    """Numbers as text: a dash where missing, best bold and second underlined ('md'), or no marks ('plain')."""
+    """Every column as text (the wide layout): a dash where missing, best bold and second underlined, in markdown
+    ('md') or LaTeX ('tex', where a number's % is escaped too)."""
     found = marks(frame)
     text = frame.astype(object).copy()
     for column in frame.columns:
-        if column[0] == "":
-            continue
-        for row, value in frame[column].items():
-            if isinstance(value, PairedDifference):
-                text.loc[row, column] = str(value)
-                continue
-            if not isinstance(value, (int, float)) or math.isnan(value):
-                text.loc[row, column] = "-"
-                continue
-            shown = _format(column[0], value, signed=column[1] == "diff")
-            text.loc[row, column] = MARKS[style][found[(row, column)]].format(shown) if (row, column) in found else shown
+        if column[0] != "":
+            text[column] = [_cell_text(column, value, found.get((row, column)), style) for row, value in frame[column].items()]
     return text
 
 
+def _cell_text(column: tuple[str, str], value, mark: str | None, style: str) -> str:
+    if isinstance(value, PairedDifference):
+        return str(value)
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "-"
+    shown = _format(column[0], value, signed=column[1] == "diff")
+    shown = shown.replace("%", r"\%") if style == "tex" else shown
+    return MARKS[style][mark].format(shown) if mark else shown
+
+
+def compact(frame: pd.DataFrame, style: str) -> pd.DataFrame:
+    """The default layout, narrow enough for a page: one column per metric, ours and our difference from the
+    paper's in one cell, '75.00 (-3.20)' (ours alone where the paper has no value, a dash where we have none),
+    ours marked as `render` marks it; of the paired differences from vanilla, the Avg.'s. The wide layout
+    (`render`) has the paper's values and every paired difference."""
+    text = render(frame, style)
+    columns = {}
+    for metric, part in frame.columns:
+        if metric == "" or (metric, part) == (AVERAGE, "vs vanilla"):
+            columns[(metric, part)] = text[(metric, part)]
+        elif part == "ours":
+            pairs = zip(text[(metric, "ours")], text[(metric, "diff")], strict=True)
+            columns[(metric, "")] = [ours if "-" in (ours, diff) else f"{ours} ({diff})" for ours, diff in pairs]
+    return pd.DataFrame(columns, index=frame.index)
+
+
+LATEX_HEADER = "% Needs \\usepackage{graphicx} (\\resizebox) and \\usepackage{booktabs} (the rules).\n"
+
+
 def to_latex(frame: pd.DataFrame) -> str:
-    """The table as a booktabs tabular, every text cell and header escaped by pandas' LaTeX writer (Styler).
+    """The compact table as a booktabs tabular, shrunk to the line width where it is wider (graphicx's `\\resizebox`,
+    which leaves a narrower table as it is), every text cell and header escaped by pandas' LaTeX writer (Styler).
 
     Escaping is pandas' "latex-math": text between a pair of `$` is kept as math (the paper's labels,
-    "Ours ($K=0.7$)", render as in the paper), and everything else, a lone `$` included, is escaped
-    (`%`, `_`, `&`, `#`, `{`, ...). Best and second best are `\\textbf` and `\\underline`, which the Styler
-    puts around the escaped value.
+    "DyCoke ($K=0.7$)", render as in the paper), and everything else, a lone `$` included, is escaped
+    (`%`, `_`, `&`, `#`, `{`, ...). The numbers are ours (`render`'s 'tex' style): best and second best are
+    `\\textbf` and `\\underline` around our value, not our difference from the paper's.
     """
-    flat = _flat(frame.columns)
-    styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
-    for (row, column), mark in marks(frame).items():
-        styles.loc[row, column] = LATEX_MARKS[mark]
-    styler = render(frame, "plain").set_axis(flat, axis=1).style.hide(axis="index")
-    styler = styler.format(escape="latex-math").format_index(escape="latex-math", axis=1)
-    styler = styler.apply(lambda _: styles.set_axis(flat, axis=1), axis=None)
-    labels = sum(1 for column in frame.columns if column[0] == "")
-    return styler.to_latex(hrules=True, column_format="l" * labels + "r" * (len(flat) - labels))
+    text = compact(frame, "tex")
+    flat = _flat(text.columns)
+    labels = [name for name, column in zip(flat, text.columns, strict=True) if column[0] == ""]
+    styler = text.set_axis(flat, axis=1).style.hide(axis="index")
+    styler = styler.format(escape="latex-math", subset=labels).format_index(escape="latex-math", axis=1)
+    tabular = styler.to_latex(hrules=True, column_format="l" * len(labels) + "r" * (len(flat) - len(labels)))
+    return f"{LATEX_HEADER}\\resizebox{{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}}{{!}}{{%\n{tabular}}}\n"
 
 
 def _flat(columns: pd.MultiIndex) -> list[str]:
     return [" ".join(part for part in column if part) for column in columns]
 
 
+def _markdown(text: pd.DataFrame) -> str:
+    """A text table as markdown: its cells as they are (no number parsing), labels left and values right."""
+    align = ["left" if column[0] == "" else "right" for column in text.columns]
+    return text.set_axis(_flat(text.columns), axis=1).to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+COMPACT_NOTE = (
+    "Each cell: ours (ours minus the paper's), a dash where we have no value; bold and underlined: our best and second "
+    "best among the pruning methods. The paper's values beside ours: {name}_wide.md; every figure: {name}.csv."
+)
+STAND_IN_NOTE = (
+    "Judged columns (ActivityNet-QA, VideoDC) of our rows come from a stand-in judge at {endpoints}, not OpenAI's API: "
+    "they exercise the path and are not comparable with the paper's GPT-4o-mini scores."
+)
 PAIRED_NOTE = (
     "vs vanilla: our value minus vanilla's (same model and frames) over the samples both cells scored, in points, "
     "with its 95% interval; * where the interval excludes 0."
@@ -578,13 +686,20 @@ PAIRED_NOTE = (
 
 
 def write_table(table: int | str, frame: pd.DataFrame, out_dir: Path) -> str:
+    """{name}.md and .tex (the compact layout), {name}_wide.md (ours, the paper's and the difference) and {name}.csv
+    (every column); returns the compact markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat, name = _flat(frame.columns), _stem(table)
-    markdown = render(frame, "md").set_axis(flat, axis=1).to_markdown(index=False)
-    note = f"\n{PAIRED_NOTE}\n" if any(column[1] == "vs vanilla" for column in frame.columns) else ""
-    (out_dir / f"{name}.md").write_text(f"# {f'Table {table}' if isinstance(table, int) else name}\n\n{markdown}\n{note}")
+    name = _stem(table)
+    title = f"Table {table}" if isinstance(table, int) else name
+    paired = f"\n{PAIRED_NOTE}\n" if any(column[1] == "vs vanilla" for column in frame.columns) else ""
+    if judges := frame.attrs.get("stand_in_judges"):
+        paired += f"\n{STAND_IN_NOTE.format(endpoints=', '.join(judges))}\n"
+    markdown = _markdown(compact(frame, "md"))
+    (out_dir / f"{name}.md").write_text(f"# {title}\n\n{markdown}\n\n{COMPACT_NOTE.format(name=name)}\n{paired}")
+    wide = _markdown(render(frame, "md"))
+    (out_dir / f"{name}_wide.md").write_text(f"# {title}: ours, the paper's and the difference\n\n{wide}\n{paired}")
     (out_dir / f"{name}.tex").write_text(to_latex(frame))
-    frame.set_axis(flat, axis=1).to_csv(out_dir / f"{name}.csv", index=False, na_rep="-")
+    frame.set_axis(_flat(frame.columns), axis=1).to_csv(out_dir / f"{name}.csv", index=False, na_rep="-")
     return markdown
 
 
@@ -631,7 +746,9 @@ def render_report(
     if not efficiency.empty:
         (results_dir / "report").mkdir(parents=True, exist_ok=True)
         efficiency.to_csv(results_dir / "report" / "efficiency.csv", index=False)
-        markdown = efficiency.to_markdown(index=False, floatfmt=".3f")
+        markdown = (
+            efficiency.astype(object).where(efficiency.notna(), None).to_markdown(index=False, floatfmt=".3f", missingval="-")
+        )
         (results_dir / "report" / "efficiency.md").write_text(f"# Efficiency against full tokens (same run)\n\n{markdown}\n")
         print(f"efficiency: {results_dir / 'report' / 'efficiency.md'} ({len(efficiency)} measured cells)")
         if show:
@@ -643,11 +760,14 @@ def render_report(
         if frame is not None:
             for note in frame.attrs["notes"]:
                 print(note)
+            if judges := frame.attrs["stand_in_judges"]:
+                print(f"report: {_title(table)}: " + STAND_IN_NOTE.format(endpoints=", ".join(judges)))
             markdown = write_table(table, frame, results_dir / "report")
-            plot_accuracy_vs_flops(_stem(table), build_table(table, ours, paper_dir, with_tflops=True), results_dir / "report")
+            plot_accuracy_vs_flops(_stem(table), build_table(table, ours, paper_dir, for_plot=True), results_dir / "report")
             filled = int(frame[[c for c in frame.columns if c[1] == "ours"]].notna().any(axis=1).sum())
             where = results_dir / "report" / f"{_stem(table)}.md"
-            print(f"{_title(table)}: {where} (also .tex, .csv and plots): {filled} of {len(frame)} rows have our values")
+            also = "also .tex, _wide.md, .csv and plots"
+            print(f"{_title(table)}: {where} ({also}): {filled} of {len(frame)} rows have our values")
             if show:
                 print(markdown)
             written[table] = frame
@@ -671,6 +791,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", type=_table, nargs="*", help="only these: 1 2 fastvid_table1 (default: all with data)")
     parser.add_argument("--show", action="store_true", help="print the tables too, not only where they were written")
     args = parser.parse_args(argv)
+    if not (args.results_dir / "cells").is_dir():
+        print(f"dycoke_eval.report: no cell folders under {args.results_dir}/cells: give the results_dir a run wrote "
+              "(`results` by default)", file=sys.stderr)  # fmt: skip
+        return 2
+    known = paper_tables()
+    if unknown := [table for table in args.tables or [] if table not in known]:
+        print(f"dycoke_eval.report: --tables {' '.join(map(str, unknown))}: no such paper table; tables: "
+              f"{' '.join(map(str, known))}", file=sys.stderr)  # fmt: skip
+        return 2
     render_report(args.results_dir, args.tables, show=args.show)
     return 0
 

@@ -63,7 +63,7 @@ def test_table3_speedup_is_against_full_tokens_in_the_same_run(measured):
     results, _ = measured
     table = render_report(results, tables=[3])[3]
     tiny = table[table[("", "model")] == "tiny"].set_index(("", "method"))
-    full, dycoke = tiny.loc["Full Tokens"], tiny.loc["Ours ($K = 0.7$)"]
+    full, dycoke = tiny.loc["Full Tokens"], tiny.loc["DyCoke ($K = 0.7$)"]
     assert full[("speedup", "ours")] == pytest.approx(1.0)
     expected = full[("latency_per_example_s", "ours")] / dycoke[("latency_per_example_s", "ours")]
     assert dycoke[("speedup", "ours")] == pytest.approx(expected)

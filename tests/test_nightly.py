@@ -50,7 +50,8 @@ def test_an_unchanged_run_passes(baseline, offline_dir, capsys):
     code = nightly(["compare", str(rerun), "--baseline", str(path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "no regression" in out
+    (line,) = out.splitlines()  # nothing moved: the summary alone
+    assert line.startswith("nightly: ") and ", 0 moved beyond tolerance, " in line
 
 
 def test_a_degraded_method_fails_naming_the_figure_and_the_size_of_the_change(baseline, tmp_path, capsys):
@@ -61,10 +62,10 @@ def test_a_degraded_method_fails_naming_the_figure_and_the_size_of_the_change(ba
     degraded.write_text(json.dumps(data))
     capsys.readouterr()
     assert nightly(["compare", str(root / "baseline_run"), "--baseline", str(degraded)]) == 1
-    report = capsys.readouterr().out.split("REGRESSION:")[1]
-    (line,) = [row for row in report.splitlines() if "visual_token_share" in row]
-    assert line.split()[0] == DYCOKE and float(line.split()[4]) == pytest.approx(-0.3)  # the change column
-    assert FULL not in [row.split()[0] for row in report.splitlines()[2:] if row.strip()]
+    header, line, summary = capsys.readouterr().out.splitlines()  # only what moved, then the summary
+    assert header.split() == ["method", "figure", "baseline", "now", "change", "band", "status"]
+    assert line.split()[:2] == [DYCOKE, "visual_token_share"] and float(line.split()[4]) == pytest.approx(-0.3)
+    assert ", 1 moved beyond tolerance, " in summary
 
 
 def hand_made_cell(results_dir, name, method, results):
@@ -103,6 +104,50 @@ def test_the_retained_ratio_is_the_standard_measured_one_else_the_visual_token_s
     assert figures["tiny/fastv(layer=5,ratio=0.35)"]["retained_ratio"] == 0.2  # the standard field, not method_stats
     unmeasured = figures["tiny/fastv(layer=5,ratio=0.5)"]
     assert unmeasured["retained_ratio"] == unmeasured["visual_token_share"] == 0.5
+
+
+def write_baseline(path, methods):
+    path.write_text(json.dumps({"methods": methods}))
+    return str(path)
+
+
+def test_compare_prints_only_what_moved_then_one_summary_line_and_everything_with_all(tmp_path, capsys):
+    from dycoke_eval.methods.fastv import FastV
+
+    scores = {"videomme": {"videomme_perception_score,none": 40.0}, "mvbench": {"mvbench_accuracy,none": 50.0},
+              "activitynetqa": {"gpt_eval_score,none": 3.0}}  # fmt: skip
+    hand_made_cell(tmp_path, "fastv", FastV(), {"results": scores})
+    fastv = "tiny/fastv(layer=5,ratio=0.35)"
+    figures = {"videomme/videomme_perception_score": 40.5, "mvbench/mvbench_accuracy": 55.0, "activitynetqa/gpt_eval_score": 3}
+    baseline = write_baseline(tmp_path / "baseline.json", {fastv: figures})
+    compare = ["compare", str(tmp_path), "--baseline", baseline, "--no-judged"]
+
+    assert nightly(compare) == 1  # MVBench fell 5 points, beyond its 1-point band
+    header, moved, summary = capsys.readouterr().out.splitlines()
+    assert moved.split() == [fastv, "mvbench/mvbench_accuracy", "55", "50", "-5", "1", "moved"]
+    assert summary == (
+        "nightly: 2 figures compared, 1 moved beyond tolerance, 1 within; 1 GPT-judged figure not compared (no judge configured)"
+    )
+
+    assert nightly([*compare, "--all"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in out[1:3]] == ["videomme/videomme_perception_score", "mvbench/mvbench_accuracy"]
+    assert out[1].split()[-1] == "within" and out[3].startswith("note: ") and out[4] == summary
+
+    write_baseline(tmp_path / "baseline.json", {fastv: {**figures, "mvbench/mvbench_accuracy": 50.2}})
+    assert nightly(compare) == 0  # within every band
+    assert capsys.readouterr().out.splitlines() == [
+        summary.replace("1 moved beyond tolerance, 1 within", "0 moved beyond tolerance, 2 within")
+    ]
+
+
+def test_a_method_missing_from_the_run_moves_and_no_baseline_exits_2(tmp_path, capsys):
+    baseline = write_baseline(tmp_path / "baseline.json", {"tiny/full()": {"videomme/videomme_perception_score": 40.0}})
+    assert nightly(["compare", str(tmp_path), "--baseline", baseline]) == 1
+    _, line, summary = capsys.readouterr().out.splitlines()
+    assert line.split() == ["tiny/full()", "(all)", "-", "missing", "-", "-", "moved"]
+    assert summary == "nightly: 1 figure compared, 1 moved beyond tolerance, 0 within"
+    assert nightly(["compare", str(tmp_path), "--baseline", str(tmp_path / "none.json")]) == 2
 
 
 def test_judged_metrics_are_compared_only_with_a_judge(baseline):
