@@ -342,3 +342,17 @@ def test_the_local_judge_runs_as_a_command_until_interrupted():
         server.send_signal(signal.SIGINT)
         out, _ = server.communicate(timeout=10)
     assert server.returncode == 0 and "stopped after 1 requests" in out
+
+
+def test_judging_re_renders_a_rendered_report_and_otherwise_names_the_command(tmp_path, monkeypatch, capsys):
+    from dycoke_eval.judge import __main__ as judge_command
+
+    rendered, fresh = tmp_path / "rendered", tmp_path / "fresh"
+    for root in (rendered, fresh):
+        (root / "cells").mkdir(parents=True)
+    (rendered / "report").mkdir()
+    calls = []
+    monkeypatch.setattr("dycoke_eval.report.render_report", lambda root: calls.append(root))
+    judge_command.rerender_reports([rendered / "cells" / "a", rendered / "cells" / "b", fresh / "cells" / "c"])
+    assert calls == [rendered]  # once per results folder
+    assert f"tables with the judged columns: python -m dycoke_eval.report {fresh}" in capsys.readouterr().out
