@@ -67,12 +67,16 @@ def test_synthetic_video_decodes_to_the_requested_frame_count_and_moves(tmp_path
 
 
 def test_every_task_set_names_tasks_lmms_eval_knows(world, tmp_path):
-    from dycoke_eval.app import _task_set_names, resolve_tasks
-    from dycoke_eval.config import group_options
+    from dycoke_eval.app import resolve_tasks
+    from dycoke_eval.config import CONF_DIR, group_options
     from dycoke_eval.task_configs import write_deferred_judge_tasks
 
     task_dirs = [write_deferred_judge_tasks(tmp_path / "tasks"), world.task_dir]
-    names = [name for option in group_options("tasks") for name in _task_set_names(option)]
+    names = [
+        name
+        for option in group_options("tasks")
+        for name in yaml.safe_load((CONF_DIR / "tasks" / f"{option}.yaml").read_text())["names"]
+    ]
     assert "activitynetqa_deferred" in names and "mvbench" in names
     resolve_tasks(names, task_dirs)  # raises ConfigError naming any unknown task
 
