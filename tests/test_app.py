@@ -232,6 +232,18 @@ def test_bad_settings_are_refused_before_the_environment_tasks_or_model_are_touc
     assert "slow part" not in proc.stderr
 
 
+def test_ctrl_c_before_generation_is_one_line_and_status_130(offline_dir, tmp_path, monkeypatch):
+    import dycoke_eval.app as app
+
+    def indexing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "resolve_tasks", indexing)  # Ctrl-C while lmms-eval indexes its tasks
+    proc = run_app(f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == "dycoke_eval: interrupted before any sample ran; nothing was saved"
+
+
 def test_a_results_dir_that_is_a_file_is_refused_in_one_line_before_hydra_writes_there(offline_dir, tmp_path):
     (tmp_path / "taken").write_text("")
     proc = run_app(f"results_dir={tmp_path / 'taken' / 'results'}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})

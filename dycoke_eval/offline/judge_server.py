@@ -136,11 +136,14 @@ def running_judge_server(
 def main(argv: list[str] | None = None) -> int:
     """`python -m dycoke_eval.offline.judge_server [--port N]`: serve until Ctrl-C, printing the base URL to use."""
     import argparse
+    import signal
 
     parser = argparse.ArgumentParser(prog="python -m dycoke_eval.offline.judge_server", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one)")
     parser.add_argument("--reported-model", default=None, help="the model name its replies give (default: the requested one)")
     args = parser.parse_args(argv)
+    # Ctrl-C (SIGINT) stops it even when started in the background by a shell, which starts it with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with running_judge_server(reported_model=args.reported_model, port=args.port) as (url, state):
         print(f"local judge at {url}: judge with  python -m dycoke_eval.judge RESULTS_DIR judge.base_url={url}", flush=True)
         print("its verdicts are deterministic stand-ins, not GPT's; Ctrl-C stops it", flush=True)
