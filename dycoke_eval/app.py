@@ -469,8 +469,7 @@ def judge_saved_cell(cell_dir: Path, settings) -> None:
 
     later = f"judge later with: python -m dycoke_eval.judge {cell_dir}"
     if not settings.enabled():
-        print(f"judge: not configured (no ${settings.api_key_env}, no judge.base_url); judged metrics stay 'not judged'.")
-        print(f"  {later}")
+        print(f"judge: not configured (no ${settings.api_key_env}, no judge.base_url): judged metrics stay 'not judged'; {later}")
         return
     try:
         summary = judge_cell(cell_dir, Judge(settings))
