@@ -720,6 +720,8 @@ def efficiency_summary(cells: list[Cell]) -> pd.DataFrame:
             "decode_ms_per_token": shared.get("decode_ms_per_token", math.nan),
             "peak_memory_gb": shared["gpu_memory_gb"],
             "kv_cache_mib": sum(s["kv_cache_bytes_mean"] for s in summaries) / len(summaries) / 2**20,
+            "prefill_bound_real": (cell.plan() or {}).get("prefill_bound_real", math.nan),
+            "prefill_bound_eq8": (cell.plan() or {}).get("prefill_bound_eq8", math.nan),
             "run": _json({key: cell.run.config.get(key) for key in RUN_SETTINGS}),
         })  # fmt: skip
     frame = pd.DataFrame(rows)
@@ -727,6 +729,10 @@ def efficiency_summary(cells: list[Cell]) -> pd.DataFrame:
         return frame
     same = ["model", "frames", "samples", "run"]
     frame["speedup"] = 1 / _to_full(frame, "latency_per_example_s", same)
+    frame["prefill_speedup"] = 1 / _to_full(frame, "prefill_s", same)
+    # the share of what the model's real prefill FLOPs allow (and eq. 8's, the papers' unit) that the prefill reached
+    frame["of_real_bound"] = frame.prefill_speedup / frame.prefill_bound_real
+    frame["of_eq8_bound"] = frame.prefill_speedup / frame.prefill_bound_eq8
     frame["memory_ratio"] = _to_full(frame, "peak_memory_gb", same)
     frame["kv_cache_ratio"] = _to_full(frame, "kv_cache_mib", same)
     return frame.drop(columns="run")

@@ -49,3 +49,37 @@ def test_table6s_matched_flops_claim_holds_in_our_accounting(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = pd.read_csv(tmp_path / "table6" / "plan.csv").merge(pd.read_csv(PAPER / "table6.csv"), on=["method", "frames"])
     assert all(math.isclose(ours, paper, rel_tol=0.05) for ours, paper in zip(plan.tflops_x, plan.tflops_y, strict=True))
+
+
+def test_the_real_prefill_count_of_qwen2_7b_at_32_frames_is_the_hand_count():
+    """Qwen2-7B: d=3584, 28 query heads and 4 K/V heads of 128, SwiGLU width 18944, 28 layers; 32 frames x 196 + 1
+    newline = 6,273 visual tokens and 100 text tokens: 6,373 in all, counted by hand, a multiply-add once."""
+    from omegaconf import OmegaConf
+
+    from dycoke_eval.accounting import real_prefill_flops
+    from dycoke_eval.models import planning_geometry
+
+    dims, layout = planning_geometry(OmegaConf.create({"architecture": "7b", "pretrained": "x"}), 32)
+    s = 6373
+    q_proj, k_proj, v_proj, o_proj = s * 3584 * 3584, s * 3584 * 512, s * 3584 * 512, s * 3584 * 3584
+    scores = values = 28 * 128 * (s * (s + 1) // 2)  # token i attends to i keys (1-based), every query head
+    gate = up = down = s * 3584 * 18944
+    per_layer = q_proj + k_proj + v_proj + o_proj + scores + values + gate + up + down
+    assert layout.full_tokens == 6273
+    assert 28 * real_prefill_flops(layout.full_tokens, 100, dims) == 28 * per_layer
+
+
+@pytest.mark.parametrize("method, overrides, eq8, real", [  # prefill bounds at LLaVA-OV-7B, 32 frames, 100 text tokens
+    ("dycoke", {"method.k": 0.7}, 2.36, 2.18),
+    ("fastvid", {"method.retention": 0.25}, 4.68, 4.09),
+])  # fmt: skip
+def test_the_real_prefill_bound_is_below_eq8s_and_the_plan_gives_both(method, overrides, eq8, real):
+    from omegaconf import OmegaConf
+
+    from dycoke_eval.accounting import plan_row
+    from dycoke_eval.config import compose_option
+
+    cfg = OmegaConf.create({"model": {"name": "llava_ov_7b", "architecture": "7b", "pretrained": "x"}, "frames": 32})
+    cfg.method = compose_option("method", method, overrides)
+    row = plan_row(cfg)
+    assert (round(row["prefill_bound_eq8"], 2), round(row["prefill_bound_real"], 2)) == (eq8, real)

@@ -90,3 +90,6 @@ def test_the_efficiency_summary_gives_speed_memory_and_cache_ratios_against_full
     assert dycoke.kv_cache_ratio < 1 and dycoke.decode_ms_per_token > 0 and dycoke.samples == 4
     for record in records(results, "dycoke"):
         assert len(record["decode_step_seconds"]) == 2  # max_new_tokens=3: the first token comes from prefill
+    # the prefill's speed-up against what the real prefill FLOPs allow (the plan's bound, below eq. 8's)
+    assert dycoke.of_real_bound == pytest.approx(dycoke.prefill_speedup / dycoke.prefill_bound_real)
+    assert 1 < dycoke.prefill_bound_real < dycoke.prefill_bound_eq8 and summary.loc["full"].of_real_bound == 1.0

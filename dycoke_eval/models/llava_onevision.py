@@ -105,7 +105,15 @@ class LlavaOneVisionAdapter(ModelAdapter):
     @classmethod
     def dimensions(cls, config: Any) -> LanguageModelDims:
         text = config.text_config
-        return LanguageModelDims(hidden=text.hidden_size, ffn=text.intermediate_size, layers=text.num_hidden_layers)
+        heads = text.num_attention_heads
+        return LanguageModelDims(
+            hidden=text.hidden_size,
+            ffn=text.intermediate_size,
+            layers=text.num_hidden_layers,
+            heads=heads,
+            kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        )
 
     @classmethod
     def video_layout(cls, config: Any, frames: int) -> VideoLayout:
