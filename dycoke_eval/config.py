@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A bad setting, reported at start with the bad value and the fix (no traceback)."""
 
 
+# Method settings that say where a stage keeps its data, not what it computes: recorded in neither a method's
+# settings nor the identity of its cell (a cell run with either value is the same cell).
+IMPLEMENTATION_FLAGS = frozenset({"offload_pruned"})
+
 ROUTABLE_KERNELS = ("sdpa", "eager")  # kernels a routed method computes with (flash-attention takes no arbitrary mask)
 
 

@@ -203,8 +203,13 @@ def method_label(described: dict[str, Any]) -> str:
 
 
 def cell_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved settings that make two cells the same (`CELL_KEYS`)."""
+    """The resolved settings that make two cells the same (`CELL_KEYS`); a method's implementation flags
+    (`config.IMPLEMENTATION_FLAGS`: where its data waits, not what it computes) are not among them."""
+    from dycoke_eval.config import IMPLEMENTATION_FLAGS
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(resolved.get("method"), dict):
+        resolved["method"] = {k: v for k, v in resolved["method"].items() if k not in IMPLEMENTATION_FLAGS}
     return {key: resolved.get(key) for key in CELL_KEYS}
 
 

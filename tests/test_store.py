@@ -138,7 +138,10 @@ def test_a_cell_in_the_old_format_is_still_read(tmp_path):
     (cell,) = CellStore(tmp_path).cells()
     assert cell.run.format == 1 and cell.run.plan is None and cell.run.versions == {}
     assert cell.retained_ratio() == pytest.approx(0.3)  # the legacy method_stats_mean.retained_ratio
-    assert cell.plan() == plan_row(cfg)  # computed from the recorded config
+    recorded, current = cell.plan(), plan_row(cfg)  # computed from the recorded config
+    # its hand-typed dimensions have no head counts: eq. 8 as today, no real prefill count rather than a guessed one
+    assert recorded["prefill_tflops_real"] is None is recorded["prefill_bound_real"]
+    assert {k: v for k, v in recorded.items() if "real" not in k} == {k: v for k, v in current.items() if "real" not in k}
 
 
 def test_an_old_cell_whose_plan_cannot_be_computed_says_which_cell_and_how_to_fix_it(tmp_path):
@@ -220,3 +223,15 @@ def test_a_cell_whose_task_list_was_overridden_is_not_named_after_the_task_set(t
     assert "__fixtures__" in cell_directory(config(tmp_path)).name
     overridden = cell_directory(config(tmp_path, "tasks.names=[fixture_videomme]")).name
     assert "__custom__" in overridden and "fixtures" not in overridden
+
+
+def test_where_dycokes_pruned_entries_wait_does_not_make_another_cell(tmp_path):
+    """`offload_pruned` says where pruned cache entries wait (the accelerator by default, as the released code keeps
+    its whole cache; the CPU on request), not what is computed: one cell either way, and no setting of the method."""
+    on_device, offloaded = config(tmp_path, "method=dycoke"), config(tmp_path, "method=dycoke", "method.offload_pruned=true")
+    assert on_device.method.offload_pruned is False
+    assert cell_directory(on_device) == cell_directory(offloaded)
+    assert "offload_pruned" not in instantiate(offloaded.method).describe()
+    assert [stage.offload_pruned for stage in instantiate(on_device.method).stages() if hasattr(stage, "offload_pruned")] == [
+        False
+    ]

@@ -25,10 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
-from dycoke_eval.config import ConfigError
+from dycoke_eval.config import IMPLEMENTATION_FLAGS, ConfigError
 from dycoke_eval.models.base import VideoLayout
-
-IMPLEMENTATION_FLAGS = frozenset({"offload_pruned"})  # where a stage keeps its data, not what it computes: not a setting
 
 
 @dataclass

@@ -26,7 +26,7 @@ class DyCoke(CompressionMethod):
     one_shot: bool = False  # select once at the first decode step (Table 5 "w/o DP")
     seed: int = 0  # for ttm_selection=random
     compile_ttm: bool = False  # paper mode: TTM's similarity as one torch.compile'd kernel (the first sample compiles)
-    offload_pruned: bool = True  # pruned cache entries of the layers above L wait on the CPU (frees accelerator memory)
+    offload_pruned: bool = False  # true: pruned cache entries of the layers above L wait on the CPU (memory-bound runs)
     name: str = "dycoke"
 
     def __post_init__(self) -> None:

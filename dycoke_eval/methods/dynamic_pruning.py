@@ -24,7 +24,7 @@ class DynamicKVPruning(DecodeStage):
     threshold: float = 0.9  # re-select when the visual attention's cosine to the last step is below this
     mode: str = "paper"  # paper | official
     one_shot: bool = False  # select once at the first decode step (Table 5 "w/o DP")
-    offload_pruned: bool = True  # pruned entries of the layers above the scoring layer wait on the CPU
+    offload_pruned: bool = False  # true: pruned entries of the layers above the scoring layer wait on the CPU
     name: str = "dp"
 
     def __post_init__(self) -> None:
