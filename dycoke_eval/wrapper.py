@@ -456,7 +456,9 @@ class CompressedVideoLM(lmms):
 
     @contextmanager
     def _stage(self, record: SampleRecord, stage: str) -> Iterator[None]:
-        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        """The stage's seconds. Only `measure=true` waits for the device around it (the efficiency protocol's clean
+        per-stage times); otherwise the host goes on while the device computes, and the seconds are host time."""
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" and self.measure else (lambda: None)
         synchronize()
         start = time.perf_counter()
         yield

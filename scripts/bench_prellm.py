@@ -27,13 +27,10 @@ import torch
 from dycoke_eval.checkpoints import resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor
 from dycoke_eval.config import instantiate_method
-from dycoke_eval.models import EncodedVideo, VideoLayout
-from dycoke_eval.offline.architectures import SIGLIP_SO400M, architecture_config
+from dycoke_eval.models import VideoLayout
+from dycoke_eval.offline.architectures import architecture_config
+from dycoke_eval.offline.real_size import SIZES, random_encoded_video
 
-SIZES = {  # name -> (frames, rows, cols, newlines, patches per frame side)
-    "ov": (32, 14, 14, "video_end"),
-    "video": (64, 13, 13, "row_end"),
-}
 METHODS = {  # label -> (config, overrides); R = 25% where the method has a retention setting
     "dycoke_ttm K=0.9": ("dycoke_ttm", {"method.k": 0.9}),
     "fastvid R=25%": ("fastvid", {"method.retention": 0.25}),
@@ -42,25 +39,6 @@ METHODS = {  # label -> (config, overrides); R = 25% where the method has a rete
     "prunevid": ("prunevid", {}),
 }
 PROMPT_TEXT_TOKENS = 40
-
-
-def random_signals(frames: int, tokens: int, hidden: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    """Every encoder signal a method may ask for, at the real shapes (SigLIP so400m width, 27 x 27 patches)."""
-    side = SIGLIP_SO400M["image_size"] // SIGLIP_SO400M["patch_size"]
-    width = SIGLIP_SO400M["hidden_size"]
-
-    def rand(*shape):
-        return torch.rand(*shape, device=device, dtype=dtype)
-
-    return {
-        "probe_attention": rand(frames, tokens).softmax(-1),
-        "probe_features": rand(frames, width),
-        "attention_received": rand(frames, tokens).softmax(-1),
-        "keys": rand(frames, tokens, width),
-        "patch_features": rand(frames, side * side, hidden),
-        "patch_attention_received": rand(frames, side * side).softmax(-1),
-        "patch_keys": rand(frames, side * side, width),
-    }
 
 
 def median_seconds(function, repeats: int, device: str) -> float:
@@ -126,13 +104,8 @@ def main() -> None:
 
     row = "{:32s} {:>7} {:>12} {:>14} {:>14}"
     for size in args.sizes:
-        frames, rows, cols, newlines = SIZES[size]
-        layout = VideoLayout(frames, rows, cols, newlines)
-        torch.manual_seed(0)
-        grid = torch.randn(frames, rows * cols, hidden, device=device, dtype=dtype)
-        newline = torch.randn(hidden, device=device, dtype=dtype)
-        signals = random_signals(frames, rows * cols, hidden, dtype, device)
-        encoded = EncodedVideo(grid=grid, layout=layout, newline=newline, signals=signals)
+        encoded = random_encoded_video(size, dtype, device)
+        layout, (frames, rows, cols, _) = encoded.layout, SIZES[size]
         full_length = layout.full_tokens + PROMPT_TEXT_TOKENS
         full_layer = prefill.seconds(full_length, args.layer_repeats)
         full_prefill = full_layer * prefill.layers

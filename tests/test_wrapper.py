@@ -251,3 +251,16 @@ def test_generation_passes_no_argument_transformers_deprecates(tiny_checkpoint, 
         (answer,) = lm.generate_until(make_requests(lm, [video]))
     assert lm.sample_records[-1].status == "ok"
     assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)]
+
+
+@pytest.mark.parametrize("measure, waits", [(False, 0), (True, 2)])
+def test_only_the_efficiency_protocol_waits_for_the_device_around_a_stage(monkeypatch, measure, waits):
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append(1))
+    on_a_gpu = SimpleNamespace(device=torch.device("cuda"), measure=measure)
+    record = SampleRecord("t", 0)
+    with CompressedVideoLM._stage(on_a_gpu, record, "generate"):
+        pass
+    assert len(calls) == waits and "generate" in record.seconds

@@ -46,21 +46,22 @@ class VideoTokens:
     cols: int
     figures: dict[str, Any] = field(default_factory=dict)
     newlines: str = "video_end"
+    whole: bool = False  # every grid token, in grid order: as the encoder gave them, before any stage
 
     @classmethod
     def from_grid(cls, grid: torch.Tensor, rows: int, cols: int, newlines: str = "video_end") -> VideoTokens:
         frames, tokens, dim = grid.shape
         index = torch.arange(frames * tokens, device=grid.device)
-        return cls(grid.reshape(-1, dim), index, frames, rows, cols, newlines=newlines)
+        return cls(grid.reshape(-1, dim), index, frames, rows, cols, newlines=newlines, whole=True)
 
     @property
     def tokens_per_frame(self) -> int:
         return self.rows * self.cols
 
     def grid(self) -> torch.Tensor:
-        """[F, N, D], for stages that need whole frames; an error if an earlier stage already dropped tokens."""
-        whole = self.features.shape[0] == self.frames * self.tokens_per_frame
-        if not whole or not torch.equal(self.index, torch.arange(self.index.numel(), device=self.index.device)):
+        """[F, N, D], for stages that need whole frames; an error if an earlier stage already selected or merged tokens
+        (known on the host: comparing the index with the grid's would make the host wait for the device)."""
+        if not self.whole:
             raise ConfigError("this stage needs every video token; put it first in the method's stages")
         return self.features.view(self.frames, self.tokens_per_frame, -1)
 

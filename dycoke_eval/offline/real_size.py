@@ -1,0 +1,48 @@
+"""Video tokens and encoder signals at the real models' sizes, random, for benchmarks and counts (no download).
+
+LLaVA-OneVision-7B's layout (32 frames of 14 x 14 pooled tokens and one newline, width 3584) and LLaVA-Video-7B's
+(64 frames of 13 x 13 and a newline per row); the encoder signals at SigLIP-so400m's shapes (1152 wide, 27 x 27
+patches per frame). Random features make data-dependent counts (PruneVid's clusters, FastVID's segments) arbitrary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dycoke_eval.models.base import EncodedVideo, VideoLayout
+from dycoke_eval.offline.architectures import SIGLIP_SO400M, architecture_config
+
+SIZES = {  # name -> (frames, rows, cols, newlines)
+    "ov": (32, 14, 14, "video_end"),
+    "video": (64, 13, 13, "row_end"),
+}
+
+
+def random_signals(frames: int, tokens: int, hidden: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Every encoder signal a method may ask for, at the real shapes (SigLIP so400m width, 27 x 27 patches)."""
+    side = SIGLIP_SO400M["image_size"] // SIGLIP_SO400M["patch_size"]
+    width = SIGLIP_SO400M["hidden_size"]
+
+    def rand(*shape):
+        return torch.rand(*shape, device=device, dtype=dtype)
+
+    return {
+        "probe_attention": rand(frames, tokens).softmax(-1),
+        "probe_features": rand(frames, width),
+        "attention_received": rand(frames, tokens).softmax(-1),
+        "keys": rand(frames, tokens, width),
+        "patch_features": rand(frames, side * side, hidden),
+        "patch_attention_received": rand(frames, side * side).softmax(-1),
+        "patch_keys": rand(frames, side * side, width),
+    }
+
+
+def random_encoded_video(size: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> EncodedVideo:
+    """One video's encoder output at a real size (`SIZES`), at Qwen2-7B's width, with every signal."""
+    frames, rows, cols, newlines = SIZES[size]
+    hidden = architecture_config("7b").text_config.hidden_size
+    torch.manual_seed(seed)
+    grid = torch.randn(frames, rows * cols, hidden, device=device, dtype=dtype)
+    newline = torch.randn(hidden, device=device, dtype=dtype)
+    signals = random_signals(frames, rows * cols, hidden, dtype, device)
+    return EncodedVideo(grid=grid, layout=VideoLayout(frames, rows, cols, newlines), newline=newline, signals=signals)

@@ -1,0 +1,56 @@
+"""The op and sync counter that GPU-minded tests and `scripts/bench_gpu.py --cpu-counts` use."""
+
+import torch
+
+from dycoke_eval.plumbing.counting import count_ops
+
+
+def test_every_kind_of_host_sync_is_counted_and_views_are_not_launches():
+    t = torch.arange(6.0)
+    with count_ops() as counted:
+        int(t[2])  # .item()
+        bool(t[1] > 0)
+        t[t > 2]  # boolean-mask indexing: the output size is the mask's count
+        torch.equal(t, t)
+        (t > 1).nonzero()
+        t.view(2, 3).transpose(0, 1)  # metadata only
+    assert counted.counts.syncs == 5
+    assert dict(counted.counts.syncing) == {"_local_scalar_dense": 2, "index": 1, "equal": 1, "nonzero": 1}
+    assert counted.counts.ops == 8  # three gt, index, equal, nonzero and two scalar reads; the views are not launches
+
+
+def test_tensor_only_code_makes_no_sync():
+    scores = torch.rand(32, 196)
+    with count_ops() as counted:
+        kept = scores.topk(49, dim=-1).indices.sort(dim=-1).values
+        torch.gather(scores, 1, kept).sum(dim=-1)
+    assert counted.counts.syncs == 0 and counted.counts.ops > 0
+
+
+def test_a_stage_gets_the_whole_grid_without_a_sync_and_a_selected_one_is_refused():
+    import pytest
+
+    from dycoke_eval.compression.stages import VideoTokens
+    from dycoke_eval.config import ConfigError
+
+    tokens = VideoTokens.from_grid(torch.randn(4, 9, 8), 3, 3)
+    with count_ops() as counted:
+        grid = tokens.grid()
+    assert grid.shape == (4, 9, 8) and counted.counts.syncs == 0
+    with pytest.raises(ConfigError, match="needs every video token"):
+        tokens.keep(torch.arange(30)).grid()
+
+
+def test_ttm_selects_with_no_more_than_its_two_known_syncs_at_real_size():
+    """The batched reference: DyCoke's TTM over 32 x 196 tokens (as `scripts/bench_gpu.py --cpu-counts` counts it):
+    one sync left, the count of kept tokens; the whole-grid check no longer compares the index on the device."""
+    from dycoke_eval.compression.dispatcher import Compressor
+    from dycoke_eval.config import instantiate_method
+    from dycoke_eval.models.base import EncodedVideo, VideoLayout
+
+    video = torch.randn(32, 196, 64)
+    encoded = EncodedVideo(grid=video, layout=VideoLayout(32, 14, 14), newline=torch.randn(64), signals={})
+    compressor = Compressor(None, instantiate_method("dycoke_ttm", {"method.k": 0.9}))
+    with torch.inference_mode(), count_ops() as counted:
+        compressor.select(encoded, "count")
+    assert counted.counts.syncs <= 1 and counted.counts.ops <= 22, counted.counts
