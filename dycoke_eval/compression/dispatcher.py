@@ -211,16 +211,27 @@ class _PrefillRoute:
         return (positions >= self.span[0]) & (positions < self.span[1])
 
     def finish(self, result: GenerationFigures) -> None:
+        """The visual tokens each layer saw and cached, and each stage kept: counted on the device, read in one sync."""
+        counts: dict[tuple[str, Any], torch.Tensor] = {}
         for layer in range(len(result.prefill_visual_by_layer)):
             present, cached = self.present_at(layer), self.cached_at(layer)
             if present is not None:
-                result.prefill_visual_by_layer[layer] = int(self._visual(present).sum())
+                counts["prefill", layer] = self._visual(present).sum()
             if cached is not None:  # decoding attends to what the layer cached
-                result.decode_visual_by_layer[layer] = float(self._visual(cached).sum())
+                counts["decode", layer] = self._visual(cached).sum()
         seen: dict[str, int] = {}
         for stage, (_, positions) in zip(self.stages, self.schedule, strict=False):
-            seen[_unique(stage.name, seen)] = int(self._visual(positions).sum())
-        result.by_stage.update(seen)
+            name = _unique(stage.name, seen)
+            seen[name] = 0
+            counts["stage", name] = self._visual(positions).sum()
+        values = torch.stack(list(counts.values())).tolist() if counts else []
+        for (kind, key), value in zip(counts, values, strict=True):
+            if kind == "prefill":
+                result.prefill_visual_by_layer[key] = int(value)
+            elif kind == "decode":
+                result.decode_visual_by_layer[key] = float(value)
+            else:
+                result.by_stage[key] = int(value)
 
 
 class _DecodeRoute:
