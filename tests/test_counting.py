@@ -8,15 +8,20 @@ from dycoke_eval.plumbing.counting import count_ops
 def test_every_kind_of_host_sync_is_counted_and_views_are_not_launches():
     t = torch.arange(6.0)
     with count_ops() as counted:
-        int(t[2])  # .item()
+        int(t[2])
         bool(t[1] > 0)
         t[t > 2]  # boolean-mask indexing: the output size is the mask's count
         torch.equal(t, t)
         (t > 1).nonzero()
         t.view(2, 3).transpose(0, 1)  # metadata only
-    assert counted.counts.syncs == 5
-    assert dict(counted.counts.syncing) == {"_local_scalar_dense": 2, "index": 1, "equal": 1, "nonzero": 1}
-    assert counted.counts.ops == 8  # three gt, index, equal, nonzero and two scalar reads; the views are not launches
+        with torch.inference_mode():  # where value reads do not reach the dispatcher
+            t.sum().item()
+            (t > 0).tolist()
+    assert counted.counts.syncs == 7
+    assert dict(counted.counts.syncing) == {
+        "__int__": 1, "__bool__": 1, "index": 1, "equal": 1, "nonzero": 1, "item": 1, "tolist": 1,
+    }  # fmt: skip
+    assert counted.counts.ops == 8  # four gt, index, equal, nonzero, sum; the views are not launches
 
 
 def test_tensor_only_code_makes_no_sync():
@@ -54,3 +59,43 @@ def test_ttm_selects_with_no_more_than_its_two_known_syncs_at_real_size():
     with torch.inference_mode(), count_ops() as counted:
         compressor.select(encoded, "count")
     assert counted.counts.syncs <= 1 and counted.counts.ops <= 22, counted.counts
+
+
+def _generation_syncs(lm, video, new_tokens: int) -> int:
+    from test_wrapper import make_requests
+
+    requests = make_requests(lm, [video], {"max_new_tokens": new_tokens, "temperature": 0, "until": ["\n\n\n\n\n\n\n\n"]})
+    with count_ops() as counted:
+        lm.generate_until(requests)
+    assert lm.sample_records[-1].output_tokens == new_tokens  # the tiny checkpoint answers to its cap
+    return counted.counts.syncs
+
+
+def test_a_dycoke_decode_step_makes_no_more_host_syncs_than_a_full_token_step(tiny_checkpoint, tmp_path):
+    """Per decode step, measured as the syncs that 4 more answer tokens add. DyCoke's paper mode decides each step's
+    kept set on the device (`torch.where` between the previous set and this step's candidate)."""
+    from dycoke_eval.offline.videos import write_video
+    from dycoke_eval.wrapper import CompressedVideoLM
+
+    video = str(write_video(tmp_path / "clip.mp4"))
+    per_step = {}
+    for method in ("full", "dycoke"):
+        lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", method=method)
+        _generation_syncs(lm, video, 2)  # warm-up
+        per_step[method] = (_generation_syncs(lm, video, 8) - _generation_syncs(lm, video, 4)) / 4
+        stats = lm.sample_records[-1].method_stats
+    assert per_step["dycoke"] == per_step["full"]
+    assert stats["kv_held_aside_bytes"] == 0 and stats["reselections"] >= 1  # the whole cache stays where it is
+
+
+def test_pruned_entries_go_to_the_cpu_only_with_offload_pruned(tiny_checkpoint, tmp_path):
+    from test_wrapper import make_requests
+
+    from dycoke_eval.offline.videos import write_video
+    from dycoke_eval.wrapper import CompressedVideoLM
+
+    video = str(write_video(tmp_path / "clip.mp4"))
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", method="dycoke",
+                           **{"method.offload_pruned": "true"})  # fmt: skip
+    lm.generate_until(make_requests(lm, [video], {"max_new_tokens": 4, "temperature": 0}))
+    assert lm.sample_records[-1].method_stats["kv_held_aside_bytes"] > 0

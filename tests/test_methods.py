@@ -164,14 +164,21 @@ def test_dycoke_feeds_the_ttm_tokens_to_the_llm_and_prunes_decode_attention(lm, 
     assert record.decode_visual_by_layer == [ttm_count + 1] + [pruned] * 7
     by_layer = [(ttm_count + 1 + 9 * (ttm_count + 1)) / 10] + [(ttm_count + 1 + 9 * pruned) / 10] * 7
     assert record.retained_ratio == pytest.approx(mean(by_layer) / (TOKENS + 1))
-    assert stats["kv_held_aside_bytes"] > 0  # layers above L hold the pruned entries aside, off the attention path
+    assert stats["kv_held_aside_bytes"] == 0  # the whole cache stays where it is; the pruned layers gather the kept keys
     assert method.describe()["paper_retained_ratio"] == pytest.approx(0.1425)
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_dycoke_offloading_pruned_entries_gives_the_masked_references_logits(lm, video, mode):
+    record = assert_fast_path_matches_masked_reference(lm, video, DyCoke(k=0.5, p=0.7, l=1, mode=mode, offload_pruned=True))
+    if mode == "paper":  # (official mode's last step here is a similar one, which brings every entry back)
+        assert record.method_stats["kv_held_aside_bytes"] > 0  # layers above L hold the pruned entries on the CPU
 
 
 def test_kv_cache_bytes_count_the_entries_held_aside(lm, video):
     lm.measure = True
     try:
-        _, pruned = run(lm, DyCoke(k=0.0, l=1, p=0.7, threshold=1.1), video)
+        _, pruned = run(lm, DyCoke(k=0.0, l=1, p=0.7, threshold=1.1, offload_pruned=True), video)
         _, full = run(lm, instantiate_method("full"), video)
     finally:
         lm.measure = False

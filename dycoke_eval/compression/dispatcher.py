@@ -237,9 +237,11 @@ class _PrefillRoute:
 class _DecodeRoute:
     """A decode stage: each step scores at `score_layer`; layers >= `first_layer` attend to the kept visual tokens.
 
-    Layers above the scoring layer hold their pruned entries aside in a `PrunableLayer` cache (on the CPU
-    with `offload_pruned`), re-partitioned only when the kept set changes; the scoring layer keeps every
-    key (it must score them all) and attends through a gather.
+    By default the whole cache stays on the accelerator, as the released code keeps it, and every pruned
+    layer attends through a gather of the kept keys at each step: no host sync and no copy. With
+    `offload_pruned` the layers above the scoring layer hold their pruned entries on the CPU in a
+    `PrunableLayer` cache instead, re-partitioned when the kept set changes (for memory-bound runs; that
+    check and the copies make the host wait).
     """
 
     def __init__(self, compressor: Compressor, inputs: GenerationInputs, kernel, layers: int) -> None:
@@ -249,9 +251,9 @@ class _DecodeRoute:
         self.span = stage.span(inputs.visual_start, inputs.visual_length)
         self.visual_length = inputs.visual_length
         self.outside = self.visual_length - (self.span[1] - self.span[0])  # visual tokens outside the span, always attended
-        self.aside = [] if self.reference else [i for i in range(layers) if i > stage.score_layer and i >= stage.first_layer]
-        cold = "cpu" if getattr(stage, "offload_pruned", False) else None
-        self.cache = Cache(layers=[PrunableLayer(cold) if i in self.aside else DynamicLayer() for i in range(layers)])
+        offload = getattr(stage, "offload_pruned", False) and not self.reference
+        self.aside = [i for i in range(layers) if i > stage.score_layer and i >= stage.first_layer] if offload else []
+        self.cache = Cache(layers=[PrunableLayer("cpu") if i in self.aside else DynamicLayer() for i in range(layers)])
         if self.aside:
             inputs.kwargs[GENERATE_CACHE_ARGUMENT] = self.cache
         self.index: torch.Tensor | None = None  # keys the pruned layers attend to at this step
@@ -266,7 +268,7 @@ class _DecodeRoute:
             kept = self.selector.step(probabilities[self.span[0] : self.span[1]])
             self.index = None if kept is None else attended_key_index(key.shape[2], self.span, kept)
             self.attended.append(self.visual_length if kept is None else int(kept.numel()) + self.outside)
-            if self.aside and kept is not self.applied:  # re-partition only when the kept set changes
+            if self.aside and not _same_set(kept, self.applied):  # re-partition only when the kept set changes
                 hot = self.index if kept is not None else torch.arange(key.shape[2], device=key.device)
                 for i in self.aside:
                     self.cache.layers[i].keep_hot(hot)
@@ -287,6 +289,13 @@ class _DecodeRoute:
         result.by_stage[self.stage.name] = pruned
         result.figures.update(self.selector.figures(), attended_visual_mean=pruned)
         result.figures["kv_held_aside_bytes"] = sum(self.cache.layers[i].cold_bytes() for i in self.aside)
+
+
+def _same_set(kept: torch.Tensor | None, applied: torch.Tensor | None) -> bool:
+    """Whether the held-aside layers already hold this kept set (None: every token); reads the device."""
+    if kept is None or applied is None:
+        return kept is applied
+    return kept is applied or (kept.shape == applied.shape and torch.equal(kept, applied))
 
 
 def _unique(name: str, taken: dict[str, Any]) -> str:

@@ -73,6 +73,11 @@ class DynamicSelector:
     `threshold`). When it does not: `paper` reuses the previous kept set; `official` prunes
     nothing at that step, as the released code does. `one_shot` selects once, at the first
     decode step, and keeps that set (the paper's "w/o DP" ablation).
+
+    Paper mode decides on the device: each step's candidate set is computed and `torch.where` keeps the
+    previous set where attention did not move, so a step never makes the host wait (the kept set has the
+    same size at every step). Official mode attends to every visual token on a similar step, a set of
+    another size, so it reads the similarity on the host once a step, as the released code's `if` does.
     """
 
     keep_ratio: float
@@ -82,36 +87,44 @@ class DynamicSelector:
     previous: torch.Tensor | None = None
     kept: torch.Tensor | None = None
     steps: int = 0
-    reselections: int = 0
+    selections: int = 0  # re-selections decided on the host (first step, official mode)
+    moved: torch.Tensor | int = 0  # paper mode's steps whose attention moved, counted on the device
     attended_visual: list[int] = field(default_factory=list)  # visual tokens attended per step
 
     def reset(self) -> None:
         """Start a new sample. The released code never resets the previous vector; official mode keeps it."""
         if self.mode != "official":
             self.previous = None
-        self.kept, self.steps, self.reselections, self.attended_visual = None, 0, 0, []
+        self.kept, self.steps, self.selections, self.moved, self.attended_visual = None, 0, 0, 0, []
+
+    @property
+    def reselections(self) -> int:
+        """This sample's re-selections (reading paper mode's device count: once, when the sample's figures are taken)."""
+        return self.selections + int(self.moved)
 
     def step(self, visual_attention: torch.Tensor) -> torch.Tensor | None:
         """The kept visual positions for this step, or None to attend to every visual token."""
         self.steps += 1
-        similar = (
-            self.previous is not None
-            and self.previous.shape == visual_attention.shape
-            and torch.nn.functional.cosine_similarity(self.previous, visual_attention, dim=0) >= self.threshold
-        )
-        self.previous = visual_attention
+        previous, self.previous = self.previous, visual_attention
+        comparable = previous is not None and previous.shape == visual_attention.shape
         if self.one_shot and self.kept is not None:
             decision = self.kept
-        elif similar and self.kept is not None and self.mode == "paper":
-            decision = self.kept
-        elif similar and self.mode == "official":
+        elif self.mode == "paper" and comparable and self.kept is not None:
+            similar = torch.nn.functional.cosine_similarity(previous, visual_attention, dim=0) >= self.threshold
+            candidate = top_visual_tokens(visual_attention, self.kept.numel())
+            self.kept = decision = torch.where(similar, self.kept, candidate)
+            self.moved = self.moved + (~similar).int()
+        elif self.mode == "official" and comparable and self._similar(previous, visual_attention):
             decision = None
         else:
             count = int(visual_attention.shape[0] * self.keep_ratio)  # DyCoke's released code floors
             self.kept = decision = top_visual_tokens(visual_attention, count)
-            self.reselections += 1
+            self.selections += 1
         self.attended_visual.append(int(decision.numel()) if decision is not None else int(visual_attention.numel()))
         return decision
+
+    def _similar(self, previous: torch.Tensor, visual_attention: torch.Tensor) -> bool:
+        return bool(torch.nn.functional.cosine_similarity(previous, visual_attention, dim=0) >= self.threshold)
 
     def figures(self) -> dict[str, int]:
         """This sample's decode steps and re-selections."""

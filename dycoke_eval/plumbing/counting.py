@@ -4,8 +4,9 @@ On an accelerator every aten op that computes is a kernel launch, and some ops m
 device: reading a value (`.item()`, `int(t)`, `bool(t)`: `_local_scalar_dense`), an output whose size
 depends on the data (`nonzero`, boolean-mask indexing, `masked_select`, `unique`), `torch.equal`. The CPU
 runs the same ops through the same dispatcher, so counting them there tells what a GPU would pay without
-one. Views and aliases are metadata, not launches. `.tolist()` does not pass through the dispatcher and is
-not seen: the code under count uses tensor ops.
+one. Views and aliases are metadata, not launches. Kernels are seen where they reach the dispatcher; a
+value read into Python (`int(t)`, `.item()`, `.tolist()`) at the tensor method, where `torch.inference_mode`
+cannot hide it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNCING_OPS = frozenset({
-    "_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_dim",
-    "unique_consecutive",
-})  # fmt: skip
-METADATA_OPS = frozenset({"detach", "alias", "lift_fresh", "_to_copy_noop"})
+DATA_SIZED_OPS = frozenset(
+    {
+        "nonzero",
+        "equal",
+        "masked_select",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+    }
+)  # fmt: skip  ops whose output size or value the host needs before it can go on
+VALUE_READS = frozenset({"__int__", "__bool__", "__float__", "__index__", "item", "tolist"})  # a tensor's value to Python
+METADATA_OPS = frozenset({"detach", "alias", "lift_fresh", "_to_copy_noop", "_local_scalar_dense", "is_nonzero", "item"})
 
 
 @dataclass
@@ -31,6 +40,10 @@ class OpCounts:
     syncs: int = 0
     syncing: Counter = field(default_factory=Counter)
 
+    def sync(self, name: str) -> None:
+        self.syncs += 1
+        self.syncing[name] += 1
+
 
 def _is_boolean_index(name: str, args: tuple) -> bool:
     """`t[mask]`: aten.index with a boolean index tensor, whose output size is the mask's count."""
@@ -39,18 +52,49 @@ def _is_boolean_index(name: str, args: tuple) -> bool:
     return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1] or ())
 
 
-class count_ops(TorchDispatchMode):  # noqa: N801 - used as a context manager, like torch's own modes
-    """`with count_ops() as counted: ...` then `counted.counts` holds the block's kernels and syncs."""
+class _Kernels(TorchDispatchMode):
+    """aten ops as they reach the device: launches, and the ones whose output size depends on the data."""
 
-    def __init__(self) -> None:
+    def __init__(self, counts: OpCounts) -> None:
         super().__init__()
-        self.counts = OpCounts()
+        self.counts = counts
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if not func.is_view and name not in METADATA_OPS:
             self.counts.ops += 1
-        if name in SYNCING_OPS or _is_boolean_index(name, args):
-            self.counts.syncs += 1
-            self.counts.syncing[name] += 1
+        if name in DATA_SIZED_OPS or _is_boolean_index(name, args):
+            self.counts.sync(name)
         return func(*args, **(kwargs or {}))
+
+
+class _ValueReads(TorchFunctionMode):
+    """A tensor's value read into Python (`int(t)`, `bool(t)`, `.item()`, `.tolist()`): seen at the tensor method,
+    since under `torch.inference_mode` the read does not reach the dispatcher."""
+
+    def __init__(self, counts: OpCounts) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in VALUE_READS:
+            self.counts.sync(name)
+        return func(*args, **(kwargs or {}))
+
+
+class count_ops:  # noqa: N801 - used as a context manager, like torch's own modes
+    """`with count_ops() as counted: ...` then `counted.counts` holds the block's kernels and syncs."""
+
+    def __init__(self) -> None:
+        self.counts = OpCounts()
+        self._modes = (_ValueReads(self.counts), _Kernels(self.counts))
+
+    def __enter__(self) -> count_ops:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
