@@ -20,6 +20,7 @@ every cell lacking it answers from that pass with its own method, into its own j
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -83,7 +84,7 @@ class CompressedVideoLM(lmms):
         siglip_head: str | None = None,  # SigLIP checkpoint (hub id or folder) whose pooling head gives the probe signals
         companions: Sequence[Companion] = (),  # the other cells of its sample-major group, answered in the same passes
         prefetch_depth: int = 2,  # samples whose video is decoded ahead in the background (0: decode inline)
-        prefetch_workers: int = 1,  # background threads decoding them
+        prefetch_workers: int | str = "auto",  # background threads decoding them (`prefetch_threads` for auto)
         seed: int = 0,  # with sampled decoding (temperature > 0), each sample's draws are seeded by this and the sample
         **kwargs: Any,
     ) -> None:
@@ -91,7 +92,9 @@ class CompressedVideoLM(lmms):
         if int(batch_size) != 1:
             raise ConfigError(f"batch_size={batch_size}: this wrapper runs one sample at a time; use batch_size=1")
         self.prefetch_depth = _count_setting("prefetch_depth", prefetch_depth, 0, "0 decodes inline")
-        self.prefetch_workers = _count_setting("prefetch_workers", prefetch_workers, 1, "background decoding threads")
+        if prefetch_workers == "auto":
+            prefetch_workers = prefetch_threads(resolve_device(device), os.cpu_count() or 1)
+        self.prefetch_workers = _count_setting("prefetch_workers", prefetch_workers, 1, "background decoding threads, or auto")
         self.frames = int(frames)
         if self.frames < 1:
             raise ConfigError(f"frames={frames}: sample at least one frame per video")
@@ -491,6 +494,12 @@ def _resolve_method(method: CompressionMethod | str | None, kwargs: dict[str, An
     from dycoke_eval.config import instantiate_method
 
     return instantiate_method(method or "full", overrides)
+
+
+def prefetch_threads(device: str, cores: int) -> int:
+    """`prefetch_workers=auto`: one thread on a CPU, whose cores the model already keeps busy; on an accelerator,
+    half the cores (FFmpeg threads within each decode take the rest), at most 4, which keeps a 0.5B model fed."""
+    return 1 if device == "cpu" else max(1, min(4, cores // 2))
 
 
 def with_token_counts(answer: str, record: SampleRecord) -> GenerationResult | str:

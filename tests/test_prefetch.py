@@ -195,3 +195,14 @@ def test_measured_runs_decode_inline_and_a_video_asked_twice_is_decoded_once(
 def test_bad_prefetch_settings_fail_at_construction_naming_the_value(tiny_checkpoint, settings, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu", **settings)
+
+
+@pytest.mark.parametrize("device, cores, threads", [("cpu", 16, 1), ("cuda", 16, 4), ("cuda", 6, 3), ("cuda", 1, 1)])
+def test_auto_prefetch_threads_feed_an_accelerator_and_leave_a_cpu_to_the_model(device, cores, threads):
+    from dycoke_eval.wrapper import prefetch_threads
+
+    assert prefetch_threads(device, cores) == threads
+
+
+def test_prefetch_workers_default_to_auto(tiny_checkpoint):
+    assert CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu").prefetch_workers == 1
