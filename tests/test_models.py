@@ -315,3 +315,19 @@ def test_generation_inputs_expand_the_one_video_placeholder(adapter):
     for bad, message in (([5, 6, 7], "no <video> placeholder"), ([video_id, 5, video_id], "more than one video")):
         with pytest.raises(ValueError, match=message):
             adapter.generation_inputs(torch.tensor(bad), visual, None, 10)
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2, 0])
+def test_the_projected_features_are_hfs_hidden_states_of_the_feature_layer_keeping_only_those(adapter, pixels, feature_layer,
+                                                                                                monkeypatch):  # fmt: skip
+    """The layers the features come from, captured from their modules, equal HF's `output_hidden_states` selection."""
+    model, tower = adapter.model, adapter.vision_tower
+    monkeypatch.setattr(model.config, "vision_feature_layer", feature_layer)
+    with torch.inference_mode():
+        features, last = adapter._project(pixels)
+        hidden = tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states
+        wanted = [feature_layer] if isinstance(feature_layer, int) else feature_layer
+        selected = torch.cat([hidden[i] for i in wanted], dim=-1)
+        if model.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        assert torch.equal(features, model.model.multi_modal_projector(selected)) and torch.equal(last, hidden[-1])

@@ -32,12 +32,14 @@ How the next families fit this interface:
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any, ClassVar
 
 import torch
 
 from dycoke_eval.accounting import LanguageModelDims
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
+from dycoke_eval.plumbing.hooks import captured_output
 from dycoke_eval.prompts import render_prompt
 
 HEAD_SIGNALS = frozenset({"probe_attention", "probe_features"})  # need a SigLIP pooling head
@@ -181,15 +183,23 @@ class LlavaOneVisionAdapter(ModelAdapter):
         """[1, F, 3, H, W] -> projected features per patch [F, P, D] and the tower's last kept layer [F, P, C].
 
         What `get_video_features` computes before its pooling; the last layer's states are
-        `hidden_states[-1]`, before the tower's post-layernorm.
+        `hidden_states[-1]`, before the tower's post-layernorm. Only the layers used are kept (captured from
+        their modules), not all of `output_hidden_states` (27 states of 32 x 729 x 1152 at 32 frames).
         """
-        model = self.model
-        hidden = self.vision_tower(pixels.flatten(0, 1).to(model.device, model.dtype), output_hidden_states=True).hidden_states
+        model, tower = self.model, self.vision_tower
         layer = model.config.vision_feature_layer
-        selected = torch.cat([hidden[i] for i in ([layer] if isinstance(layer, int) else layer)], dim=-1)
+        wanted = [layer] if isinstance(layer, int) else list(layer)
+        states = len(tower.encoder.layers) + 1  # hidden_states[0] is the embeddings' output, [i] layer i-1's
+        kept: dict[int, torch.Tensor] = {}
+        with ExitStack() as stack:
+            for index in {index % states for index in (*wanted, -1)}:
+                module = tower.embeddings if index == 0 else tower.encoder.layers[index - 1]
+                stack.enter_context(captured_output(module, kept, index))
+            tower(pixels.flatten(0, 1).to(model.device, model.dtype))
+        selected = torch.cat([kept[index % states] for index in wanted], dim=-1)
         if model.config.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
-        return model.model.multi_modal_projector(selected), hidden[-1]
+        return model.model.multi_modal_projector(selected), kept[states - 1]
 
     def pool(self, values: torch.Tensor) -> torch.Tensor:
         """Per-patch values [F, P] or [F, P, C] -> per-token values [F, N] or [F, N, C], as the features are pooled."""
@@ -199,8 +209,6 @@ class LlavaOneVisionAdapter(ModelAdapter):
 
     def _capturing(self, signals: set[str], into: dict[str, torch.Tensor]):
         """Route the tower's attention to record the feature layer's keys and scores while it encodes."""
-        from contextlib import ExitStack
-
         from dycoke_eval.plumbing.attention import attention_kernel, routed_attention  # imported here: plans need no kernels
 
         stack = ExitStack()
