@@ -252,7 +252,7 @@ class CompressedVideoLM(lmms):
         return ahead
 
     def _prepare_video(self, path: str) -> PreparedVideo:
-        return prepare_video(path, self.frames, self.adapter.preprocess)
+        return prepare_video(path, self.frames, self.adapter.preprocess, pin=self.device.type == "cuda")
 
     def _cache_key(self, video_path: str, signals: frozenset[str]) -> tuple | None:
         """The encoder-cache key of this model, frame count and encoder signals for the video; None if it is no file."""
@@ -531,10 +531,12 @@ class PreparedVideo:
     seconds: dict[str, float]  # video_decode, preprocess: wall time in the thread that did them
 
 
-def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any]) -> PreparedVideo:
+def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any], pin: bool = False) -> PreparedVideo:
     """Decode `frames` frames of the video and preprocess them; a video that fails raises VideoUnavailable.
 
-    Runs in a prefetch thread or inline; CPU work only, so plain wall times are the steps' times.
+    Runs in a prefetch thread or inline; CPU work only, so plain wall times are the steps' times. `pin` (beside a
+    CUDA device) puts the pixels in page-locked memory, here, off the model's thread, so that their copy to the
+    device does not block the host (the encoder copies with `non_blocking`).
     """
     start = time.perf_counter()
     try:
@@ -543,6 +545,8 @@ def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any]) -> P
         raise VideoUnavailable(str(error)) from None
     decoded = time.perf_counter()
     pixels = preprocess(sampled.frames)
+    if pin:
+        pixels = pixels.pin_memory()
     seconds = {"video_decode": decoded - start, "preprocess": time.perf_counter() - decoded}
     return PreparedVideo(pixels, sampled.frame_count, sampled.indices, seconds)
 

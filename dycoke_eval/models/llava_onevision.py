@@ -195,7 +195,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
             for index in {index % states for index in (*wanted, -1)}:
                 module = tower.embeddings if index == 0 else tower.encoder.layers[index - 1]
                 stack.enter_context(captured_output(module, kept, index))
-            tower(pixels.flatten(0, 1).to(model.device, model.dtype))
+            tower(pixels.flatten(0, 1).to(model.device, non_blocking=True).to(model.dtype))  # pinned pixels: an async copy
         selected = torch.cat([kept[index % states] for index in wanted], dim=-1)
         if model.config.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
