@@ -20,7 +20,6 @@ from pathlib import Path
 DECODED_TOKENS = 100  # R in eq. 8
 PLAN_TEXT_TOKENS = 100  # prompt text beside the video in a plan: the paper form's template, a question and its options
 PLAN_COLUMNS = ("model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio")
-BOUND_COLUMNS = ("prefill_bound_eq8", "prefill_tflops_real", "prefill_bound_real")  # plan_row's prefill speed-up bounds
 
 
 @dataclass(frozen=True)

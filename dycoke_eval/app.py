@@ -449,10 +449,14 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
 
 def show_complete_cell(cell_dir: Path) -> None:
     """A finished cell's metrics, as its run printed them, read from its folder."""
-    from dycoke_eval.store import format_summary, read_cell
+    from dycoke_eval.store import CellError, format_summary, read_cell
 
-    cell = read_cell(cell_dir)
     print(f"cell {cell_dir.name}: complete, skipped (force=true reruns it)")
+    try:
+        cell = read_cell(cell_dir)
+    except CellError as error:
+        print(f"  its results cannot be shown: {error}")
+        return
     print(format_summary(cell_dir, cell.metrics, cell.summaries))
 
 
@@ -530,8 +534,9 @@ def main(cfg: DictConfig) -> None:
     except Interrupted as error:
         print(f"\ndycoke_eval: {error}", file=sys.stderr)
         sys.exit(130)  # the shell's status for Ctrl-C
-    except KeyboardInterrupt:  # before any sample ran (checks, task index, model load): nothing to keep
-        print("\ndycoke_eval: interrupted before any sample ran; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # outside generation (checks, task index, model load, judging): no traceback either
+        print("\ndycoke_eval: interrupted; finished samples and cells are kept: run the same command again to resume",
+              file=sys.stderr)  # fmt: skip
         sys.exit(130)
 
 
@@ -565,15 +570,18 @@ def task_data_errors() -> Iterator[None]:
     except Exception as error:
         from lmms_eval.api.task import Task
 
-        frames, traceback = [], error.__traceback__
-        while traceback is not None:
-            frames.append(traceback.tb_frame.f_locals.get("self"))
+        loading, traceback = [], error.__traceback__
+        while traceback is not None:  # a Task's frames while it loads its dataset: its constructor and `download`
+            frame = traceback.tb_frame
+            if isinstance(frame.f_locals.get("self"), Task) and frame.f_code.co_name in ("__init__", "download"):
+                loading.append(frame.f_locals["self"])
             traceback = traceback.tb_next
-        task = next((owner for owner in reversed(frames) if isinstance(owner, Task)), None)
-        if task is None:
+        if not loading:
             raise
-        cause = _root_cause(error)
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        task, cause = loading[-1], _root_cause(error)
+        from dycoke_eval.checkpoints import hub_offline
+
+        offline = hub_offline()
         raise ConfigError(
             f"task {task.config.task!r}: its data {task.config.dataset_path!r} could not be loaded from "
             f"HF_HOME={os.environ.get('HF_HOME')} ({type(cause).__name__}{', the hub is offline' if offline else ''}); "

@@ -90,8 +90,8 @@ def locate_checkpoint(pretrained: str) -> None:
     if isinstance(try_to_load_from_cache(pretrained, "config.json", cache_dir=cache), str):
         return
     where = f"not a local folder and not in the Hugging Face cache ({cache})"
-    fetch = f"fetch it where the hub is reachable with `hf download {pretrained}` (HF_HOME={cache.parent})"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    fetch = f"fetch it where the hub is reachable with `hf download {pretrained}` into that cache (HF_HUB_CACHE={cache})"
+    if hub_offline():
         raise ConfigError(f"model.pretrained={pretrained!r}: {where}, and the hub is offline; {fetch}, or {MODEL_CHOICE}")
     from huggingface_hub import HfApi
 
@@ -102,10 +102,16 @@ def locate_checkpoint(pretrained: str) -> None:
         raise ConfigError(f"model.pretrained={pretrained!r}: {where}, and the hub answered {reason}; {MODEL_CHOICE}") from None
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, but now: the app sets it per run."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache as the environment says now (huggingface_hub reads it once, at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second: huggingface_hub's older name
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "hub"
 

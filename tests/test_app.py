@@ -241,7 +241,9 @@ def test_ctrl_c_before_generation_is_one_line_and_status_130(offline_dir, tmp_pa
     monkeypatch.setattr(app, "resolve_tasks", indexing)  # Ctrl-C while lmms-eval indexes its tasks
     proc = run_app(f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     assert proc.returncode == 130
-    assert proc.stderr.strip() == "dycoke_eval: interrupted before any sample ran; nothing was saved"
+    assert proc.stderr.strip() == (
+        "dycoke_eval: interrupted; finished samples and cells are kept: run the same command again to resume"
+    )
 
 
 def test_a_results_dir_that_is_a_file_is_refused_in_one_line_before_hydra_writes_there(offline_dir, tmp_path):
@@ -344,3 +346,29 @@ def test_ctrl_c_says_in_one_line_what_is_saved_and_a_rerun_resumes_counting_the_
     again = run_app(*overrides, env=env)
     assert again.returncode == 0 and "1 samples generated, 2 resumed from its journal" in again.stdout
     assert "2 resumed from the journal" in again.stderr  # the progress bar starts at the saved samples
+
+
+def test_only_a_tasks_dataset_loading_becomes_the_missing_data_line():
+    from types import SimpleNamespace
+
+    from lmms_eval.api.task import Task
+
+    import dycoke_eval.app as app
+    from dycoke_eval.config import ConfigError
+
+    class Loading(Task):
+        def download(self):
+            raise FileNotFoundError("no parquet here")
+
+        def process_results(self):
+            raise KeyError("a scorer's bug")
+
+    Loading.__abstractmethods__ = frozenset()  # only the two methods above are called
+    task = object.__new__(Loading)
+    task._config = SimpleNamespace(task="videomme", dataset_path="lmms-lab/Video-MME")
+    with pytest.raises(ConfigError, match="task 'videomme': its data 'lmms-lab/Video-MME' could not be loaded"):
+        with app.task_data_errors():
+            task.download()
+    with pytest.raises(KeyError, match="a scorer's bug"):  # a bug in task code is not a missing download
+        with app.task_data_errors():
+            task.process_results()

@@ -24,6 +24,17 @@ def test_every_kind_of_host_sync_is_counted_and_views_are_not_launches():
     assert counted.counts.ops == 8  # four gt, index, equal, nonzero, sum; the views are not launches
 
 
+def test_writes_through_a_mask_and_repeats_by_a_tensor_are_syncs_and_their_static_forms_are_not():
+    t = torch.arange(6.0)
+    with count_ops() as counted:
+        t[t > 2] = 0  # index_put with a boolean index
+        torch.repeat_interleave(t, torch.tensor([1, 2, 1, 1, 1, 1]))
+        t[torch.tensor([0, 2])] = 1  # integer index: no sync
+        t.repeat_interleave(2)
+        torch.where(t > 1, t, -t)
+    assert dict(counted.counts.syncing) == {"index_put_": 1, "repeat_interleave": 1}
+
+
 def test_tensor_only_code_makes_no_sync():
     scores = torch.rand(32, 196)
     with count_ops() as counted:

@@ -356,3 +356,12 @@ def test_judging_re_renders_a_rendered_report_and_otherwise_names_the_command(tm
     judge_command.rerender_reports([rendered / "cells" / "a", rendered / "cells" / "b", fresh / "cells" / "c"])
     assert calls == [rendered]  # once per results folder
     assert f"tables with the judged columns: python -m dycoke_eval.report {fresh}" in capsys.readouterr().out
+
+
+def test_a_judge_that_refused_earlier_still_serves_a_cell_whose_replies_are_all_cached(server, settings, monkeypatch):
+    requests = [JudgeRequest("qa", "q", "a", "a")]
+    Judge(settings).judge_all(requests)
+    monkeypatch.setattr(client, "REFUSED", {settings.refusal_key(): "refused earlier"})
+    assert Judge(settings).judge_all(requests)[0].cached
+    with pytest.raises(JudgeUnavailable, match="refused earlier"):  # anything it must ask is refused at once
+        Judge(settings).judge_all([JudgeRequest("qa", "q", "a", "b")])

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         except JudgeUnavailable as error:  # no later cell could be judged either
             print(f"dycoke_eval.judge: {error}; earlier verdicts are kept", file=sys.stderr)
-            return 1
+            status = 1
+            break
         if summary:
             print(f"{cell.path}:\n{format_judge_summary(summary)}")
         asked += sum(s["judged_now"] + s["failed_now"] for s in summary.values())

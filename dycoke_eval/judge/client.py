@@ -98,16 +98,24 @@ class JudgeSettings:
         return f"{self.endpoint()} {hashlib.sha256((self.api_key() or '').encode()).hexdigest()[:12]}"
 
     def check_reachable(self) -> None:
-        """One TCP connection to the endpoint, before any request: a refused one is one line now, not retries."""
+        """One TCP connection to the endpoint, before any request: a refused one is one line now, not retries.
+
+        Skipped where a proxy carries the requests (the SDK honours $HTTPS_PROXY; the endpoint itself may be
+        unreachable from here while the proxy reaches it).
+        """
         import socket
+        import urllib.request
 
         url = urlsplit(self.request_url())
-        port = url.port or (443 if url.scheme == "https" else 80)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        if url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+            return
         try:
-            socket.create_connection((url.hostname or "", port), timeout=min(self.timeout, 10)).close()
+            socket.create_connection((host, port), timeout=min(self.timeout, 10)).close()
         except OSError as error:
+            fix = "check the network" if is_openai_api(self.endpoint()) else "start that server"
             raise JudgeUnavailable(
-                f"cannot connect to the judge at {self.endpoint()} ({error.strerror or error}); start that server or set "
+                f"cannot connect to the judge at {self.endpoint()} ({error.strerror or error}); {fix} or set "
                 "judge.base_url= (or $OPENAI_BASE_URL)"
             ) from None
 
@@ -186,8 +194,6 @@ class Judge:
         Raises JudgeUnavailable at the first request the judge cannot answer at all (and for the rest of the process).
         """
         settings = self.settings
-        if (reason := REFUSED.get(settings.refusal_key())) is not None:
-            raise JudgeUnavailable(f"{reason} (as earlier in this process)")
         try:
             return asyncio.run(self._judge_all(requests, description))
         except JudgeUnavailable as error:
@@ -211,8 +217,10 @@ class Judge:
         cache = ReplyCache(settings.cache_path)
         endpoint = settings.endpoint()
         if any(cache.get(ReplyCache.key(endpoint, self.payload(request))) is None for request in requests):
-            try:
-                settings.check_reachable()  # only when something must be asked: a cached re-run needs no server
+            try:  # only when something must be asked: a cached re-run needs no server
+                if (reason := REFUSED.get(settings.refusal_key())) is not None:
+                    raise JudgeUnavailable(f"{reason} (as earlier in this process)")
+                settings.check_reachable()
             except JudgeUnavailable:
                 cache.close()
                 raise

@@ -6,7 +6,7 @@ depends on the data (`nonzero`, boolean-mask indexing, `masked_select`, `unique`
 runs the same ops through the same dispatcher, so counting them there tells what a GPU would pay without
 one. Views and aliases are metadata, not launches. Kernels are seen where they reach the dispatcher; a
 value read into Python (`int(t)`, `.item()`, `.tolist()`) at the tensor method, where `torch.inference_mode`
-cannot hide it.
+cannot hide it. A copy to the host (`.cpu()`, `.numpy()`) does nothing on the CPU and is not seen.
 """
 
 from __future__ import annotations
@@ -45,11 +45,16 @@ class OpCounts:
         self.syncing[name] += 1
 
 
-def _is_boolean_index(name: str, args: tuple) -> bool:
-    """`t[mask]`: aten.index with a boolean index tensor, whose output size is the mask's count."""
-    if name != "index" or len(args) < 2:
-        return False
-    return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1] or ())
+def _data_sized(name: str, args: tuple, kwargs: dict) -> bool:
+    """An op whose output size (or work) the host learns from the data: `DATA_SIZED_OPS` (`torch.where(cond)` alone
+    is `nonzero`), `t[mask]` and `t[mask] = v` (index and index_put with a boolean index), `repeat_interleave` by a
+    tensor of repeats without its `output_size`."""
+    if name in ("index", "index_put", "index_put_") and len(args) >= 2:
+        return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1] or ())
+    if name == "repeat_interleave":
+        repeats = args[1] if len(args) > 1 else args[0]
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+    return name in DATA_SIZED_OPS
 
 
 class _Kernels(TorchDispatchMode):
@@ -63,7 +68,7 @@ class _Kernels(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if not func.is_view and name not in METADATA_OPS:
             self.counts.ops += 1
-        if name in DATA_SIZED_OPS or _is_boolean_index(name, args):
+        if _data_sized(name, args, kwargs or {}):
             self.counts.sync(name)
         return func(*args, **(kwargs or {}))
 
