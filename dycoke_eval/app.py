@@ -66,8 +66,7 @@ def builds_tiny(model_cfg: DictConfig, offline_dir: str) -> bool:
     return bool(model_cfg.build_tiny) and pretrained.is_relative_to(Path(offline_dir).expanduser().resolve())
 
 
-def _prepare_environment(cfg: DictConfig) -> list[Path]:
-    set_hub_offline(cfg)
+def _prepare_environment(cfg: DictConfig) -> list[Path]:  # `main` has set the hub's offline switches first
     from dycoke_eval.task_configs import write_deferred_judge_tasks
 
     task_dirs = [write_deferred_judge_tasks(Path(cfg.offline_dir) / "tasks")]
@@ -137,8 +136,11 @@ def check_run_settings(cfg: DictConfig) -> None:
 def check_results_dir(overrides: list[str]) -> None:
     """A results folder that is a file (or lies below one) fails when Hydra makes its run folder there, before the
     app starts, with a traceback: checked on the command line first."""
+    import yaml
+
     given = [item.partition("=")[2] for item in overrides if item.lstrip("+").startswith("results_dir=")]
-    results_dir = Path(given[-1] if given else "results").expanduser()
+    default = yaml.safe_load((CONF_DIR / "config.yaml").read_text())["results_dir"]
+    results_dir = Path(given[-1] if given else default).expanduser()
     for folder in (results_dir, *results_dir.parents):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"results_dir={str(results_dir)!r}: {str(folder)!r} is a file; choose a folder")

@@ -17,13 +17,8 @@ def package_versions() -> dict[str, object]:
     """Python and the packages that shape results by name, then every installed distribution (`installed`) and the
     sha256 of the lock the checkout installs from (`lock_sha256`, None outside a checkout): a result can be traced
     to its whole environment, numpy, pandas and filelock included."""
-    versions: dict[str, object] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     installed = {dist.metadata["Name"].lower().replace("_", "-"): dist.version for dist in metadata.distributions()}
+    versions: dict[str, object] = {"python": platform.python_version(), **{name: installed.get(name) for name in PACKAGES}}
     versions["installed"] = dict(sorted(installed.items()))
     lock = REPO_ROOT / "requirements.lock"
     versions["lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
