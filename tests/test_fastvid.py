@@ -24,6 +24,7 @@ from dycoke_eval.methods.fastvid import (
     video_segment_plan,
 )
 from dycoke_eval.models.base import EncodedVideo, VideoLayout
+from dycoke_eval.plumbing.counting import count_ops
 
 # ---- the released code, transcribed (batch 1, no text around the video, `rand * 1e-6` -> `rand * noise`) ----
 
@@ -370,9 +371,13 @@ def test_llava_video_splits_per_segment_and_keeps_exactly_64_times_retain(retent
 
 def test_dyseg_cuts_are_the_c_minus_1_least_similar_transitions_and_all_below_tau_sorted():
     similarity = torch.tensor([0.95, 0.5, 0.99, 0.85, 0.97, 0.96, 0.92])
-    assert dyseg_cuts(similarity, c=4, tau=0.9).tolist() == [1, 3, 6]  # least three: 1, 3, 6; below tau: 1, 3
-    assert dyseg_cuts(similarity, c=2, tau=0.9).tolist() == [1, 3]  # least one: 1; below tau: 1, 3
-    assert dyseg_cuts(similarity, c=1, tau=0.96).tolist() == [0, 1, 3, 6]  # tau alone
+
+    def cuts(c, tau):
+        return dyseg_cuts(similarity, c, tau).nonzero().flatten().tolist()
+
+    assert cuts(c=4, tau=0.9) == [1, 3, 6]  # least three: 1, 3, 6; below tau: 1, 3
+    assert cuts(c=2, tau=0.9) == [1, 3]  # least one: 1; below tau: 1, 3
+    assert cuts(c=1, tau=0.96) == [0, 1, 3, 6]  # tau alone
     assert sizes_from_cuts([1, 3, 6], frames=8) == [2, 2, 3, 1]
 
 
@@ -675,3 +680,26 @@ def test_planned_tokens_are_f_times_retain_and_exact_for_fixed_segments():
 def test_bad_settings_are_config_errors_naming_the_value(setting, value):
     with pytest.raises(ConfigError, match=f"{setting}={value!r}" if isinstance(value, str) else f"{setting}={value}"):
         FastVID(**{setting: value})
+
+
+# ---- on an accelerator ----
+
+
+@pytest.mark.parametrize("variant", ["onevision", "video"])
+@pytest.mark.parametrize(
+    ("mode", "segmentation", "merging"),
+    [
+        ("official", "dyseg", "dtm"),
+        ("paper", "dyseg", "dtm"),
+        ("official", "fixed", "uniform"),
+        ("official", "cluster", "cluster"),
+    ],
+)
+def test_a_video_is_selected_in_at_most_150_kernels_and_one_host_read(variant, mode, segmentation, merging):
+    """Every frame and segment at once: the segments are the one value the host reads; the counts follow from them."""
+    video, attention = random_video(32, 49, dim=32)
+    frame_features = scenes(SCENES)
+    settings = {"variant": variant, "mode": mode, "segmentation": segmentation, "merging": merging}
+    with torch.inference_mode(), count_ops() as counted:  # as the wrapper runs it
+        fastvid_select(video, attention, frame_features, retention=0.25, **settings)
+    assert counted.counts.syncs <= 1 and counted.counts.ops <= 150, (counted.counts.ops, dict(counted.counts.syncing))

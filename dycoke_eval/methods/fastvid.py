@@ -52,6 +52,15 @@ Ablation alternatives (Table 2 and 4; the paper gives no more detail, so these a
 Limits: F < c stops with an error (the released topk fails). d=0 (ATS only, Table 3) keeps the salient tokens
 alone; the released OneVision code crashes on it (argmax over zero anchors), the Video code too (an empty
 concatenation). The kNN size is min(4, tokens) where a pool is that small.
+
+On an accelerator: the segments are the one value the host reads; every count after them (salient tokens,
+anchors, pool sizes per frame and group) follows on the host, so all frames and merge groups are computed at
+once, padded to the largest with masks: 100-141 kernels per video at the real sizes whatever the segments
+(`scripts/bench_gpu.py --cpu-counts`). One topk per distinct per-frame count, as torch.topk breaks ties
+differently for each k and the released code asks each frame for its own. The Video form's noise, one draw per
+anchor frame in order, is one draw of their total (equal on the CPU; tested). Equal to the released code on the
+CPU, bit for bit in half precision; in float32 the batched merge products differ from the per-group ones in the
+last bits (within 1e-5).
 """
 
 from __future__ import annotations
@@ -60,18 +69,19 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
+import torch.nn.functional as F
 
 from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
 from dycoke_eval.config import ConfigError
-from dycoke_eval.methods.density_peaks import cluster_means, density_scores, dpc_knn
-from dycoke_eval.methods.visionzip import contextual_targets
+from dycoke_eval.methods.density_peaks import batched_dpc_knn, density_scores, dpc_knn
 
 MODES = ("official", "paper")
 VARIANTS = ("onevision", "video")
 SEGMENTATIONS = ("dyseg", "fixed", "cluster")
 MERGINGS = ("dtm", "uniform", "cluster")
 NEIGHBOURS = 4  # kNN size of the density score, hard-coded in the released code
-NOISE_SEED = 0  # the density tie-break noise is drawn per sample from per_sample_seed(NOISE_SEED, sample)
+NOISE_SEED = 0  # the density tie-break noise is drawn per sample from per_sample_seed(NOISE_SEED, sample), on the
+# tokens' device (no copy from the host; a GPU draws other values than the CPU for the same seed)
 
 
 def check_settings(retention, c, tau, d, p, beta, mode, density_noise, variant, segmentation, merging) -> None:
@@ -114,11 +124,11 @@ def require_frames(frames: int, c: int, segmentation: str) -> None:
 
 
 def dyseg_cuts(similarity: torch.Tensor, c: int, tau: float) -> torch.Tensor:
-    """Frames after which a segment ends (Eq. 2): the c-1 least similar transitions and every one below tau, sorted."""
+    """[F-1] True after each frame where a segment ends (Eq. 2): the c-1 least similar transitions and every one
+    below tau."""
     require_frames(similarity.numel() + 1, c, "dyseg")
     least = similarity.topk(c - 1, largest=False).indices
-    below = (similarity < tau).nonzero().flatten()
-    return torch.cat([least, below]).unique()
+    return (similarity < tau).scatter(0, least, True)
 
 
 def sizes_from_cuts(cuts: list[int], frames: int) -> list[int]:
@@ -139,7 +149,10 @@ def cluster_segments(frame_features: torch.Tensor, c: int, noise: torch.Tensor |
     `noise` [F] breaks density ties (identical frames would all be peaks otherwise)."""
     require_frames(frame_features.shape[0], c, "cluster")
     labels, _ = dpc_knn(torch.nn.functional.normalize(frame_features.float(), dim=-1), c, NEIGHBOURS, noise)
-    return sorted((labels == k).nonzero().flatten().tolist() for k in range(c))
+    frames_of = [[] for _ in range(c)]
+    for frame, label in enumerate(labels.tolist()):
+        frames_of[label].append(frame)
+    return sorted(frames_of)
 
 
 def fixed_segments(frames: int, c: int) -> list[list[int]]:
@@ -162,7 +175,8 @@ def segment_frames(
         return cluster_segments(frame_features, c, noise)
     if segmentation == "fixed":
         return fixed_segments(frames, c)
-    return consecutive(sizes_from_cuts(dyseg_cuts(transition_similarity(frame_features), c, tau).tolist(), frames))
+    cuts = dyseg_cuts(transition_similarity(frame_features), c, tau).tolist()  # the selection's one host read
+    return consecutive(sizes_from_cuts([frame for frame, cut in enumerate(cuts) if cut], frames))
 
 
 # ---- budgets ----
@@ -221,38 +235,208 @@ def frame_budgets(
     return salient, anchors
 
 
-# ---- ATS, anchors, merging ----
+# ---- ATS, anchors, merging: every frame and segment at once, padded, with the counts planned on the host ----
 
 
-def salient_tokens(cls_attention: torch.Tensor, count: int) -> torch.Tensor:
-    """ATS: the frame's `count` tokens of highest [CLS] attention (torch.topk order)."""
-    return cls_attention.topk(count).indices
+def top_per_row(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """[B, W] scores -> [B, max(counts)] each row's `scores.topk(counts[b])` indices, padded with 0.
+
+    One topk per distinct count, not one of the largest count cut short: among tied scores (density scores of
+    duplicate tokens are 0) torch.topk's choice depends on k, and the released code asks each frame for its own k.
+    The topks are laid side by side and each row gathers its own count's columns."""
+    distinct = sorted(set(counts) - {0})
+    if not distinct:
+        return scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
+    start = dict(zip(distinct, accumulate([0, *distinct]), strict=False))
+    columns = [[start[count] + j if j < count else 0 for j in range(distinct[-1])] for count in counts]
+    side_by_side = torch.cat([scores.topk(k, dim=1).indices for k in distinct], dim=1)
+    return side_by_side.gather(1, torch.tensor(columns, device=scores.device))
 
 
-def non_salient(salient: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The frame's other token positions, ascending (the order the released code pools them in)."""
-    keep = torch.ones(tokens, dtype=torch.bool, device=salient.device)
-    keep[salient] = False
-    return keep.nonzero().flatten()
+def salient_mask(cls_attention: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """ATS: [F, N] True on each frame's `counts[f]` most attended tokens."""
+    frames, tokens = cls_attention.shape
+    top = top_per_row(cls_attention, counts).masked_fill(_padding(max(counts), counts, cls_attention.device), tokens)
+    mask = torch.zeros(frames, tokens + 1, dtype=torch.bool, device=top.device)  # a last column for the padding
+    return mask.scatter_(1, top, True)[:, :tokens]
 
 
-def anchor_centric_merge(anchors: torch.Tensor, pool: torch.Tensor, beta: float, rule: str) -> torch.Tensor:
-    """[A, D] anchors, [P, D] merge pool -> [A, D]: each pool token joins its most cosine-similar anchor (first on ties).
+def _below(width: int, counts: list[int], device) -> torch.Tensor:
+    """[len(counts), width] True where the column is below the row's count: the valid part of padded rows."""
+    return torch.arange(width, device=device) < torch.tensor(counts, device=device)[:, None]
+
+
+def _padding(width: int, counts: list[int], device) -> torch.Tensor:
+    """The complement of `_below`."""
+    return torch.arange(width, device=device) >= torch.tensor(counts, device=device)[:, None]
+
+
+def _first_true(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., width] the positions of each row's True entries in ascending order, then its others (a stable sort)."""
+    return mask.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :width]
+
+
+def _draw_rows(rows: list[tuple[int, int]], shape: tuple[int, int], scale: float, generator, device) -> torch.Tensor | None:
+    """The released tie-break noise of padded rows: one draw per (row, length) in that order, as one draw of the total
+    laid into [B, P] (equal on the CPU generator: consecutive draws are one longer draw)."""
+    lengths = [length for _, length in rows]
+    draw = _noise((sum(lengths),), scale, generator, device)
+    if draw is None:
+        return None
+    where = [row * shape[1] + j for row, length in rows for j in range(length)]
+    flat = torch.zeros(shape[0] * shape[1], dtype=draw.dtype, device=device)
+    return flat.index_copy_(0, torch.tensor(where, device=device), draw).view(shape)
+
+
+@dataclass
+class _Plan:
+    """One video's counts, known on the host before any token is chosen (no sync): per frame its segment,
+    salient count, non-salient count and anchor count."""
+
+    segments: list[list[int]]
+    salient: list[int]
+    anchors: list[int]
+    tokens_per_frame: int
+    per_frame_anchors: int  # OneVision's m: a segment whose anchor frames hold exactly m merges frame by frame
+
+    @property
+    def rest(self) -> list[int]:
+        return [self.tokens_per_frame - s for s in self.salient]
+
+    def anchor_frames(self) -> list[int]:
+        """Frames with anchors, segments in order and each segment's frames in order (the released draw order)."""
+        return [f for segment in self.segments for f in segment if self.anchors[f]]
+
+
+def density_anchors(pools: torch.Tensor, plan: _Plan, variant: str, noise_scale: float, generator) -> torch.Tensor:
+    """[F, A] each frame's anchors as ranks among its non-salient tokens (`pools` [F, R, D], ascending), the top
+    density scores: OneVision in topk order with one noise draw [F, N-s]; Video sorted by position, each anchor frame
+    scored alone with one draw of its own (segments, then frames, in order), here padded into one batch."""
+    frames, width, _ = pools.shape
+    most = max(plan.anchors)
+    if variant == "onevision":
+        valid, noise = None, _noise((frames, width), noise_scale, generator, pools.device)
+    else:
+        valid = _below(width, plan.rest, pools.device)
+        rows = [(f, plan.rest[f]) for f in plan.anchor_frames()]
+        noise = _draw_rows(rows, (frames, width), noise_scale, generator, pools.device)
+    chosen = top_per_row(density_scores(pools, NEIGHBOURS, noise, valid), plan.anchors)
+    if variant == "video":
+        chosen = chosen.masked_fill(_padding(most, plan.anchors, pools.device), width).sort(dim=1).values
+    return chosen
+
+
+def uniform_anchors(plan: _Plan, device) -> torch.Tensor:
+    """[F, A] VisionZip's sampling as anchors: ranks 0, step, 2 step, ... (step = max(1, rest // count))."""
+    steps = [max(1, rest // count) if count else 0 for rest, count in zip(plan.rest, plan.anchors, strict=True)]
+    return torch.arange(max(plan.anchors), device=device) * torch.tensor(steps, device=device)[:, None]
+
+
+@dataclass
+class _Groups:
+    """Anchors merged together: each group's anchors (flat positions [G, A], valid) and its merge pool."""
+
+    anchors: torch.Tensor
+    anchor_valid: torch.Tensor
+    pool: torch.Tensor  # [G, P] flat positions, ascending
+    pool_valid: torch.Tensor
+
+
+def merge_groups(
+    plan: _Plan, anchor_at: torch.Tensor, anchor_valid: torch.Tensor, salient: torch.Tensor, mode: str, variant: str
+) -> _Groups:
+    """The merge groups of the three rules (module docstring): official, one per anchor frame (its anchors; OneVision
+    pools the segment's non-salient tokens, or the frame's own in a segment whose anchor frames hold exactly the
+    per-frame budget; Video the segment's minus the frame's own anchors); paper, one per segment with anchors (all
+    its anchors; the segment's non-salient tokens that are not anchors). `anchor_at` [F, A]: positions in the frame.
+
+    Which frames feed each group's pool is known on the host; the tokens are chosen from them on the device."""
+    frames, per_frame = salient.shape
+    device = salient.device
+    segment_of = {f: segment for segment in plan.segments for f in segment}
+    rest, anchors = plan.rest, plan.anchors
+    if mode == "paper":
+        members = [[f for f in segment if anchors[f]] for segment in plan.segments]
+        members = [frames_ for frames_ in members if frames_]
+        pool_frames = [segment_of[m[0]] for m in members]
+        sizes = [sum(rest[f] - anchors[f] for f in pool) for pool in pool_frames]
+    else:
+        members = [[f] for f in plan.anchor_frames()]
+        pool_frames = []
+        for (f,) in members:
+            segment = segment_of[f]
+            by_frame = all(anchors[g] == plan.per_frame_anchors for g in segment if anchors[g])
+            pool_frames.append([f] if variant == "onevision" and by_frame else segment)
+        sizes = [sum(rest[g] for g in pool) - (anchors[m[0]] if variant == "video" else 0)
+                 for m, pool in zip(members, pool_frames, strict=True)]  # fmt: skip
+    depth = max(len(m) for m in members)
+    rows = torch.tensor([m + [m[0]] * (depth - len(m)) for m in members], device=device)  # [G, depth] frames
+    row_valid = _below(depth, [len(m) for m in members], device)
+    flat = anchor_at + torch.arange(frames, device=device)[:, None] * per_frame
+    valid = (anchor_valid[rows] & row_valid[..., None]).flatten(1)
+    in_pool_frame, own_frame = torch.tensor(
+        [[[f in pool for f in range(frames)] for pool in pool_frames], [[f in m for f in range(frames)] for m in members]],
+        device=device,
+    )[..., None]  # [G, F, 1] each
+    in_pool = in_pool_frame & ~salient[None]
+    if mode == "paper" or variant == "video":
+        is_anchor = torch.zeros(frames, per_frame + 1, dtype=torch.bool, device=device)
+        is_anchor = is_anchor.scatter_(1, anchor_at.masked_fill(~anchor_valid, per_frame), True)[:, :per_frame]
+        in_pool &= ~(is_anchor[None] & own_frame) if mode == "official" else ~is_anchor[None]
+    width = max(sizes)
+    return _Groups(flat[rows].flatten(1), valid, _first_true(in_pool.flatten(1), width), _below(width, sizes, device))
+
+
+def anchor_centric_merge(
+    anchors: torch.Tensor, anchor_valid: torch.Tensor, pool: torch.Tensor, pool_valid: torch.Tensor, beta: float, rule: str
+) -> torch.Tensor:
+    """[G, A, D] anchors, [G, P, D] merge pools (padded; valid masks) -> [G, A, D]: each pool token joins its most
+    cosine-similar anchor of its group (first on ties).
 
     `official`: `a* = w a + (1 - w) mean(assigned)`, `w = max(1/(n+1), beta)` (an anchor nothing joins stays);
     `paper` (Eq. 5): w = beta when n >= 1, else the anchor stays. Arithmetic in the features' dtype, as released.
     """
     unit_pool, unit_anchors = pool / pool.norm(dim=-1, keepdim=True), anchors / anchors.norm(dim=-1, keepdim=True)
-    nearest = (unit_pool @ unit_anchors.T).argmax(dim=1)
-    assigned = torch.zeros(pool.shape[0], anchors.shape[0], dtype=pool.dtype, device=pool.device)
-    assigned.scatter_(1, nearest[:, None], 1)
-    count = assigned.sum(dim=0)[:, None]
-    mean = assigned.T @ pool / count.clamp(min=1)
+    similarity = (unit_pool @ unit_anchors.transpose(1, 2)).masked_fill(~anchor_valid[:, None], float("-inf"))
+    nearest = similarity.argmax(dim=2)
+    assigned = torch.zeros(*similarity.shape, dtype=pool.dtype, device=pool.device)
+    assigned.scatter_(2, nearest[..., None], pool_valid[..., None].to(pool.dtype))
+    count = assigned.sum(dim=1)[..., None]
+    mean = assigned.transpose(1, 2) @ pool / count.clamp(min=1)
     if rule == "official":
         weight = (1 / (count + 1)).clamp(min=beta)
     else:
         weight = torch.where(count > 0, beta, 1.0).to(pool.dtype)
     return weight * anchors + (1 - weight) * mean
+
+
+def cluster_merge(
+    video: torch.Tensor, salient: torch.Tensor, plan: _Plan, noise_scale: float, generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Table 4's cluster-based merging: each segment's non-salient tokens as its anchor budget of DPC-kNN cluster means,
+    placed at the segment's last non-salient positions in centre-rank order (their own positions are discarded).
+    Returns the means [S, K, D], their flat positions [S, K] and which are real."""
+    frames, per_frame, _ = video.shape
+    device = video.device
+    clusters = [sum(plan.anchors[f] for f in segment) for segment in plan.segments]
+    sizes = [sum(plan.rest[f] for f in segment) for segment in plan.segments]
+    width = max(sizes)
+    frame_of = torch.arange(frames, device=device).repeat_interleave(per_frame)
+    member = torch.zeros(len(plan.segments), frames, dtype=torch.bool)
+    for number, segment in enumerate(plan.segments):
+        member[number, segment] = True
+    in_pool = member.to(device)[:, frame_of] & ~salient.flatten()[None]
+    where, valid = _first_true(in_pool, width), _below(width, sizes, device)
+    pool = video.flatten(0, 1)[where]
+    rows = [(s, sizes[s]) for s, count in enumerate(clusters) if count]
+    noise = _draw_rows(rows, tuple(where.shape), noise_scale, generator, device)
+    labels, _ = batched_dpc_knn(pool, valid, torch.tensor(clusters, device=device), NEIGHBOURS, noise)
+    onehot = F.one_hot(labels.clamp(min=0), width).to(pool.dtype) * valid[..., None].to(pool.dtype)
+    counts = onehot.sum(dim=1)[..., None]
+    means = (onehot.transpose(1, 2) @ pool / counts.clamp(min=1)).masked_fill(counts == 0, 0)
+    rank = torch.arange(width, device=device)
+    last = (torch.tensor(sizes, device=device) - torch.tensor(clusters, device=device))[:, None] + rank
+    return means, where.gather(1, last.clamp(max=width - 1)), _below(width, clusters, device)
 
 
 @dataclass
@@ -264,82 +448,6 @@ class FastVIDSelection:
     segments: list[list[int]]
     salient: int
     anchors: int  # DTM tokens (anchors, or cluster tokens)
-
-
-class _Pools:
-    """One video's tokens [F, N, D] and each frame's non-salient positions: what DTM draws its pools from."""
-
-    def __init__(self, tokens: torch.Tensor, rest: list[torch.Tensor]) -> None:
-        self.tokens, self.rest, self.n = tokens, rest, tokens.shape[1]
-
-    def rest_of(self, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frames' non-salient tokens [P, D] and their flat positions [P], in position order."""
-        where = torch.cat([self.rest[f] + f * self.n for f in frames])
-        return self.tokens.flatten(0, 1)[where], where
-
-
-def density_anchors(
-    pools: _Pools, segments: list[list[int]], plan: list[int], variant: str, noise_scale: float, generator
-) -> list[torch.Tensor]:
-    """Per frame, its anchors as positions among its non-salient tokens: the top density scores.
-
-    OneVision scores every frame in one batch with one noise draw [F, N-s] and keeps topk order; Video scores
-    each anchor frame alone (segments, then frames, in order) with one draw each and sorts its anchors by position.
-    """
-    chosen = [pools.rest[f][:0] for f in range(len(plan))]
-    if not any(plan):
-        return chosen
-    if variant == "onevision":
-        pools = torch.stack([pools.tokens[f, rest] for f, rest in enumerate(pools.rest)])
-        scores = density_scores(pools, NEIGHBOURS, _noise(pools.shape[:2], noise_scale, generator, pools.device))
-        for f, count in enumerate(plan):
-            if count:
-                chosen[f] = scores[f].topk(count).indices
-        return chosen
-    for frame in (f for segment in segments for f in segment if plan[f]):
-        pool = pools.tokens[frame, pools.rest[frame]][None]
-        score = density_scores(pool, NEIGHBOURS, _noise(pool.shape[:2], noise_scale, generator, pool.device))[0]
-        chosen[frame] = score.topk(plan[frame]).indices.sort().values
-    return chosen
-
-
-def merge_segment(
-    pools: _Pools, segment: list[int], chosen: list[torch.Tensor], beta: float, mode: str, variant: str, per_frame_anchors: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The segment's merged anchors [A, D] and their positions [A] (see the module docstring for the three rules)."""
-    frames = [f for f in segment if chosen[f].numel()]
-    pool, where = pools.rest_of(segment)
-    if not frames:
-        return pool[:0], where[:0]
-    anchor_index = [pools.rest[f][chosen[f]] + f * pools.n for f in frames]
-    anchors = [pools.tokens.flatten(0, 1)[at] for at in anchor_index]
-    if mode == "paper":
-        outside = ~torch.isin(where, torch.cat(anchor_index))
-        merged = [anchor_centric_merge(torch.cat(anchors), pool[outside], beta, "paper")]
-    elif variant == "onevision":
-        by_frame = all(chosen[f].numel() == per_frame_anchors for f in frames)  # the released single-frame path
-        merged = [
-            anchor_centric_merge(a, pools.rest_of([f])[0] if by_frame else pool, beta, "official")
-            for f, a in zip(frames, anchors, strict=True)
-        ]
-    else:
-        merged = [
-            anchor_centric_merge(a, pool[~torch.isin(where, own)], beta, "official")
-            for a, own in zip(anchors, anchor_index, strict=True)
-        ]
-    return torch.cat(merged), torch.cat(anchor_index)
-
-
-def cluster_merge_segment(
-    pools: _Pools, segment: list[int], clusters: int, noise_scale: float, generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table 4's cluster-based merging: the segment's non-salient tokens as `clusters` DPC-kNN cluster means, placed
-    at the segment's last non-salient positions in centre-rank order (their own positions are discarded)."""
-    pool, where = pools.rest_of(segment)
-    if not clusters:
-        return pool[:0], where[:0]
-    labels, _ = dpc_knn(pool, clusters, NEIGHBOURS, _noise((pool.shape[0],), noise_scale, generator, pool.device))
-    return cluster_means(pool, labels, clusters), where[-clusters:]
 
 
 def _noise(shape, scale: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor | None:
@@ -368,34 +476,46 @@ def fastvid_select(
     merging: str = "dtm",
     generator: torch.Generator | None = None,
 ) -> FastVIDSelection:
-    """`fastvid_tokens` with the figures: segments and the salient and DTM token counts."""
+    """`fastvid_tokens` with the figures: segments and the salient and DTM token counts.
+
+    One host read (the segments); every count after it follows from them on the host, so the tokens are chosen
+    over all frames and segments at once."""
     check_settings(retention, c, tau, d, p, beta, mode, density_noise, variant, segmentation, merging)
     frames, n, _ = video.shape
     frame_noise = _noise((frames,), density_noise, generator, video.device) if segmentation == "cluster" else None
     segments = segment_frames(frame_features, c, tau, segmentation, frame_noise)
-    salient_counts, plan = frame_budgets(segments, n, retention, d, p, mode, variant)
-    salient = [salient_tokens(cls_attention[f], salient_counts[f]) for f in range(frames)]
-    rest = [non_salient(top, n) for top in salient]
-    for f, (count, pool) in enumerate(zip(plan, rest, strict=True)):
-        if merging != "cluster" and count > pool.numel():
+    plan = _Plan(segments, *frame_budgets(segments, n, retention, d, p, mode, variant), n, onevision_budget(n, retention, d)[2])
+    for f, (count, rest) in enumerate(zip(plan.anchors, plan.rest, strict=True)):
+        if merging != "cluster" and count > rest:
             raise ConfigError(
-                f"retention={retention}, d={d}, p={p}: frame {f} needs {count} anchors but has {pool.numel()} "
+                f"retention={retention}, d={d}, p={p}: frame {f} needs {count} anchors but has {rest} "
                 "non-salient tokens; lower retention or d, or choose a smaller p"
             )
-    pools = _Pools(video, rest)
-    kept = [(video[f, top], top + f * n) for f, top in enumerate(salient)]
-    if merging == "cluster":
-        kept += [cluster_merge_segment(pools, s, sum(plan[f] for f in s), density_noise, generator) for s in segments]
-    else:
-        if merging == "dtm":
-            chosen = density_anchors(pools, segments, plan, variant, density_noise, generator)
+    salient = salient_mask(cls_attention, plan.salient)
+    flat = video.flatten(0, 1)
+    out, kept = torch.cat([flat, flat[:1]]), torch.cat([salient.flatten(), salient.new_zeros(1)])  # a last row: padding
+    if any(plan.anchors):
+        if merging == "cluster":
+            merged, at, valid = cluster_merge(video, salient, plan, density_noise, generator)
         else:
-            chosen = [contextual_targets(pool.numel(), count, pool.device) for count, pool in zip(plan, rest, strict=True)]
-        per_frame_anchors = onevision_budget(n, retention, d)[2]
-        kept += [merge_segment(pools, s, chosen, beta, mode, variant, per_frame_anchors) for s in segments]
-    features, index = torch.cat([f for f, _ in kept]), torch.cat([i for _, i in kept])
-    order, salient_total = index.argsort(), sum(salient_counts)
-    return FastVIDSelection(features[order], index[order], segments, salient_total, int(index.numel()) - salient_total)
+            rest = _first_true(~salient, max(plan.rest))
+            if merging == "dtm":
+                pools = video[torch.arange(frames, device=video.device)[:, None], rest]
+                chosen = density_anchors(pools, plan, variant, density_noise, generator)
+            else:
+                chosen = uniform_anchors(plan, video.device)
+            anchor_valid = _below(chosen.shape[1], plan.anchors, video.device)
+            anchor_at = rest.gather(1, chosen.clamp(max=rest.shape[1] - 1))
+            groups = merge_groups(plan, anchor_at, anchor_valid, salient, mode, variant)
+            merged = anchor_centric_merge(
+                flat[groups.anchors], groups.anchor_valid, flat[groups.pool], groups.pool_valid, beta, mode
+            )
+            at, valid = groups.anchors, groups.anchor_valid
+        at = at.masked_fill(~valid, frames * n).flatten()
+        out.index_copy_(0, at, merged.flatten(0, 1))
+        kept.index_fill_(0, at, True)
+    index = _first_true(kept[:-1], sum(plan.salient) + sum(plan.anchors))
+    return FastVIDSelection(out[index], index, segments, sum(plan.salient), sum(plan.anchors))
 
 
 def fastvid_tokens(
@@ -494,7 +614,7 @@ class FastVID(PreLLMStage):
             variant=variant,
             segmentation=self.segmentation,
             merging=self.merging,
-            generator=torch.Generator().manual_seed(per_sample_seed(NOISE_SEED, sample)),
+            generator=torch.Generator(tokens.features.device).manual_seed(per_sample_seed(NOISE_SEED, sample)),
         )
         return tokens.replaced(
             selection.tokens,
