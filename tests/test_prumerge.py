@@ -1,6 +1,7 @@
 """PruMerge on SigLIP: adaptive IQR count, neighbour merging, scores from the encoder's attention.
 
-`mode: official` is checked against a literal transcription of the released per-image functions.
+`mode: adapted` is checked against the per-frame code it replaced, kept literally here; `mode: official` against a
+literal transcription of the released per-image functions.
 """
 
 import numpy as np
@@ -11,50 +12,63 @@ import torch.nn.functional as F
 from dycoke_eval.compression.stages import VideoTokens
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.prumerge import (
+    VARIANTS,
     PruMerge,
-    iqr_outlier_count,
+    adapted_selection,
+    iqr_outlier_counts,
     iqr_outliers,
+    keep_counts,
     merge_into_kept,
     official_grid,
     official_keep_count,
     official_merge,
     official_selection,
-    prumerge_frame,
+    prumerge_adapted,
     prumerge_official,
     pruned_remainder,
-    uniform_samples,
+    top_scoring,
 )
 from dycoke_eval.offline.tiny_model import build_tiny_checkpoint
 from dycoke_eval.offline.videos import synthetic_frames
+from dycoke_eval.plumbing.counting import count_ops
 from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 
 
 def test_the_keep_count_is_the_number_of_iqr_outliers_and_at_least_one():
     scores = torch.cat([torch.linspace(0, 1, 20), torch.tensor([10.0, 12.0])])
-    assert iqr_outlier_count(scores) == 2
-    assert iqr_outlier_count(torch.ones(16)) == 1
+    assert keep_counts(scores[None]).tolist() == [2]
+    assert keep_counts(torch.ones(1, 16)).tolist() == [1]
 
 
 def test_prumerge_plus_adds_a_uniform_grid_that_skips_tokens_already_kept():
-    samples = uniform_samples(24, kept=torch.tensor([0, 5]))  # ratio 1/12 -> stride int(12/3) = 4
-    assert samples.tolist() == [4, 8, 12, 16, 20]
+    scores = torch.zeros(1, 24)
+    scores[0, [0, 5]] = torch.tensor([2.0, 1.0])  # two outliers: ratio 1/12 -> stride int(12/3) = 4
+    samples = adapted_selection(scores, "plus") & ~adapted_selection(scores, "base")
+    assert samples[0].nonzero().flatten().tolist() == [4, 8, 12, 16, 20]
 
 
 def test_each_kept_token_absorbs_its_nearest_pruned_tokens_weighted_by_score():
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
     scores = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    merged = merge_into_kept(features, scores, keys, kept=torch.tensor([0, 1]), neighbours=1)
-    assert torch.allclose(merged, torch.tensor([[1.0 + 0.2 * 2.0, 0.0], [0.0, 1.0 + 0.1 * 3.0]]))
+    kept = torch.tensor([[True, True, False, False]])
+    merged = merge_into_kept(features[None], scores[None], keys[None], kept, slots=torch.tensor([[0, 1]]), neighbours=1)
+    assert torch.allclose(merged[0], torch.tensor([[1.0 + 0.2 * 2.0, 0.0], [0.0, 1.0 + 0.1 * 3.0]]))
 
 
 def test_a_frame_keeps_its_top_scoring_tokens_in_spatial_order():
-    scores = torch.zeros(16)
-    scores[[3, 9]] = torch.tensor([5.0, 4.0])
-    features = torch.arange(16.0)[:, None].expand(16, 2).clone()
-    kept, index = prumerge_frame(features, scores, torch.randn(16, 4), "base", neighbours=0)
+    scores = torch.zeros(1, 16)
+    scores[0, [3, 9]] = torch.tensor([5.0, 4.0])
+    features = torch.arange(16.0)[None, :, None].expand(1, 16, 2).clone()
+    kept, index = prumerge_adapted(features, scores, torch.randn(1, 16, 4), "base", neighbours=0)
     assert kept[:, 0].tolist() == [3.0, 9.0] and index.tolist() == [3, 9]
-    assert len(prumerge_frame(features, scores, torch.randn(16, 4), "plus")[0]) > 2
+    assert len(prumerge_adapted(features, scores, torch.randn(1, 16, 4), "plus")[0]) > 2
+
+
+def test_equal_scores_at_the_keep_boundary_go_to_the_lower_index():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    kept = top_scoring(scores, counts=torch.tensor([2, 1]))
+    assert kept.tolist() == [[False, True, False, True, False, False], [True, False, False, False, False, False]]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +123,114 @@ def test_the_pooling_head_score_needs_a_tower_that_kept_its_head(tiny_checkpoint
 def test_bad_prumerge_settings_fail_at_config_time(settings, message):
     with pytest.raises(ConfigError, match=message):
         PruMerge(**settings)
+
+
+# --- mode: adapted, all frames at once --------------------------------------------------------------------------------
+# The per-frame code the batched functions replaced, kept literally (only names changed) as their reference.
+
+
+def frame_iqr_outliers(scores: torch.Tensor) -> int:
+    """How many of all the scores lie above Q3 + 1.5 IQR; float32 quartiles, as numpy gives the released code."""
+    flat = scores.float().flatten()
+    q1, q3 = torch.quantile(flat, torch.tensor([0.25, 0.75], device=flat.device))
+    return int((flat > q3 + 1.5 * (q3 - q1)).sum())
+
+
+def frame_keep_count(scores: torch.Tensor) -> int:
+    """The adapted keep count of one frame: its IQR outliers, at least one."""
+    return max(1, frame_iqr_outliers(scores))
+
+
+def frame_uniform_samples(tokens: int, kept: torch.Tensor) -> torch.Tensor:
+    """PruMerge+'s extra tokens: a stride of int(int(1/ratio)/3) over the grid, minus those already kept."""
+    stride = max(1, int(int(tokens / kept.numel()) / 3))
+    grid = torch.arange(0, tokens - 1, stride, device=kept.device)
+    return grid[~torch.isin(grid, kept)]
+
+
+def frame_merge(
+    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, neighbours: int = 32
+) -> torch.Tensor:
+    """Each kept token plus the score-weighted sum of its nearest pruned tokens (cosine over keys)."""
+    pruned = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    pruned[kept] = False
+    if not pruned.any():
+        return features[kept]
+    others = pruned.nonzero().flatten()
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    nearest = (unit[kept] @ unit[others].T).topk(min(neighbours, others.numel()), dim=-1).indices  # [kept, k]
+    weights = torch.zeros(kept.numel(), others.numel(), device=features.device)
+    weights.scatter_(1, nearest, scores[others].float()[nearest])
+    return (features[kept].float() + weights @ features[others].float()).to(features.dtype)
+
+
+def prumerge_frame(
+    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, variant: str, neighbours: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, D] features, [N] scores, [N, Dk] keys of one frame -> its kept, merged tokens in spatial order, and their indices."""
+    kept = scores.topk(frame_keep_count(scores)).indices
+    if variant == "plus":
+        kept = torch.cat([kept, frame_uniform_samples(scores.numel(), kept)])
+    kept = kept.sort().values
+    return frame_merge(features, scores, keys, kept, neighbours), kept
+
+
+def frame_by_frame(features, scores, keys, variant, neighbours=32):
+    """What the stage returned when it looped over frames."""
+    frames = [prumerge_frame(f, s, k, variant, neighbours) for f, s, k in zip(features, scores, keys, strict=True)]
+    index = torch.cat([where + i * scores.shape[1] for i, (_, where) in enumerate(frames)])
+    return torch.cat([merged for merged, _ in frames]), index
+
+
+def video_with_outliers(seed: int, frames: int = 16, tokens: int = 49, dim: int = 64, exact: bool = False):
+    """[F, N] scores with `f % 6` planted outliers in frame f (none in frame 0) and no equal scores, [F, N, 16] keys,
+    [F, N, D] features. `exact`: dyadic scores and small integer features, so every merge sum is exact in float32 and
+    equal in any order."""
+    g = torch.Generator().manual_seed(seed)
+    if exact:
+        scores = torch.stack([torch.randperm(tokens, generator=g) + 1 for _ in range(frames)]) / 256
+        features = torch.randint(-8, 9, (frames, tokens, dim), generator=g).float()
+    else:
+        scores = torch.rand(frames, tokens, generator=g)
+        features = torch.randn(frames, tokens, dim, generator=g)
+    for frame in range(frames):
+        planted = torch.randperm(tokens, generator=g)[: frame % 6]
+        scores[frame, planted] += 2 + scores[frame, planted]
+    return scores, torch.randn(frames, tokens, 16, generator=g), features
+
+
+def test_the_planted_outlier_counts_differ_by_frame_and_frame_0_has_none():
+    scores, _, _ = video_with_outliers(0, exact=True)
+    assert iqr_outlier_counts(scores).tolist() == [frame % 6 for frame in range(16)]
+    assert keep_counts(scores).tolist() == [max(1, frame % 6) for frame in range(16)]
+
+
+@pytest.mark.parametrize("neighbours", [32, 4])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_all_frames_at_once_equal_each_frame_alone_exactly_where_the_sums_are_exact(seed, variant, neighbours):
+    scores, keys, features = video_with_outliers(seed, exact=True)
+    merged, index = prumerge_adapted(features, scores, keys, variant, neighbours)
+    expected, expected_index = frame_by_frame(features, scores, keys, variant, neighbours)
+    assert torch.equal(index, expected_index) and torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_all_frames_at_once_select_what_each_frame_alone_does_and_merge_to_the_last_bits(variant):
+    scores, keys, features = video_with_outliers(2)
+    merged, index = prumerge_adapted(features, scores, keys, variant)
+    expected, expected_index = frame_by_frame(features, scores, keys, variant)
+    assert torch.equal(index, expected_index)
+    torch.testing.assert_close(merged, expected)  # BLAS rounds the padded product by its shape
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_adapted_selection_takes_at_most_150_kernels_and_4_waits_for_16_frames(variant):
+    scores, keys, features = video_with_outliers(3)
+    tokens = VideoTokens.from_grid(features, 7, 7)
+    with count_ops() as counted:
+        PruMerge(variant=variant).select(tokens, {"attention_received": scores, "keys": keys}, "")
+    assert counted.counts.syncs <= 4 and counted.counts.ops <= 150
 
 
 # --- mode: official --------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 the feature layer, keep as many top-scoring tokens as there are IQR outliers among the frame's
 scores (the adaptive ratio), and let each kept token absorb its 32 nearest neighbours among the
 pruned ones (cosine over that layer's keys), weighted by their scores. PruMerge+ first adds
-spatially uniform samples. Output in spatial order.
+spatially uniform samples. Output in spatial order. All frames are computed at once, their kept
+tokens padded to the widest frame's count, so a video costs one read of that count and one compaction.
 
 `mode: official`: the released per-image arithmetic (42Shawn/LLaVA-PruMerge, clip_encoder.py,
 `token_prune_merge_advanced[_plus]`) with each frame as one image, on the same scores and keys:
@@ -37,50 +38,106 @@ SCORE_SOURCES = {"mean_received": "attention_received", "pooling_head": "probe_a
 MODES = ("adapted", "official")
 
 
+def iqr_outlier_counts(scores: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [...]: how many scores of each row lie above Q3 + 1.5 IQR; float32 quartiles, as numpy gives the
+    released code."""
+    values = scores.float()
+    q1, q3 = torch.quantile(values, values.new_tensor([0.25, 0.75]), dim=-1, keepdim=True)
+    return (values > q3 + 1.5 * (q3 - q1)).sum(dim=-1)
+
+
 def iqr_outliers(scores: torch.Tensor) -> int:
-    """How many of all the scores lie above Q3 + 1.5 IQR; float32 quartiles, as numpy gives the released code."""
-    flat = scores.float().flatten()
-    q1, q3 = torch.quantile(flat, torch.tensor([0.25, 0.75], device=flat.device))
-    return int((flat > q3 + 1.5 * (q3 - q1)).sum())
+    """How many of all the scores, pooled, are IQR outliers (the released ratio's numerator)."""
+    return int(iqr_outlier_counts(scores.flatten()))
 
 
-def iqr_outlier_count(scores: torch.Tensor) -> int:
-    """The adapted keep count of one frame: its IQR outliers, at least one."""
-    return max(1, iqr_outliers(scores))
+def keep_counts(scores: torch.Tensor) -> torch.Tensor:
+    """[F, N] -> [F]: the adapted keep count of each frame, its IQR outliers, at least one."""
+    return iqr_outlier_counts(scores).clamp(min=1)
 
 
-def uniform_samples(tokens: int, kept: torch.Tensor) -> torch.Tensor:
-    """PruMerge+'s extra tokens: a stride of int(int(1/ratio)/3) over the grid, minus those already kept."""
-    stride = max(1, int(int(tokens / kept.numel()) / 3))
-    grid = torch.arange(0, tokens - 1, stride, device=kept.device)
-    return grid[~torch.isin(grid, kept)]
+def top_scoring(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[F, N] scores, [F] counts -> [F, N] mask of each frame's `count` highest scores.
+
+    Equal scores at the boundary go to the lower index, as CUDA's topk kernel picks them (CPU's topk leaves them
+    unspecified), so one stable rank order serves every frame's count.
+    """
+    order = scores.sort(dim=-1, descending=True, stable=True).indices  # rank -> token
+    ranked_in = torch.arange(scores.shape[-1], device=scores.device) < counts.unsqueeze(-1)
+    return torch.zeros_like(ranked_in).scatter(-1, order, ranked_in)
+
+
+def uniform_grid(tokens: int, counts: torch.Tensor) -> torch.Tensor:
+    """[F] counts -> [F, N] mask of PruMerge+'s samples: a stride of int(int(1/ratio)/3) over [0, N - 1)."""
+    stride = (tokens // counts // 3).clamp(min=1)
+    position = torch.arange(tokens, device=counts.device)
+    return (position % stride.unsqueeze(-1) == 0) & (position < tokens - 1)
+
+
+def adapted_selection(scores: torch.Tensor, variant: str) -> torch.Tensor:
+    """[F, N] scores -> [F, N] mask of the tokens each frame keeps."""
+    counts = keep_counts(scores)
+    kept = top_scoring(scores, counts)
+    return kept | uniform_grid(scores.shape[-1], counts) if variant == "plus" else kept
+
+
+def padded_positions(kept: torch.Tensor) -> torch.Tensor:
+    """[F, N] mask -> [F, S]: each frame's kept positions in ascending order, then pruned ones as padding, S being
+    the widest frame's count (read to the host: the one wait before the end)."""
+    widest = int(kept.sum(dim=-1).amax())
+    return kept.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[:, :widest]
+
+
+def key_cosines(keys: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """[F, N, Dk] keys, [F, S] centres -> [F, S, N]: each centre's key cosine with every token of its frame."""
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    return _rows(unit, centres) @ unit.transpose(1, 2)
+
+
+def absorb_neighbours(
+    features: torch.Tensor, weights: torch.Tensor, centres: torch.Tensor, similarity: torch.Tensor, neighbours: int
+) -> torch.Tensor:
+    """[F, S] centres -> [F, S, D] float: each centre plus its `neighbours` most similar tokens weighted by [F, N]
+    `weights`, summed as one product over all the frame's tokens (the others weigh zero)."""
+    nearest = similarity.topk(neighbours, dim=-1).indices
+    spread = torch.zeros_like(similarity).scatter_(2, nearest, weights.gather(1, nearest.flatten(1)).view_as(nearest))
+    values = features.float()
+    return _rows(values, centres) + spread @ values
 
 
 def merge_into_kept(
-    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, neighbours: int = 32
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    keys: torch.Tensor,
+    kept: torch.Tensor,
+    slots: torch.Tensor,
+    neighbours: int = 32,
 ) -> torch.Tensor:
-    """Each kept token plus the score-weighted sum of its nearest pruned tokens (cosine over keys)."""
-    pruned = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
-    pruned[kept] = False
-    if not pruned.any():
-        return features[kept]
-    others = pruned.nonzero().flatten()
-    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    nearest = (unit[kept] @ unit[others].T).topk(min(neighbours, others.numel()), dim=-1).indices  # [kept, k]
-    weights = torch.zeros(kept.numel(), others.numel(), device=features.device)
-    weights.scatter_(1, nearest, scores[others].float()[nearest])
-    return (features[kept].float() + weights @ features[others].float()).to(features.dtype)
+    """[F, S] slots (`padded_positions`) -> [F, S, D]: each kept token plus the score-weighted sum of its nearest
+    pruned tokens (cosine over keys), every frame in one product.
+
+    Kept tokens are no candidates: where a frame has fewer pruned tokens than `neighbours`, the kept ones the search
+    then reaches weigh nothing, so the frame merges all its pruned tokens, as alone. The sums have the terms of each
+    frame's own product over its pruned tokens, but BLAS rounds a product by its shape (MKL by its row count too), so
+    their last bits can differ from a frame merged alone.
+    """
+    similarity = key_cosines(keys, slots).masked_fill_(kept.unsqueeze(1), float("-inf"))
+    pruned_scores = scores.float().masked_fill(kept, 0.0)
+    return absorb_neighbours(features, pruned_scores, slots, similarity, min(neighbours, scores.shape[1])).to(features.dtype)
 
 
-def prumerge_frame(
+def prumerge_adapted(
     features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, variant: str, neighbours: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, D] features, [N] scores, [N, Dk] keys of one frame -> its kept, merged tokens in spatial order, and their indices."""
-    kept = scores.topk(iqr_outlier_count(scores)).indices
-    if variant == "plus":
-        kept = torch.cat([kept, uniform_samples(scores.numel(), kept)])
-    kept = kept.sort().values
-    return merge_into_kept(features, scores, keys, kept, neighbours), kept
+    """[F, N, D] features, [F, N] scores, [F, N, Dk] keys -> [V, D]: each frame's kept, merged tokens in spatial
+    order, frame after frame, and their flat grid index [V]."""
+    frames, tokens = scores.shape
+    kept = adapted_selection(scores, variant)
+    slots = padded_positions(kept)
+    merged = merge_into_kept(features, scores, keys, kept, slots, neighbours)
+    index = slots + torch.arange(frames, device=slots.device).unsqueeze(1) * tokens
+    real = kept.gather(1, slots).flatten().nonzero().squeeze(1)  # the padding slots hold pruned tokens
+    return merged.flatten(0, 1)[real], index.flatten()[real]
 
 
 def official_keep_count(ratio: float, tokens: int) -> int:
@@ -123,12 +180,9 @@ def official_merge(
     As released, the neighbours come from all the frame's other tokens, selected ones included, and carry their
     original features, so one batched product gives what the released loop builds token by token.
     """
-    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    similarity = _rows(unit, selected) @ unit.transpose(1, 2)  # [F, S, N]
+    similarity = key_cosines(keys, selected)
     similarity.scatter_(2, selected.unsqueeze(-1), float("-inf"))  # a token is not its own neighbour
-    nearest = similarity.topk(min(neighbours, scores.shape[1] - 1), dim=-1).indices
-    weights = torch.zeros_like(similarity).scatter_(2, nearest, scores.float().gather(1, nearest.flatten(1)).view_as(nearest))
-    return _rows(features.float(), selected) + weights @ features.float()
+    return absorb_neighbours(features, scores.float(), selected, similarity, min(neighbours, scores.shape[1] - 1))
 
 
 def pruned_remainder(features: torch.Tensor, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -201,7 +255,5 @@ class PruMerge(PreLLMStage):
         if self.mode == "official":
             kept, index = prumerge_official(grid, scores, keys, self.variant, self.neighbours)
         else:
-            frames = [prumerge_frame(f, s, k, self.variant, self.neighbours) for f, s, k in zip(grid, scores, keys, strict=True)]
-            kept = torch.cat([merged for merged, _ in frames])
-            index = torch.cat([where + i * tokens.tokens_per_frame for i, (_, where) in enumerate(frames)])
+            kept, index = prumerge_adapted(grid, scores, keys, self.variant, self.neighbours)
         return tokens.replaced(kept, index, prumerge_tokens_in=grid.shape[0] * grid.shape[1], prumerge_tokens_out=len(kept))
