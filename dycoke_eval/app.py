@@ -107,6 +107,10 @@ def check_cell(cfg: DictConfig):
     method = build_method(cfg.method)
     if routes_attention(method):
         check_routable(cfg.model.attn_implementation, method.name)
+    if cfg.static_decoding:
+        from dycoke_eval.compression.dispatcher import Compressor
+
+        Compressor(None, method).check_static_decoding()
     if cfg.model.get("architecture"):  # known without a download; other checkpoints are checked when they load
         config = checkpoint_config(cfg.model.architecture, cfg.model.pretrained)
         adapter = adapter_class(config, cfg.model.pretrained, cfg.model.get("adapter"))
@@ -124,6 +128,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"frames={cfg.frames!r}: sample an integer number of frames >= 1 per video (the papers use 16 or 32)")
     if cfg.prompt not in PROMPT_FORMS:
         raise ConfigError(f"prompt={cfg.prompt!r}; use one of {', '.join(PROMPT_FORMS)}")
+    if not isinstance(cfg.static_decoding, bool):
+        raise ConfigError(f"static_decoding={cfg.static_decoding!r}: true or false")
     limit = cfg.limit
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit
                               or (isinstance(limit, float) and limit >= 1)):  # fmt: skip
@@ -372,6 +378,8 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
         companions=companions,
         prefetch_depth=cfg.prefetch_depth,
         prefetch_workers=cfg.prefetch_workers,
+        preprocess_device=cfg.preprocess_device,
+        static_decoding=cfg.static_decoding,
         seed=cfg.seed,
     )
     if builds_tiny(cfg.model, cfg.offline_dir) and distributed.is_main():

@@ -210,7 +210,10 @@ def cell_config(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(resolved.get("method"), dict):
         resolved["method"] = {k: v for k, v in resolved["method"].items() if k not in IMPLEMENTATION_FLAGS}
-    return {key: resolved.get(key) for key in CELL_KEYS}
+    config = {key: resolved.get(key) for key in CELL_KEYS}
+    if resolved.get("static_decoding"):  # a static cache's padded attention can move the last bits: its own cell
+        config["static_decoding"] = True
+    return config
 
 
 def cell_directory(cfg: DictConfig) -> Path:

@@ -8,6 +8,11 @@ import time
 import torch
 from transformers import LogitsProcessor
 
+from dycoke_eval.store import PIPELINE_STAGES
+
+# The model's own stages: a sample's pipeline less its video's decode and preprocessing, wherever that ran.
+MODEL_STAGES = tuple(stage for stage in PIPELINE_STAGES if stage not in ("video_decode", "preprocess"))
+
 
 class StepClock(LogitsProcessor):
     """Stamps the time at each generation step: prefill ends at the first stamp, each decode step between two."""
@@ -46,3 +51,9 @@ def peak_memory(device: torch.device) -> dict[str, float]:
         return {"peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}  # fmt: skip
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
+
+
+def model_latency(seconds: dict[str, float]) -> float:
+    """A sample's seconds in the model (vision encoder, compression, generate): what a faster model shortens, beside
+    the end-to-end latency (`PIPELINE_STAGES`), which adds the input pipeline."""
+    return sum(seconds.get(stage, 0.0) for stage in MODEL_STAGES)

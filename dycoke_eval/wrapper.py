@@ -11,7 +11,8 @@ which installs the prefill and decode stages. Stage times, the standard token co
 sampled frame indices are recorded in `sample_records`. A sample whose video fails is recorded as
 failed and is not journaled, so the next run of the cell retries it. Unless measuring, the videos of
 the next samples to compute are decoded and preprocessed in background threads (`prefetch.py`)
-while the model computes the current one.
+while the model computes the current one. With `preprocess_device="model"` those threads only decode,
+and the model's device resizes and normalises the uint8 frames (the same pixels, `models/device_preprocess.py`).
 
 With `companions` (the other cells of a sample-major group, `groups.py`) each sample that this cell or a
 companion lacks in its journal is decoded and encoded once, with the encoder signals all of them need, and
@@ -47,8 +48,10 @@ from dycoke_eval.plumbing.cache import generated_cache
 from dycoke_eval.prefetch import Prefetcher
 from dycoke_eval.prompts import PROMPT_FORMS, TURN_END, read_answer
 from dycoke_eval.store import SampleJournal, SampleRecord
-from dycoke_eval.timing import StepClock, cache_bytes, peak_memory, reset_peak_memory
+from dycoke_eval.timing import StepClock, cache_bytes, model_latency, peak_memory, reset_peak_memory
 from dycoke_eval.video_frames import VideoDecodeError, sample_video
+
+PREPROCESS_DEVICES = ("cpu", "model")  # where frames are resized and normalised (`preprocess_device`)
 
 
 class VideoUnavailable(Exception):
@@ -85,6 +88,8 @@ class CompressedVideoLM(lmms):
         companions: Sequence[Companion] = (),  # the other cells of its sample-major group, answered in the same passes
         prefetch_depth: int = 2,  # samples whose video is decoded ahead in the background (0: decode inline)
         prefetch_workers: int | str = "auto",  # background threads decoding them (`prefetch_threads` for auto)
+        preprocess_device: str = "cpu",  # where frames are resized and normalised: cpu (those threads) or model
+        static_decoding: bool = False,  # a static KV cache (compiled decoding on CUDA); methods acting before the LLM only
         seed: int = 0,  # with sampled decoding (temperature > 0), each sample's draws are seeded by this and the sample
         **kwargs: Any,
     ) -> None:
@@ -95,6 +100,11 @@ class CompressedVideoLM(lmms):
         if prefetch_workers == "auto":
             prefetch_workers = prefetch_threads(resolve_device(device), os.cpu_count() or 1)
         self.prefetch_workers = _count_setting("prefetch_workers", prefetch_workers, 1, "background decoding threads, or auto")
+        if preprocess_device not in PREPROCESS_DEVICES:
+            raise ConfigError(
+                f"preprocess_device={preprocess_device!r}: use cpu (HF's processor, in the decoding threads) or model "
+                "(resize and normalise on the model's device, the same pixels)"
+            )
         self.frames = int(frames)
         if self.frames < 1:
             raise ConfigError(f"frames={frames}: sample at least one frame per video")
@@ -136,9 +146,12 @@ class CompressedVideoLM(lmms):
             siglip_head or None,
         )
         self.measure = bool(measure)  # the efficiency protocol: prefill and decode steps, memory, KV-cache bytes
+        self.static_decoding = bool(static_decoding)
         # With a device map the inputs go where the model's first layers are.
         self._device = self.checkpoint.model.device if device_map else torch.device(device)
         self.method = method
+        # preprocess_device=model: uint8 frames -> the tower's pixels on the model's device; None: HF's processor on the CPU
+        self.device_preprocess = self.adapter.device_preprocessor() if preprocess_device == "model" else None
         if companions and self.measure:
             raise ConfigError("measure=true runs cell by cell: a measured cell pays for its own decode and encoder")
         self.companions = [_Member(self._compressor(c.method), SampleJournal(c.journal)) for c in companions]
@@ -157,7 +170,10 @@ class CompressedVideoLM(lmms):
         adapter = self.adapter
         method.validate_for(ModelInfo(adapter.dims().layers, adapter.capturable_signals()))
         adapter.prepare(method.signals())
-        return Compressor(adapter, method)
+        compressor = Compressor(adapter, method)
+        if self.static_decoding:
+            compressor.check_static_decoding()
+        return compressor
 
     # lmms-eval reads these attributes.
     @property
@@ -252,7 +268,8 @@ class CompressedVideoLM(lmms):
         return ahead
 
     def _prepare_video(self, path: str) -> PreparedVideo:
-        return prepare_video(path, self.frames, self.adapter.preprocess, pin=self.device.type == "cuda")
+        preprocess = self.adapter.preprocess if self.device_preprocess is None else None  # None: hand uint8 frames over
+        return prepare_video(path, self.frames, preprocess, pin=self.device.type == "cuda")
 
     def _cache_key(self, video_path: str, signals: frozenset[str]) -> tuple | None:
         """The encoder-cache key of this model, frame count and encoder signals for the video; None if it is no file."""
@@ -296,6 +313,7 @@ class CompressedVideoLM(lmms):
             if self.measure:
                 record.memory = peak_memory(self.device)
                 record.seconds["cpu_time"] = time.process_time() - cpu_start
+                record.seconds["model_latency"] = model_latency(record.seconds)
             answer = read_answer(self.tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kwargs.get("until"))
             if member.journal is not None:
                 member.journal.add(key, answer, record)
@@ -324,7 +342,8 @@ class CompressedVideoLM(lmms):
             with self._stage(first, "video_wait"):  # the model idles: for the background work, or decoding here
                 video = prepared.result() if prepared is not None else self._prepare_video(video_path)
             first.seconds.update(video.seconds)
-            encoded = self.encode_pixels(video.pixels, first, signals)
+            pixels = video.pixels if self.device_preprocess is None else self.preprocess_on_device(video.pixels, first)
+            encoded = self.encode_pixels(pixels, first, signals)
             ENCODER_PASSES.done += 1
             encoded.frame_count, encoded.indices = video.frame_count, list(video.indices)
             if cache_key:
@@ -357,9 +376,17 @@ class CompressedVideoLM(lmms):
     def encode_video(self, video, record: SampleRecord, signals: frozenset[str] | None = None) -> EncodedVideo:
         """Frames [T, H, W, 3] -> the adapter's encoded video, with `signals` (default: those the method needs)."""
         record.frames = int(video.shape[0])
-        with self._stage(record, "preprocess"):
-            pixels = self.adapter.preprocess(video)
+        if self.device_preprocess is not None:
+            pixels = self.preprocess_on_device(torch.as_tensor(video), record)
+        else:
+            with self._stage(record, "preprocess"):
+                pixels = self.adapter.preprocess(video)
         return self.encode_pixels(pixels, record, signals)
+
+    def preprocess_on_device(self, frames: torch.Tensor, record: SampleRecord):
+        """uint8 frames [T, H, W, 3] -> the tower's pixels, resized and normalised on the model's device (`preprocess`)."""
+        with torch.inference_mode(), self._stage(record, "preprocess"):
+            return self.device_preprocess(frames)
 
     def encode_pixels(self, pixels, record: SampleRecord, signals: frozenset[str] | None = None) -> EncodedVideo:
         """The adapter's preprocessed frames -> its encoded video, with `signals` (default: those the method needs)."""
@@ -445,6 +472,8 @@ class CompressedVideoLM(lmms):
             "eos_token_id": self._stop_token_ids(),
             "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
         }
+        if self.static_decoding:  # transformers compiles the decoding step with a static cache on CUDA
+            kwargs["cache_implementation"] = "static"
         if sampling:
             kwargs["temperature"] = temperature
             if gen_kwargs.get("top_p") is not None:
@@ -523,20 +552,22 @@ def _resolve_video_path(doc_to_visual, doc) -> str:
 
 @dataclass(frozen=True)
 class PreparedVideo:
-    """A sample's video, decoded and preprocessed for the vision tower (on CPU), with the seconds each step took."""
+    """A sample's video, decoded and, unless the model's device does it, preprocessed for the vision tower (on CPU),
+    with the seconds each step took."""
 
-    pixels: Any
+    pixels: Any  # the tower's pixels, or uint8 frames [T, H, W, 3] for the model's device to preprocess
     frame_count: int
     indices: tuple[int, ...]
-    seconds: dict[str, float]  # video_decode, preprocess: wall time in the thread that did them
+    seconds: dict[str, float]  # video_decode, preprocess (when done here): wall time in the thread that did them
 
 
-def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any], pin: bool = False) -> PreparedVideo:
+def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any] | None, pin: bool = False) -> PreparedVideo:
     """Decode `frames` frames of the video and preprocess them; a video that fails raises VideoUnavailable.
 
-    Runs in a prefetch thread or inline; CPU work only, so plain wall times are the steps' times. `pin` (beside a
+    Runs in a prefetch thread or inline; CPU work only, so plain wall times are the steps' times. `preprocess=None`
+    (`preprocess_device=model`) hands the uint8 frames over as a tensor, timed as part of the decode. `pin` (beside a
     CUDA device) puts the pixels in page-locked memory, here, off the model's thread, so that their copy to the
-    device does not block the host (the encoder copies with `non_blocking`).
+    device does not block the host (the encoder, or the device's preprocessing, copies with `non_blocking`).
     """
     start = time.perf_counter()
     try:
@@ -544,10 +575,14 @@ def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any], pin:
     except VideoDecodeError as error:
         raise VideoUnavailable(str(error)) from None
     decoded = time.perf_counter()
-    pixels = preprocess(sampled.frames)
+    pixels = torch.from_numpy(sampled.frames) if preprocess is None else preprocess(sampled.frames)
     if pin:
         pixels = pixels.pin_memory()
-    seconds = {"video_decode": decoded - start, "preprocess": time.perf_counter() - decoded}
+    ready = time.perf_counter()
+    if preprocess is None:
+        seconds = {"video_decode": ready - start}
+    else:
+        seconds = {"video_decode": decoded - start, "preprocess": ready - decoded}
     return PreparedVideo(pixels, sampled.frame_count, sampled.indices, seconds)
 
 

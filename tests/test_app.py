@@ -216,6 +216,7 @@ def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(worl
         (["prompt=chat"], "prompt='chat'; use one of paper, checkpoint"),
         (["limit=-1"], "limit=-1: give a number of documents per task (an integer >= 1), a fraction in (0, 1)"),
         (["limit=1.5", "dry_run=true"], "limit=1.5: give a number of documents per task"),
+        (["method=dycoke", "static_decoding=true"], "static_decoding=true: method 'dycoke' prunes the KV cache while decoding"),
     ],
 )
 def test_bad_settings_are_refused_before_the_environment_tasks_or_model_are_touched(offline_dir, monkeypatch, overrides, message):

@@ -48,6 +48,8 @@ def test_every_stage_is_timed_and_memory_and_cache_are_reported(measured, method
         )
         assert all(record["seconds"][stage] > 0 for stage in stages), record["seconds"]
         assert record["seconds"]["prefill"] < record["seconds"]["generate"]
+        model_stages = record["seconds"]["vision_encoder"] + record["seconds"]["compress"] + record["seconds"]["generate"]
+        assert record["seconds"]["model_latency"] == pytest.approx(model_stages)  # decode and preprocess left out
         assert record["memory"]["peak_rss_gb"] > 0 and record["kv_cache_bytes"] > 0
         assert not record["encoder_cache_hit"]  # a measured cell pays for its own encoder
     assert "s per example" in outputs[method] and "ms/token" in outputs[method] and "KV cache" in outputs[method]
@@ -87,6 +89,10 @@ def test_the_efficiency_summary_gives_speed_memory_and_cache_ratios_against_full
     assert summary.loc["full", ["speedup", "memory_ratio", "kv_cache_ratio"]].tolist() == [1.0, 1.0, 1.0]
     dycoke = summary.loc["dycoke"]
     assert dycoke.speedup == pytest.approx(summary.loc["full"].latency_per_example_s / dycoke.latency_per_example_s)
+    full_model = summary.loc["full"].model_latency_per_example_s
+    assert dycoke.model_speedup == pytest.approx(full_model / dycoke.model_latency_per_example_s)
+    assert 0 < dycoke.model_latency_per_example_s < dycoke.latency_per_example_s  # the input pipeline left out
+    assert list(summary.columns).index("model_speedup") == list(summary.columns).index("speedup") + 1
     assert dycoke.kv_cache_ratio < 1 and dycoke.decode_ms_per_token > 0 and dycoke.samples == 4
     for record in records(results, "dycoke"):
         assert len(record["decode_step_seconds"]) == 2  # max_new_tokens=3: the first token comes from prefill

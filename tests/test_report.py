@@ -314,6 +314,28 @@ def test_speedup_is_against_full_tokens_that_evaluated_the_same_samples(tmp_path
     assert summary.loc[4].set_index("method").loc["dycoke", "speedup"] == pytest.approx(2.0)
 
 
+def test_the_efficiency_summary_gives_the_models_speedup_beside_the_end_to_end_one(tmp_path):
+    mvbench = {"mvbench_action_antonym": {"mvbench_accuracy,none": 50.0}}
+    seven = ["model=llava_ov_7b", "frames=16"]
+    cells_run = {  # name: (overrides, end-to-end seconds in all, the model's seconds per example)
+        "full": (["method=full"], 8.0, 1.0),
+        "dycoke": (["method=dycoke", "method.k=0.7"], 4.0, 0.25),
+        "fastv": (["method=fastv"], 6.0, None),  # measured before samples recorded the model's seconds
+    }
+    for name, (overrides, end_to_end, model) in cells_run.items():
+        measured = {**MEASURED, "latency_total_s": end_to_end, "seconds_mean": {"model_latency": model} if model else {}}
+        write_cell(tmp_path, name, [*seven, *overrides], mvbench, samples=4, measured=measured)
+    table = render_report(tmp_path, [3])[3]
+    table = rows(table[table[("", "frames")] == "16"], "llava_ov_7b")
+    assert table.loc["DyCoke ($K = 0.7$)", ("speedup", "ours")] == pytest.approx(2.0)  # end to end, beside the paper's
+    summary = pd.read_csv(tmp_path / "report" / "efficiency.csv").set_index("method")
+    assert summary.loc["dycoke", ["speedup", "model_speedup"]].tolist() == pytest.approx([2.0, 4.0])
+    assert summary.loc["dycoke", "model_latency_per_example_s"] == pytest.approx(0.25)
+    assert summary.loc["fastv", "speedup"] == pytest.approx(8.0 / 6.0) and np.isnan(summary.loc["fastv", "model_speedup"])
+    efficiency = (tmp_path / "report" / "efficiency.md").read_text()
+    assert cells(efficiency, method="fastv")["model_speedup"] == "-" and "model_speedup: the model alone" in efficiency
+
+
 def test_rows_that_differ_in_frames_show_their_frames(tmp_path):
     mvbench = {"mvbench_action_antonym": {"mvbench_accuracy,none": 50.0}}
     for frames in (16, 32):

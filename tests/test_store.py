@@ -16,6 +16,7 @@ from dycoke_eval.store import (
     CellStore,
     SampleJournal,
     SampleRecord,
+    cell_config,
     cell_directory,
     cells_below,
     is_complete,
@@ -235,3 +236,11 @@ def test_where_dycokes_pruned_entries_wait_does_not_make_another_cell(tmp_path):
     assert [stage.offload_pruned for stage in instantiate(on_device.method).stages() if hasattr(stage, "offload_pruned")] == [
         False
     ]
+
+
+def test_static_decoding_makes_a_cell_of_its_own_and_leaves_every_other_cells_folder_as_it_was(tmp_path):
+    """A static cache's padded attention can move the last bits of an answer; preprocessing on the device cannot."""
+    default = config(tmp_path)
+    assert "static_decoding" not in cell_config(default)  # folders made before the setting existed keep their hash
+    assert cell_directory(config(tmp_path, "static_decoding=true")) != cell_directory(default)
+    assert cell_directory(config(tmp_path, "preprocess_device=model")) == cell_directory(default)

@@ -8,7 +8,10 @@ import torch
 
 from dycoke_eval import checkpoints
 from dycoke_eval.config import ConfigError
+from dycoke_eval.methods.dycoke import DyCoke
+from dycoke_eval.methods.fastv import FastV
 from dycoke_eval.methods.full import Full
+from dycoke_eval.methods.random_tokens import RandomTokens
 from dycoke_eval.offline.videos import FRAME_COUNT, write_video
 from dycoke_eval.prompts import read_answer
 from dycoke_eval.video_frames import sample_video
@@ -154,6 +157,7 @@ def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
         ({"batch_size": 4}, "batch_size=4"),
         ({"colour": "red"}, "unknown model_args ['colour']"),
         ({"dtype": "float77"}, "dtype='float77'"),
+        ({"preprocess_device": "gpu"}, "preprocess_device='gpu': use cpu (HF's processor, in the decoding threads) or model"),
     ],
 )
 def test_bad_settings_fail_at_construction_naming_the_value(tiny_checkpoint, kwargs, message):
@@ -264,3 +268,53 @@ def test_only_the_efficiency_protocol_waits_for_the_device_around_a_stage(monkey
     with CompressedVideoLM._stage(on_a_gpu, record, "generate"):
         pass
     assert len(calls) == waits and "generate" in record.seconds
+
+
+def test_preprocess_device_model_hands_uint8_frames_over_and_the_model_makes_the_same_pixels(
+    tiny_checkpoint, lm, video, monkeypatch
+):
+    import dycoke_eval.wrapper as wrapper
+    from dycoke_eval.encoder_cache import EncoderCache
+
+    monkeypatch.setattr(wrapper, "ENCODER_CACHE", EncoderCache(capacity_mb=0))  # the video is encoded, not found
+    on_model = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", preprocess_device="model")
+    handed = on_model._prepare_video(video)  # what a decoding thread does
+    assert handed.pixels.dtype == torch.uint8 and handed.pixels.shape[::3] == (8, 3)  # [T, H, W, 3], not resized
+    assert set(handed.seconds) == {"video_decode"}  # resizing and normalising are the model's work now
+    record = SampleRecord("t", 0)
+    assert torch.equal(on_model.preprocess_on_device(handed.pixels, record), lm._prepare_video(video).pixels)
+    assert record.seconds["preprocess"] > 0
+    frames = sample_video(video, 8).frames  # the warm-up's path: frames in hand, no thread
+    assert torch.equal(*(model.encode_video(frames, SampleRecord("t", 0)).grid for model in (lm, on_model)))
+    on_model.generate_until(make_requests(on_model, [video]))
+    (answered,) = on_model.sample_records
+    assert answered.status == "ok" and not answered.encoder_cache_hit
+    assert set(answered.seconds) == {"video_decode", "video_wait", "preprocess", "vision_encoder", "compress", "generate"}
+
+
+def recording(model, calls):
+    """`model.generate` that records its keyword arguments in `calls`."""
+
+    def generate(**kwargs):
+        calls.append(kwargs)
+        return type(model).generate(model, **kwargs)
+
+    return generate
+
+
+@pytest.mark.parametrize("method", [Full(), RandomTokens(ratio=0.5)], ids=["full", "random"])
+def test_static_decoding_answers_as_the_dynamic_cache_does_through_a_static_cache(tiny_checkpoint, video, method, monkeypatch):
+    """Full tokens and methods acting before the LLM decode with transformers' static cache (compiled on CUDA)."""
+    answers, kwargs = {}, []
+    for static in (False, True):
+        lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", method=method, static_decoding=static)
+        monkeypatch.setattr(lm.model, "generate", recording(lm.model, kwargs))
+        (answers[static],) = lm.generate_until(make_requests(lm, [video]))
+    assert answers[True].text == answers[False].text and answers[True].text
+    assert "cache_implementation" not in kwargs[0] and kwargs[1]["cache_implementation"] == "static"
+
+
+@pytest.mark.parametrize(("method", "acts"), [(DyCoke(), "prunes the KV cache while decoding"), (FastV(), "drops prompt tokens")])
+def test_static_decoding_refuses_methods_whose_caches_change_length(tiny_checkpoint, method, acts):
+    with pytest.raises(ConfigError, match=rf"static_decoding=true: method '\w+' {acts}.*set static_decoding=false"):
+        CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", method=method, static_decoding=True)

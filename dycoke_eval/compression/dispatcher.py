@@ -88,6 +88,17 @@ class Compressor:
         # The released DyCoke code never resets its previous attention vector between samples: official mode keeps it.
         self._carried: dict[int, Selector] = {id(s): s.new_selector() for s in self.decode if s.carries_state}
 
+    def check_static_decoding(self) -> None:
+        """A static cache (`static_decoding=true`) holds every layer at the prompt's full length, written in place, and
+        compiled decoding replays one graph per step: only methods that act before the LLM fit it."""
+        stage = next(iter(self.prefill or self.decode), None)
+        if stage is not None:
+            acts = "drops prompt tokens in prefill" if self.prefill else "prunes the KV cache while decoding"
+            raise ConfigError(
+                f"static_decoding=true: method {self.method.name!r} {acts} (stage {stage.name!r}), so its layers hold "
+                "caches of different, changing lengths that a static cache cannot; set static_decoding=false"
+            )
+
     def select(self, encoded: EncodedVideo, sample: str = "") -> SelectedTokens:
         """Run the pre-LLM stages in order on the video's tokens."""
         layout = encoded.layout

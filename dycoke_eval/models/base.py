@@ -11,6 +11,7 @@ used for FLOPs accounting, read from the HF config.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -172,7 +173,14 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def preprocess(self, frames: Any) -> Any:
-        """Decoded frames [T, H, W, 3] -> the vision tower's inputs (timed apart from the encoder)."""
+        """Decoded frames [T, H, W, 3] -> the vision tower's inputs, on the CPU (timed apart from the encoder)."""
+
+    @abstractmethod
+    def device_preprocessor(self) -> Callable[[torch.Tensor], Any]:
+        """`preprocess` on the model's device (`preprocess_device=model`): uint8 frames [T, H, W, 3] -> the same inputs.
+
+        Raises ConfigError where the device path would not give `preprocess`'s pixels exactly.
+        """
 
     @abstractmethod
     def encode(self, pixels: Any, signals: frozenset[str] = frozenset()) -> EncodedVideo:

@@ -39,6 +39,7 @@ import torch
 
 from dycoke_eval.accounting import LanguageModelDims
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
+from dycoke_eval.models.device_preprocess import DeviceVideoProcessor
 from dycoke_eval.plumbing.hooks import captured_output
 from dycoke_eval.prompts import render_prompt
 
@@ -136,6 +137,9 @@ class LlavaOneVisionAdapter(ModelAdapter):
 
     def preprocess(self, frames: Any) -> torch.Tensor:
         return self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
+
+    def device_preprocessor(self) -> DeviceVideoProcessor:
+        return DeviceVideoProcessor(self.processor.video_processor, self.model.device)
 
     def prepare(self, signals: frozenset[str]) -> None:
         if signals & HEAD_SIGNALS:
