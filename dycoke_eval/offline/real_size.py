@@ -2,7 +2,8 @@
 
 LLaVA-OneVision-7B's layout (32 frames of 14 x 14 pooled tokens and one newline, width 3584) and LLaVA-Video-7B's
 (64 frames of 13 x 13 and a newline per row); the encoder signals at SigLIP-so400m's shapes (1152 wide, 27 x 27
-patches per frame). Random features make data-dependent counts (PruneVid's clusters, FastVID's segments) arbitrary.
+patches per frame). Random features make data-dependent counts (PruneVid's clusters) arbitrary; the frames' global
+features (`probe_features`) form scenes of unequal lengths, so FastVID's DySeg finds segments a real video could give.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 
 from dycoke_eval.models.base import EncodedVideo, VideoLayout
 from dycoke_eval.offline.architectures import SIGLIP_SO400M, architecture_config
+
+SCENE_SHARES = (3, 5, 2, 8, 4, 6, 1, 3)  # relative scene lengths: 8 scenes, as DySeg's c=8 looks for
 
 SIZES = {  # name -> (frames, rows, cols, newlines)
     "ov": (32, 14, 14, "video_end"),
@@ -26,9 +29,12 @@ def random_signals(frames: int, tokens: int, hidden: int, dtype: torch.dtype, de
     def rand(*shape):
         return torch.rand(*shape, device=device, dtype=dtype)
 
+    bounds = torch.tensor([0, *SCENE_SHARES], device=device).cumsum(0) * frames // sum(SCENE_SHARES)
+    scene = torch.bucketize(torch.arange(frames, device=device), bounds[1:-1], right=True)
+
     return {
         "probe_attention": rand(frames, tokens).softmax(-1),
-        "probe_features": rand(frames, width),
+        "probe_features": (rand(len(SCENE_SHARES), width)[scene] + 0.02 * rand(frames, width)).to(dtype),
         "attention_received": rand(frames, tokens).softmax(-1),
         "keys": rand(frames, tokens, width),
         "patch_features": rand(frames, side * side, hidden),
