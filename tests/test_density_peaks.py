@@ -34,3 +34,12 @@ def test_batched_clusters_equal_each_groups_clusters_alone():
         assert torch.equal(labels[group, :size], alone_labels) and (labels[group, size:] == -1).all()
         assert torch.equal(centres[group, : int(clusters[group])], alone_centres)
         assert (centres[group, int(clusters[group]) :] == -1).all()
+
+
+def test_tied_scores_rank_by_index_alone_and_in_a_batch():
+    """Duplicate points without noise tie; the lower index ranks first in both, so the batch still equals each alone."""
+    points = torch.tensor([[0.0], [0.0], [5.0], [5.0], [9.0]]).expand(2, 5, 1).contiguous()
+    labels, centres = dpc_knn(points[0], clusters=2, k=2)
+    assert centres.tolist() == [0, 1]  # four tied peaks (no point is denser): the two lowest indices
+    batched_labels, batched_centres = batched_dpc_knn(points, torch.ones(2, 5, dtype=torch.bool), torch.tensor([2, 2]), 2)
+    assert torch.equal(batched_labels[1], labels) and torch.equal(batched_centres[1, :2], centres)

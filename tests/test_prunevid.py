@@ -1,5 +1,6 @@
 """PruneVid: the released arithmetic (Visual-AI/PruneVid@b12600c, docs/methods.md#prunevid), rule by rule and as a whole."""
 
+from itertools import accumulate
 from statistics import mean
 
 import pytest
@@ -9,20 +10,23 @@ from torch import einsum
 
 from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
 from dycoke_eval.config import ConfigError, instantiate_method
-from dycoke_eval.methods.density_peaks import dpc_knn
+from dycoke_eval.methods.density_peaks import cluster_means, dpc_knn
 from dycoke_eval.methods.kv_selection import max_attention
 from dycoke_eval.methods.prunevid import (
     NEIGHBOURS,
     DensityNoise,
     PruneVid,
-    merge_group,
+    cluster_count,
+    merge_groups,
     prunevid_merge,
     prunevid_selection,
     refine_clusters,
     static_positions,
+    window_means,
 )
 from dycoke_eval.models.base import VideoLayout
 from dycoke_eval.offline.videos import synthetic_frames
+from dycoke_eval.plumbing.counting import count_ops
 from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 
 NO_NOISE = DensityNoise(0.0, 0, "")
@@ -261,21 +265,99 @@ def test_a_position_is_static_when_its_mean_pairwise_cosine_over_the_window_exce
     window[:, 1] = torch.tensor([2.0, 1.0])  # the same direction in every frame: mean 1
     window[:, 2] = torch.tensor([[1.0, 0.0], [0.5, 3**0.5 / 2], [1.0, 0.0]])  # cosines 0.5, 1, 0.5: mean 2/3
     window[:, 3] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # cosines 0, 0, 1: mean 1/3
-    assert static_positions(window, 0.8).tolist() == [False, True, False, False]
-    assert static_positions(window, 0.6).tolist() == [False, True, True, False]
-    assert static_positions(window[:1], -1.0).tolist() == [False] * 4  # one frame: nothing is static
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    assert static_positions(window[None], valid, 0.8).tolist() == [[False, True, False, False]]
+    assert static_positions(window[None], valid, 0.6).tolist() == [[False, True, True, False]]
+    one_frame = torch.stack([window, torch.cat([window[:1], torch.zeros(2, 4, 2)])])  # beside it, padded with 0 frames
+    static = static_positions(one_frame, torch.tensor([[True] * 3, [True, False, False]]), -1.0)
+    assert static.tolist() == [[True] * 4, [False] * 4]  # one frame: nothing is static
+
+
+def released_static_positions(window, tau):
+    """The released per-window static test (modeling_pllava.py), one window [W, N, D] -> [N]."""
+    frames = window.shape[0]
+    unit = F.normalize(window, p=2, dim=-1)
+    similarity = einsum("w l c, t l c -> w t l", unit, unit)
+    return (similarity.sum(dim=-2) - 1).sum(dim=-2) / (frames * (frames - 1)) > tau
+
+
+def padded_windows(sizes, tokens, dim, seed, dtype):
+    """Windows of `sizes` frames of random tokens, some positions alike over each window, zero-padded: [K, W, N, D]."""
+    generator = torch.Generator().manual_seed(seed)
+    windows = torch.zeros(len(sizes), max(sizes), tokens, dim)
+    for k, size in enumerate(sizes):
+        still = 2 * torch.randn(tokens, dim, generator=generator) * (torch.arange(tokens) % 3 == 0)[:, None]
+        windows[k, :size] = torch.randn(size, tokens, dim, generator=generator) + still
+    return windows.to(dtype), torch.arange(max(sizes)) < torch.tensor(sizes)[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windows_padded_together_give_each_window_its_own_static_positions_and_means(dtype):
+    sizes = [5, 2, 17, 3, 1, 8]  # 17: past the 16 rows a float sum adds before it sums in levels
+    windows, valid = padded_windows(sizes, tokens=30, dim=48, seed=5, dtype=dtype)
+    static, means = static_positions(windows, valid, 0.5), window_means(windows, valid)
+    for k, size in enumerate(sizes):
+        alone = windows[k, :size]
+        expected = released_static_positions(alone, 0.5) if size > 1 else torch.zeros(30, dtype=torch.bool)
+        assert torch.equal(static[k], expected), f"window of {size}"
+        assert torch.equal(means[k], alone.mean(dim=0)), f"window of {size}"
+    assert 0 < static.sum() < static.numel()
 
 
 def test_groups_of_more_than_14_tokens_become_int_n_times_cluster_ratio_cluster_means():
+    assert [cluster_count(n, 0.5) for n in (0, 14, 15, 36)] == [0, 0, 7, 18] and cluster_count(15, 0.2) == 3
     features, index = torch.randn(15, 8), torch.arange(100, 115)
-    fourteen = merge_group(features[:14], index[:14], 0.5, NO_NOISE)
-    assert torch.equal(fourteen[0], features[:14]) and torch.equal(fourteen[1], index[:14])  # 14: as they are
-    merged, where = merge_group(features, index, 0.5, NO_NOISE)
+    sizes = torch.tensor([14, 15])  # the first 14 tokens (padded with the 15th), then all 15
+    merged, where = merge_groups(features.expand(2, -1, -1), index.expand(2, -1), sizes, torch.tensor([0, 7]), None)
+    assert torch.equal(merged[0, :14], features[:14]) and torch.equal(where[0, :14], index[:14])  # 14: as they are
     labels, centres = dpc_knn(features, 7, NEIGHBOURS)
-    assert merged.shape == (7, 8) and torch.equal(where, index[centres])  # int(15 * 0.5) means, at the centres, by rank
+    assert torch.equal(where[1, :7], index[centres])  # int(15 * 0.5) means, at the centres, by rank
     for cluster in range(7):
-        torch.testing.assert_close(merged[cluster], features[labels == cluster].mean(dim=0))
-    assert merge_group(features, index, 0.2, NO_NOISE)[0].shape == (3, 8)
+        torch.testing.assert_close(merged[1, cluster], features[labels == cluster].mean(dim=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_groups_merge_as_each_group_alone(dtype):
+    sizes = [40, 3, 15, 25, 26, 14, 0, 33]  # kept (<= 14) and clustered, both sides of cdist's switch at 25 points
+    generator = torch.Generator().manual_seed(2)
+    points = torch.randn(len(sizes), max(sizes), 24, generator=generator).to(dtype)
+    index = torch.randperm(len(sizes) * max(sizes), generator=generator).view(len(sizes), -1)
+    noise = torch.rand(len(sizes), max(sizes), generator=generator) * 1e-6
+    clusters = [cluster_count(n, 0.5) for n in sizes]
+    merged, where = merge_groups(points, index, torch.tensor(sizes), torch.tensor(clusters), noise)
+    labels = torch.full((len(sizes), max(sizes)), -1)
+    for group, (size, count) in enumerate(zip(sizes, clusters, strict=True)):
+        if not count:
+            assert torch.equal(merged[group, :size], points[group, :size])
+            assert torch.equal(where[group, :size], index[group, :size])
+            continue
+        alone, centres = dpc_knn(points[group, :size], count, NEIGHBOURS, noise[group, :size])
+        assert torch.equal(merged[group, :count], cluster_means(points[group, :size], alone, count)), f"group of {size}"
+        assert torch.equal(where[group, :count], index[group, centres])
+        labels[group, :size] = alone
+    means = cluster_means(points, labels, max(clusters))  # padded groups at once: the same sums as each alone
+    for group, (size, count) in enumerate(zip(sizes, clusters, strict=True)):
+        if count:
+            assert torch.equal(means[group, :count], cluster_means(points[group, :size], labels[group, :size], count))
+
+
+def test_one_draw_of_the_groups_total_equals_the_released_draws_one_per_group_in_order():
+    sizes = [36, 0, 20, 15, 5000, 1]  # each clustered group's noise, in the released order
+    released, batched = DensityNoise(1e-6, 7, "t/3"), DensityNoise(1e-6, 7, "t/3")
+    draws = [released.draw(n) for n in sizes]
+    rows = batched.draw_rows(torch.tensor([0, *accumulate(sizes[:-1])]), sum(sizes), max(sizes))
+    for row, draw in zip(rows, draws, strict=True):
+        assert torch.equal(row[: draw.numel()], draw)
+    assert torch.equal(batched.draw(9), released.draw(9))  # and the generator goes on where the released one does
+    assert DensityNoise(0.0, 7, "t/3").draw_rows(torch.tensor([0]), 5, 5) is None
+
+
+def test_the_pre_llm_merge_waits_for_the_device_at_most_4_times_in_at_most_150_kernels():
+    grid = torch.randn(16, 49, 64, generator=torch.Generator().manual_seed(0))
+    tokens = VideoTokens.from_grid(grid, 7, 7)
+    with torch.inference_mode(), count_ops() as counted:
+        PruneVid().select(tokens, {}, "t/0")
+    assert counted.counts.syncs <= 4 and counted.counts.ops <= 150, counted.counts  # a loop per group: 583 ops, 36 syncs
 
 
 def test_each_window_gives_its_static_tokens_then_each_frames_dynamic_tokens():

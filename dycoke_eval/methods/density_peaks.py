@@ -69,10 +69,11 @@ def dpc_knn(points: torch.Tensor, clusters: int, k: int, noise: torch.Tensor | N
     """[n, C] points -> each point's cluster id [n] and the centres [clusters] (point indices, by rank).
 
     Centres are the top `clusters` scores, a centre's id its rank; every other point joins its nearest centre
-    (the lower rank on ties).
+    (the lower rank on ties). Equal scores rank by index, lower first: torch.topk's order among ties differs by
+    device and k, and a stable order makes a padded batch (`batched_dpc_knn`) equal each group alone.
     """
     scores, distance = _scores_and_distances(points, k, noise)
-    centres = scores.topk(clusters).indices
+    centres = scores.sort(descending=True, stable=True).indices[:clusters]  # ties: the lower index, as batched
     labels = distance[centres].argmin(dim=0)
     labels[centres] = torch.arange(clusters, device=points.device)
     return labels, centres
@@ -98,8 +99,9 @@ def batched_dpc_knn(
 
 
 def cluster_means(points: torch.Tensor, labels: torch.Tensor, clusters: int) -> torch.Tensor:
-    """[clusters, C] the mean of each cluster's points in the points' dtype (0 for an empty cluster)."""
-    onehot = F.one_hot(labels, clusters).to(points.dtype)  # [n, clusters]
-    counts = onehot.sum(dim=0)
-    means = (onehot.T @ points) / counts.clamp(min=1)[:, None]
-    return means.masked_fill((counts == 0)[:, None], 0)
+    """[..., P, C] points and their cluster ids [..., P] (-1: padding) -> [..., clusters, C] each cluster's mean in the
+    points' dtype (0 for an empty cluster), as a one-hot matrix product per group: padding adds exact zeros."""
+    onehot = (labels[..., None] == torch.arange(clusters, device=labels.device)).to(points.dtype)
+    counts = onehot.sum(dim=-2)
+    means = (onehot.transpose(-1, -2) @ points) / counts.clamp(min=1)[..., None]
+    return means.masked_fill((counts == 0)[..., None], 0)

@@ -69,11 +69,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 
 from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
 from dycoke_eval.config import ConfigError
-from dycoke_eval.methods.density_peaks import batched_dpc_knn, density_scores, dpc_knn
+from dycoke_eval.methods.density_peaks import batched_dpc_knn, cluster_means, density_scores, dpc_knn
+from dycoke_eval.methods.padded import below, true_first
 
 MODES = ("official", "paper")
 VARIANTS = ("onevision", "video")
@@ -261,19 +261,9 @@ def salient_mask(cls_attention: torch.Tensor, counts: list[int]) -> torch.Tensor
     return mask.scatter_(1, top, True)[:, :tokens]
 
 
-def _below(width: int, counts: list[int], device) -> torch.Tensor:
-    """[len(counts), width] True where the column is below the row's count: the valid part of padded rows."""
-    return torch.arange(width, device=device) < torch.tensor(counts, device=device)[:, None]
-
-
 def _padding(width: int, counts: list[int], device) -> torch.Tensor:
-    """The complement of `_below`."""
+    """The complement of `below`, in one kernel less."""
     return torch.arange(width, device=device) >= torch.tensor(counts, device=device)[:, None]
-
-
-def _first_true(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """[..., width] the positions of each row's True entries in ascending order, then its others (a stable sort)."""
-    return mask.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :width]
 
 
 def _draw_rows(rows: list[tuple[int, int]], shape: tuple[int, int], scale: float, generator, device) -> torch.Tensor | None:
@@ -317,7 +307,7 @@ def density_anchors(pools: torch.Tensor, plan: _Plan, variant: str, noise_scale:
     if variant == "onevision":
         valid, noise = None, _noise((frames, width), noise_scale, generator, pools.device)
     else:
-        valid = _below(width, plan.rest, pools.device)
+        valid = below(width, plan.rest, pools.device)
         rows = [(f, plan.rest[f]) for f in plan.anchor_frames()]
         noise = _draw_rows(rows, (frames, width), noise_scale, generator, pools.device)
     chosen = top_per_row(density_scores(pools, NEIGHBOURS, noise, valid), plan.anchors)
@@ -371,7 +361,7 @@ def merge_groups(
                  for m, pool in zip(members, pool_frames, strict=True)]  # fmt: skip
     depth = max(len(m) for m in members)
     rows = torch.tensor([m + [m[0]] * (depth - len(m)) for m in members], device=device)  # [G, depth] frames
-    row_valid = _below(depth, [len(m) for m in members], device)
+    row_valid = below(depth, [len(m) for m in members], device)
     flat = anchor_at + torch.arange(frames, device=device)[:, None] * per_frame
     valid = (anchor_valid[rows] & row_valid[..., None]).flatten(1)
     in_pool_frame, own_frame = torch.tensor(
@@ -384,7 +374,7 @@ def merge_groups(
         is_anchor = is_anchor.scatter_(1, anchor_at.masked_fill(~anchor_valid, per_frame), True)[:, :per_frame]
         in_pool &= ~(is_anchor[None] & own_frame) if mode == "official" else ~is_anchor[None]
     width = max(sizes)
-    return _Groups(flat[rows].flatten(1), valid, _first_true(in_pool.flatten(1), width), _below(width, sizes, device))
+    return _Groups(flat[rows].flatten(1), valid, true_first(in_pool.flatten(1), width), below(width, sizes, device))
 
 
 def anchor_centric_merge(
@@ -426,17 +416,15 @@ def cluster_merge(
     for number, segment in enumerate(plan.segments):
         member[number, segment] = True
     in_pool = member.to(device)[:, frame_of] & ~salient.flatten()[None]
-    where, valid = _first_true(in_pool, width), _below(width, sizes, device)
+    where, valid = true_first(in_pool, width), below(width, sizes, device)
     pool = video.flatten(0, 1)[where]
     rows = [(s, sizes[s]) for s, count in enumerate(clusters) if count]
     noise = _draw_rows(rows, tuple(where.shape), noise_scale, generator, device)
     labels, _ = batched_dpc_knn(pool, valid, torch.tensor(clusters, device=device), NEIGHBOURS, noise)
-    onehot = F.one_hot(labels.clamp(min=0), width).to(pool.dtype) * valid[..., None].to(pool.dtype)
-    counts = onehot.sum(dim=1)[..., None]
-    means = (onehot.transpose(1, 2) @ pool / counts.clamp(min=1)).masked_fill(counts == 0, 0)
+    means = cluster_means(pool, labels, width)
     rank = torch.arange(width, device=device)
     last = (torch.tensor(sizes, device=device) - torch.tensor(clusters, device=device))[:, None] + rank
-    return means, where.gather(1, last.clamp(max=width - 1)), _below(width, clusters, device)
+    return means, where.gather(1, last.clamp(max=width - 1)), below(width, clusters, device)
 
 
 @dataclass
@@ -498,13 +486,13 @@ def fastvid_select(
         if merging == "cluster":
             merged, at, valid = cluster_merge(video, salient, plan, density_noise, generator)
         else:
-            rest = _first_true(~salient, max(plan.rest))
+            rest = true_first(~salient, max(plan.rest))
             if merging == "dtm":
                 pools = video[torch.arange(frames, device=video.device)[:, None], rest]
                 chosen = density_anchors(pools, plan, variant, density_noise, generator)
             else:
                 chosen = uniform_anchors(plan, video.device)
-            anchor_valid = _below(chosen.shape[1], plan.anchors, video.device)
+            anchor_valid = below(chosen.shape[1], plan.anchors, video.device)
             anchor_at = rest.gather(1, chosen.clamp(max=rest.shape[1] - 1))
             groups = merge_groups(plan, anchor_at, anchor_valid, salient, mode, variant)
             merged = anchor_centric_merge(
@@ -514,7 +502,7 @@ def fastvid_select(
         at = at.masked_fill(~valid, frames * n).flatten()
         out.index_copy_(0, at, merged.flatten(0, 1))
         kept.index_fill_(0, at, True)
-    index = _first_true(kept[:-1], sum(plan.salient) + sum(plan.anchors))
+    index = true_first(kept[:-1], sum(plan.salient) + sum(plan.anchors))
     return FastVIDSelection(out[index], index, segments, sum(plan.salient), sum(plan.anchors))
 
 

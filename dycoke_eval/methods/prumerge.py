@@ -32,6 +32,7 @@ import torch
 
 from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens
 from dycoke_eval.config import ConfigError
+from dycoke_eval.methods.padded import below
 
 VARIANTS = ("base", "plus")
 SCORE_SOURCES = {"mean_received": "attention_received", "pooling_head": "probe_attention"}  # setting -> encoder signal
@@ -59,11 +60,11 @@ def keep_counts(scores: torch.Tensor) -> torch.Tensor:
 def top_scoring(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """[F, N] scores, [F] counts -> [F, N] mask of each frame's `count` highest scores.
 
-    Equal scores at the boundary go to the lower index, as CUDA's topk kernel picks them (CPU's topk leaves them
-    unspecified), so one stable rank order serves every frame's count.
+    Equal scores at the boundary go to the lower index, as CUDA's topk kernel picks them by its source (not yet run on a GPU;
+    CPU's topk leaves them unspecified), so one stable rank order serves every frame's count.
     """
     order = scores.sort(dim=-1, descending=True, stable=True).indices  # rank -> token
-    ranked_in = torch.arange(scores.shape[-1], device=scores.device) < counts.unsqueeze(-1)
+    ranked_in = below(scores.shape[-1], counts, scores.device)
     return torch.zeros_like(ranked_in).scatter(-1, order, ranked_in)
 
 

@@ -11,8 +11,17 @@ Pre-LLM (`modeling_pllava.py:764-827`), on the pooled projected features [T, N, 
 3. Any group (the window's static tokens, one frame's dynamic tokens) of more than 14 tokens becomes
    `int(n * cluster_ratio)` DPC-kNN cluster means (k=7). Output per window: static, then each frame's dynamic.
 The density's tie-breaking noise (`density_noise`, released 1e-6) is drawn from a generator seeded
-per sample, in the released order (temporal, then per window its static group, then each frame), so
-reruns agree; 0 draws nothing.
+per sample, on the tokens' device, in the released order (temporal, then per window its static group, then
+each frame), so reruns agree; 0 draws nothing. The groups take one draw of their total: on the CPU that is
+the released sequence of draws; a GPU generator gives other, equally reproducible, numbers.
+
+Steps 2-3 run over every window and group at once, padded, with masks marking the real frames and tokens:
+the host reads the temporal labels, then the static counts, and plans the groups from them. On the CPU the
+tokens are those of the per-window, per-group arithmetic bit for bit, but for the last bit in three cases:
+the static test's cosines come from one matrix product over every window; in float32 the padded sums add a
+group's tokens in index order where a group's own may not (MKL blocks more than 192 rows, PyTorch's sum
+interleaves a row's last columns when n * D is not a multiple of 32); and exactly tied density scores rank
+the lower index first (batched DPC-kNN), where `topk` may not.
 
 In-LLM (`in_llm: true`; `elastic_cache.py:120-203`, `llama.py:1417-1461`): once in prefill, decoder layer
 `selected_layer` (0-based) scores each video token by its attention probability, max over heads then over
@@ -34,7 +43,8 @@ static token (the released 0/0 makes its choice float noise).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,36 +59,35 @@ from dycoke_eval.compression.stages import (
     per_sample_seed,
 )
 from dycoke_eval.config import ConfigError
-from dycoke_eval.methods.density_peaks import cluster_means, dpc_knn
+from dycoke_eval.methods.density_peaks import batched_dpc_knn, cluster_means, dpc_knn
+from dycoke_eval.methods.padded import below, true_first
 
 NEIGHBOURS = 7  # k of every DPC-kNN call (hard-coded in the released code)
 LARGEST_UNCLUSTERED = 14  # a group of more tokens than this is clustered (hard-coded)
 
 
 class DensityNoise:
-    """The density's tie-breaking noise: `amplitude * U[0, 1)` from one generator per sample, drawn in call order."""
+    """The density's tie-breaking noise: `amplitude * U[0, 1)` from one generator per sample, drawn in call order.
 
-    def __init__(self, amplitude: float, seed: int, sample: str) -> None:
+    The generator lives on the tokens' device, so no draw is copied there."""
+
+    def __init__(self, amplitude: float, seed: int, sample: str, device: torch.device | str = "cpu") -> None:
         self.amplitude = amplitude
-        self.generator = torch.Generator().manual_seed(per_sample_seed(seed, sample))
+        self.generator = torch.Generator(device=device).manual_seed(per_sample_seed(seed, sample))
 
-    def draw(self, count: int, device: torch.device) -> torch.Tensor | None:
+    def draw(self, count: int) -> torch.Tensor | None:
         if not self.amplitude:
             return None
-        return (torch.rand(count, generator=self.generator) * self.amplitude).to(device)
+        return torch.rand(count, generator=self.generator, device=self.generator.device) * self.amplitude
 
-
-def merge_group(
-    features: torch.Tensor, index: torch.Tensor, cluster_ratio: float, noise: DensityNoise
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group's tokens [n, D] at grid positions [n] -> as they go on: themselves if n <= 14, else
-    `int(n * cluster_ratio)` cluster means in centre-rank order, each at its centre's position."""
-    count = features.shape[0]
-    if count <= LARGEST_UNCLUSTERED:
-        return features, index
-    clusters = int(count * cluster_ratio)
-    labels, centres = dpc_knn(features, clusters, NEIGHBOURS, noise.draw(count, features.device))
-    return cluster_means(features, labels, clusters), index[centres]
+    def draw_rows(self, starts: torch.Tensor, total: int, width: int) -> torch.Tensor | None:
+        """[G, width] noise for padded groups from one draw of `total`, row g reading it from `starts[g]` on (past
+        the group's own, whatever comes: padding never uses it). On the CPU a draw of a + b is a draw of a then one of
+        b, so groups starting where the released order puts them get the released draws, one per clustered group."""
+        if not (self.amplitude and total):
+            return None
+        at = starts[:, None] + torch.arange(width, device=starts.device)
+        return self.draw(total)[at.clamp(max=total - 1)]
 
 
 def refine_clusters(labels: list[int]) -> list[int]:
@@ -138,21 +147,89 @@ def temporal_windows(grid: torch.Tensor, temporal_segment_ratio: float, noise: D
     """[T, N, D] -> the windows' frame counts, in order: DPC-kNN over the frame means, refined, runs."""
     frames = grid.shape[0]
     clusters = max(1, int(frames * temporal_segment_ratio))
-    labels, _ = dpc_knn(grid.mean(dim=1), clusters, NEIGHBOURS, noise.draw(frames, grid.device))
+    labels, _ = dpc_knn(grid.mean(dim=1), clusters, NEIGHBOURS, noise.draw(frames))
     return [end - start for _, start, end in _runs(refine_clusters(labels.tolist()))]
 
 
-def static_positions(window: torch.Tensor, tau: float) -> torch.Tensor:
-    """[W, N, D] frames -> [N] whether each grid position is static: (sum_{w,t} cos(x_w, x_t) - W) / (W (W-1)) > tau.
+def stack_windows(grid: torch.Tensor, windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, N, D] and the windows' frame counts -> [K, W, N, D] each window's frames, padded with zero frames to the
+    longest window, and [K, W] which frames are valid."""
+    longest = max(windows)
+    frames = [
+        list(range(start, start + size)) + [-1] * (longest - size)
+        for start, size in zip(accumulate([0, *windows[:-1]]), windows, strict=True)
+    ]
+    frames = torch.tensor(frames, device=grid.device)
+    valid = frames >= 0
+    return grid[frames.clamp(min=0)].masked_fill(~valid[..., None, None], 0), valid
 
-    In the features' dtype, as released. A one-frame window has no static position.
+
+def static_positions(windows: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
+    """[K, W, N, D] zero-padded windows ([K, W] valid frames) -> [K, N] whether each grid position is static:
+    (sum_{w,t} cos(x_w, x_t) - W) / (W (W-1)) > tau over the window's W frames.
+
+    In the features' dtype, as released (the division in float, as PyTorch divides a reduced-precision tensor by a
+    number); padding frames add 0. A one-frame window has no static position.
     """
-    frames = window.shape[0]
-    if frames == 1:
-        return torch.zeros(window.shape[1], dtype=torch.bool, device=window.device)
-    unit = F.normalize(window, p=2, dim=-1)
-    similarity = torch.einsum("wlc,tlc->wtl", unit, unit)
-    return (similarity.sum(dim=1) - 1).sum(dim=0) / (frames * (frames - 1)) > tau
+    unit = F.normalize(windows, p=2, dim=-1)
+    similarity = torch.einsum("kwlc,ktlc->kwtl", unit, unit)
+    per_frame = (similarity.sum(dim=2) - 1).masked_fill(~valid[..., None], 0)
+    frames = valid.sum(dim=1, keepdim=True)
+    pairs = frames * (frames - 1)
+    score = (per_frame.sum(dim=1).float() / pairs).to(windows.dtype)
+    return (score > tau) & (pairs > 0)
+
+
+def window_means(windows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[K, W, N, D] zero-padded windows -> [K, N, D] each grid position's mean over its window's frames, in
+    `mean`'s arithmetic (the sum in float32, or wider, then the division; padding frames add 0)."""
+    total = windows.sum(dim=1, dtype=torch.float64 if windows.dtype == torch.float64 else torch.float32)
+    return (total / valid.sum(dim=1)[:, None, None]).to(windows.dtype)
+
+
+def cluster_count(size: int, cluster_ratio: float) -> int:
+    """The cluster means a group of `size` tokens becomes: int(size * cluster_ratio) above 14 tokens, else none (it
+    goes on as it is)."""
+    return int(size * cluster_ratio) if size > LARGEST_UNCLUSTERED else 0
+
+
+class Group(NamedTuple):
+    """One merge group, planned on the host: its tokens are row `source` of [window means; frames] at the window's
+    grid positions of ranks `first` .. `first + size - 1`, static positions ranked first, each kind ascending."""
+
+    window: int
+    source: int
+    first: int
+    size: int
+    clusters: int  # `cluster_count`: 0 keeps the group as it is
+    base: int  # flat grid position of its frame's token 0 (a static group: the window's first frame)
+    noise_start: int  # where its noise starts in the draw of every clustered group's noise, in the released order
+
+
+def plan_groups(windows: list[int], static_counts: list[int], tokens: int, cluster_ratio: float) -> list[Group]:
+    """The merge groups in output order: per window its static group, then each frame's dynamic group."""
+    groups, start, drawn = [], 0, 0
+    for window, (frames, static) in enumerate(zip(windows, static_counts, strict=True)):
+        dynamic = [(len(windows) + frame, static, tokens - static, frame) for frame in range(start, start + frames)]
+        for source, first, size, frame in [(window, 0, static, start), *dynamic]:
+            clusters = cluster_count(size, cluster_ratio)
+            groups.append(Group(window, source, first, size, clusters, frame * tokens, drawn))
+            drawn += size if clusters else 0
+        start += frames
+    return groups
+
+
+def merge_groups(
+    points: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor, clusters: torch.Tensor, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded groups [G, P, D] at grid positions [G, P] ([G] sizes and cluster counts, [G, P] density noise) ->
+    [G, P, D] and [G, P], each group's tokens as they go on, first in its row: itself (0 clusters), or its cluster
+    means in centre-rank order at its centres' positions, as `dpc_knn` and `cluster_means` give them for it alone."""
+    valid = below(points.shape[1], sizes, points.device)
+    labels, centres = batched_dpc_knn(points, valid, clusters, NEIGHBOURS, noise)
+    clustered = clusters > 0
+    features = torch.where(clustered[:, None, None], cluster_means(points, labels, points.shape[1]), points)
+    return features, torch.where(clustered[:, None], index.gather(1, centres.clamp(min=0)), index)
 
 
 @dataclass
@@ -170,29 +247,33 @@ class MergedVideo:
 def prunevid_merge(
     grid: torch.Tensor, tau: float, temporal_segment_ratio: float, cluster_ratio: float, noise: DensityNoise
 ) -> MergedVideo:
-    """[T, N, D] -> PruneVid's pre-LLM tokens, per window [static, frame 0 dynamic, frame 1 dynamic, ...]."""
+    """[T, N, D] -> PruneVid's pre-LLM tokens, per window [static, frame 0 dynamic, frame 1 dynamic, ...].
+
+    Every window and every group at once, padded. The host reads the temporal labels, then the static counts, and
+    plans from them; what it builds goes to the device right after a read, when nothing is queued there."""
     tokens = grid.shape[1]
     windows = temporal_windows(grid, temporal_segment_ratio, noise)
-    features, index, static_out, dynamic_out, static_count = [], [], [], [], []
-    start = 0
-    positions = torch.arange(tokens, device=grid.device)
-    for size in windows:
-        window = grid[start : start + size]
-        static = static_positions(window, tau)
-        merged, where = merge_group(window[:, static].mean(dim=0), positions[static] + start * tokens, cluster_ratio, noise)
-        features.append(merged)
-        index.append(where)
-        static_out.append(merged.shape[0])
-        static_count.append(int(static.sum()))
-        for frame in range(size):
-            merged, where = merge_group(
-                window[frame, ~static], positions[~static] + (start + frame) * tokens, cluster_ratio, noise
-            )
-            features.append(merged)
-            index.append(where)
-        dynamic_out.append(merged.shape[0])
-        start += size
-    return MergedVideo(torch.cat(features), torch.cat(index), windows, static_out, dynamic_out, static_count)
+    stacked, valid = stack_windows(grid, windows)
+    static = static_positions(stacked, valid, tau)
+    static_counts = static.sum(dim=1).tolist()
+    groups = plan_groups(windows, static_counts, tokens, cluster_ratio)
+    window, source, first, size, clusters, base, noise_start = torch.tensor(groups, device=grid.device).unbind(1)
+    width = max(group.size for group in groups)
+    rank = torch.arange(width, device=grid.device)
+    position = true_first(static)[window].gather(1, (first[:, None] + rank).clamp(max=tokens - 1))
+    points = torch.cat([window_means(stacked, valid), grid])[source[:, None], position]
+    drawn = sum(group.size for group in groups if group.clusters)
+    merged, index = merge_groups(points, base[:, None] + position, size, clusters, noise.draw_rows(noise_start, drawn, width))
+    total = sum(group.clusters or group.size for group in groups)
+    kept = true_first((rank < torch.where(clusters > 0, clusters, size)[:, None]).flatten())[:total]
+    return MergedVideo(
+        merged.flatten(0, 1)[kept],
+        index.flatten()[kept],
+        windows,
+        [cluster_count(n, cluster_ratio) or n for n in static_counts],
+        [cluster_count(tokens - n, cluster_ratio) or tokens - n for n in static_counts],
+        static_counts,
+    )
 
 
 def prunevid_selection(
@@ -294,7 +375,7 @@ class PruneVid(PreLLMStage):
 
     def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
         grid = tokens.grid()
-        noise = DensityNoise(self.density_noise, self.seed, sample)
+        noise = DensityNoise(self.density_noise, self.seed, sample, grid.device)
         merged = prunevid_merge(grid, self.tau, self.temporal_segment_ratio, self.cluster_ratio, noise)
         count_in, count_out = grid.shape[0] * grid.shape[1], merged.features.shape[0]
         return tokens.replaced(
