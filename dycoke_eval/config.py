@@ -6,8 +6,11 @@ composes the same `conf/method/<name>.yaml` here, so there is one source of meth
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package: any install works
 
@@ -80,6 +83,27 @@ def compose_option(group: str, name: str, overrides: dict[str, Any] | None = Non
         return compose(overrides=override_list)[group]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(overrides=override_list)[group]
+
+
+def method_from_config(name: str, settings: dict[str, Any] | None = None) -> Any:
+    """The method of `conf/method/<name>.yaml` with `settings` over the file's, built as Hydra's `instantiate` builds it,
+    without Hydra (a GPU machine may have only torch and transformers)."""
+    values = {**_config_values(name), **(settings or {})}
+    module, _, cls = values.pop("_target_").rpartition(".")
+    return getattr(importlib.import_module(module), cls)(**values)
+
+
+def _config_values(name: str) -> dict[str, Any]:
+    """A method config's keys, composed as Hydra composes these flat files: each `defaults` entry in order, the file's
+    own keys where `_self_` stands (last when it is not listed)."""
+    if name not in group_options("method"):
+        raise ConfigError(f"unknown method {name!r}; valid method options: {', '.join(group_options('method'))}")
+    own = yaml.safe_load((CONF_DIR / "method" / f"{name}.yaml").read_text())
+    entries = own.pop("defaults", [])
+    values: dict[str, Any] = {}
+    for entry in entries if "_self_" in entries else [*entries, "_self_"]:
+        values.update(own if entry == "_self_" else _config_values(entry))
+    return values
 
 
 def instantiate_method(name: str, overrides: dict[str, Any] | None = None):

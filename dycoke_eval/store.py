@@ -33,9 +33,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dycoke_eval.provenance import git_state, hardware, package_versions
+from dycoke_eval.timing import PIPELINE_STAGES
 
 FORMAT = 2  # run.json's `format`; folders without one are format 1 (no plan, no standard retained ratio)
-PIPELINE_STAGES = ("video_decode", "preprocess", "vision_encoder", "compress", "generate")  # one sample's wall time
 CELL_KEYS = ("model", "method", "frames", "prompt", "tasks", "limit", "seed", "max_new_tokens")  # what makes two cells the same
 NOT_SETTINGS = {"name", "paper_retained_ratio", "planned_ratio", "compile_ttm"}  # derived, plan-only or how it computes
 RUN_FILE, RESULTS_FILE, RECORDS_FILE, JOURNAL_FILE = "run.json", "results.json", "sample_records.jsonl", "journal.jsonl"

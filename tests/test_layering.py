@@ -6,7 +6,7 @@ import sys
 CORE = ["dycoke_eval.methods", "dycoke_eval.compression.dispatcher", "dycoke_eval.compression.stages",
         "dycoke_eval.plumbing.attention", "dycoke_eval.plumbing.cache", "dycoke_eval.plumbing.hooks",
         "dycoke_eval.plumbing.counting", "dycoke_eval.models", "dycoke_eval.accounting",
-        "dycoke_eval.offline.real_size"]  # fmt: skip
+        "dycoke_eval.offline.real_size", "dycoke_eval.timing", "dycoke_eval.config"]  # fmt: skip
 BLOCKED = ("lmms_eval", "hydra", "omegaconf", "av")
 
 PROGRAM = f"""

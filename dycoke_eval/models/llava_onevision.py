@@ -98,9 +98,14 @@ class LlavaOneVisionAdapter(ModelAdapter):
 
         config._attn_implementation = attn_implementation
         torch.manual_seed(0)
-        with torch.device(device):
-            model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
-            head = SiglipPoolingHead.build(config.vision_config).to(dtype).eval() if siglip_head else None
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the run's dtype: a 7B is 16 GB in bf16, not 32 GB in float32 first
+        try:
+            with torch.device(device):
+                model = LlavaOnevisionForConditionalGeneration(config).eval()
+                head = SiglipPoolingHead.build(config.vision_config).eval() if siglip_head else None
+        finally:
+            torch.set_default_dtype(default)
         adapter = cls(model, processor, siglip_head)
         adapter._head = head
         return adapter
