@@ -1,5 +1,5 @@
 """FLOPs by the DyCoke supplementary's eq. 8, counted over the visual tokens (as Table 1 does), the model's real
-prefill count beside it, and run plans.
+prefill count beside it. Plans of run cells are built from these in `plans.py`.
 
 Per layer with n tokens, hidden d and FFN width m: prefill 4nd^2 + 2n^2d + 2ndm; decoding R
 tokens: R((4d^2 + 2dm) + 2(dn + d(R+1)/2)). A method is described by the number of visual
@@ -14,30 +14,11 @@ the prompt's text tokens), in eq. 8's unit (a multiply-add counts once), so the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+
+from dycoke_eval.geometry import LanguageModelDims, PlannedCounts
 
 DECODED_TOKENS = 100  # R in eq. 8
 PLAN_TEXT_TOKENS = 100  # prompt text beside the video in a plan: the paper form's template, a question and its options
-PLAN_COLUMNS = ("model", "method", "k", "l", "p", "frames", "retained_ratio", "tflops", "flops_ratio")
-
-
-@dataclass(frozen=True)
-class LanguageModelDims:
-    hidden: int  # d
-    ffn: int  # m
-    layers: int  # T
-    heads: int | None = None  # query heads; None in the hand-typed dimensions of old cells, which allow no real count
-    kv_heads: int | None = None
-    head_dim: int | None = None
-
-    @property
-    def query_width(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.kv_heads * self.head_dim
 
 
 def prefill_flops(n: float, dims: LanguageModelDims) -> float:
@@ -86,8 +67,6 @@ def total_flops(prefill_tokens: Sequence[float], decode_tokens: Sequence[float],
 def planned_flops(method, dims: LanguageModelDims, layout) -> tuple[float, float, float, dict[str, float]]:
     """(method's eq. 8 FLOPs, full tokens' FLOPs, the method's planned retained ratio, its prefill bounds) for one
     video layout, with `PLAN_TEXT_TOKENS` of prompt text."""
-    from dycoke_eval.compression.stages import PlannedCounts
-
     full = PlannedCounts.full(layout, dims.layers)
     planned = method.plan(full)
     return (
@@ -96,46 +75,3 @@ def planned_flops(method, dims: LanguageModelDims, layout) -> tuple[float, float
         method.planned_retained_ratio(full),
         prefill_bounds(planned.prefill, full.prefill, dims, PLAN_TEXT_TOKENS),
     )
-
-
-def plan_row(cfg) -> dict[str, object]:
-    """One row of a sweep's plan: the cell's settings, retained ratio, TFLOPs and FLOPs ratio to full.
-
-    The method's stages say how many visual tokens each layer sees (`plan`), the model's adapter gives
-    the dimensions and the video layout from the HF config; this turns them into eq. 8 FLOPs, so every
-    method is counted the same way. Recorded with each cell when it runs.
-    """
-    from hydra.utils import instantiate
-
-    from dycoke_eval.models import planning_geometry
-
-    method = instantiate(cfg.method)
-    dims, layout = planning_geometry(cfg.model, cfg.frames)
-    flops, full, retained, bounds = planned_flops(method, dims, layout)
-    settings = {k: v for k, v in method.describe().items() if k not in ("name", "paper_retained_ratio")}
-    return {
-        "model": cfg.model.name,
-        "method": method.name,
-        "k": settings.pop("k", None),
-        "l": settings.pop("l", None),
-        "p": settings.pop("p", None),
-        "frames": cfg.frames,
-        "retained_ratio": retained,
-        "tflops": flops / 1e12,
-        "flops_ratio": flops / full,
-        **bounds,
-        **settings,
-    }
-
-
-def write_plan(configs: list, path: Path):
-    """Print the plan of these cells as a table and write it to `path` (CSV); returns it (a DataFrame)."""
-    import pandas as pd
-
-    plan = pd.DataFrame([plan_row(cfg) for cfg in configs])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plan.to_csv(path, index=False)
-    shown = plan.drop(columns=[c for c in plan.columns if plan[c].nunique(dropna=False) <= 1 and c not in PLAN_COLUMNS])
-    print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    print(f"plan: {path}")
-    return plan

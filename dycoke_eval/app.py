@@ -342,9 +342,9 @@ def run_cell(cfg: DictConfig, companions: Sequence[Companion] = (), clear_journa
     method = check_cell(cfg)  # before anything slow
 
     from dycoke_eval import checkpoints
-    from dycoke_eval.accounting import plan_row
     from dycoke_eval.encoder_cache import ENCODER_CACHE
     from dycoke_eval.groups import ENCODER_PASSES
+    from dycoke_eval.plans import plan_row
     from dycoke_eval.plumbing.attention import kernel_name
     from dycoke_eval.provenance import hardware
     from dycoke_eval.store import format_efficiency, journal_path, write_cell
@@ -527,7 +527,7 @@ def main(cfg: DictConfig) -> None:
         check_run_settings(cfg)
         if cfg.dry_run:  # a single cell's plan; sweeps plan all their cells in the grids sweeper
             from dycoke_eval import distributed
-            from dycoke_eval.accounting import write_plan
+            from dycoke_eval.plans import write_plan
 
             if distributed.is_main():
                 write_plan([cfg], Path(cfg.results_dir) / cfg.run_name / "plan.csv")

@@ -144,8 +144,6 @@ def load_checkpoint(
         return _loaded
     _loaded = None
     if random_architecture:
-        from dycoke_eval.offline.architectures import build_random_model
-
         loaded = build_random_model(random_architecture, dtype, device, attn_implementation, adapter, siglip_head)
     else:
         locate_checkpoint(pretrained)
@@ -160,3 +158,27 @@ def load_checkpoint(
     LOAD_COUNT += 1
     _loaded = LoadedCheckpoint(key=key, adapter=loaded)
     return _loaded
+
+
+def build_random_model(
+    size: str,
+    dtype: torch.dtype,
+    device: str,
+    attn_implementation: str = "sdpa",
+    adapter: str | None = None,
+    siglip_head: str | None = None,
+):
+    """The adapter (`adapter` by name, else by model type) of architecture `size` with random weights, built on `device`.
+
+    With `siglip_head` set, a random pooling head at the tower's dimensions stands in for that checkpoint's.
+    """
+    from dycoke_eval.models import adapter_class
+    from dycoke_eval.offline.architectures import architecture_config
+    from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = architecture_config(size, tokenizer)
+    processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
+    return adapter_class(config, name=adapter).from_config(
+        config, processor, device=device, dtype=dtype, attn_implementation=attn_implementation, siglip_head=siglip_head
+    )

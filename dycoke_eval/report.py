@@ -10,7 +10,7 @@ follow the paper (model groups, then methods); a model the paper does not have (
 its own group, and a row the paper labels "Ours" is labelled with the method's name. Best and second-best
 among the pruning methods (every row but full tokens) are marked per model and metric, bold and underlined as
 in the paper; a value we do not have is a dash. FLOPs columns come from the cell's plan
-(`accounting.plan_row`, recorded in run.json when the cell ran), so ours are the eq. 8 cost of the cell that
+(`plans.plan_row`, recorded in run.json when the cell ran), so ours are the eq. 8 cost of the cell that
 was run; our retained ratio is the measured one (mean over tasks) where the cell recorded it, else the planned
 one. Cells are read through `store.py`.
 
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from dycoke_eval.accounting import PLAN_COLUMNS
+from dycoke_eval.plans import PLAN_COLUMNS
 from dycoke_eval.breakdowns import VIDEOMME_DURATIONS, videomme_durations
 from dycoke_eval.config import CONF_DIR
 from dycoke_eval.paired import (
@@ -67,7 +67,7 @@ NAMED_SETTINGS = (  # method settings a paper row names besides k, l, p (which t
 SETTINGS = ("model", "method", "k", "l", "p", *NAMED_SETTINGS, "frames")  # what a paper row can name; a table: its CSV's
 LABELS = ("table", "row", "R")  # a paper row's own text: the table, its label, the retention block it is printed in
 RELATIVE = "avg_percent"  # a table with FastVID's "% of vanilla" column compares every row with vanilla, sample by sample
-PLANNED = {"retained_ratio", "tflops", "flops_ratio"}  # from accounting.plan_row, not measured
+PLANNED = {"retained_ratio", "tflops", "flops_ratio"}  # from plans.plan_row, not measured
 MVBENCH_CODES = {
     "action_sequence": "AS", "action_prediction": "AP", "action_antonym": "AA", "fine_grained_action": "FA",
     "unexpected_action": "UA", "object_existence": "OE", "object_interaction": "OI", "object_shuffle": "OS",

@@ -268,7 +268,7 @@ class RunInfo:
     git: dict[str, Any] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)  # what the loaded model ran with
-    plan: dict[str, Any] | None = None  # accounting.plan_row at run time (format 2 on)
+    plan: dict[str, Any] | None = None  # plans.plan_row at run time (format 2 on)
     complete: bool = False
     failed_samples: int = 0
     finished_at: str | None = None
@@ -390,12 +390,12 @@ class Cell:
             return self.run.plan, ""
         if "accounting" not in (self.run.config.get("model") or {}):
             return None, "its config predates FLOPs accounting"
-        from dycoke_eval.accounting import plan_row
+        from dycoke_eval.plans import plan_row
 
         try:  # the recorded config may name a method class or setting that no longer exists
             return plan_row(OmegaConf.create(self.run.config)), ""
         except Exception as error:  # any failure means the same thing: rerun the cell
-            return None, f"accounting.plan_row failed on its config: {type(error).__name__}: {error}"
+            return None, f"plans.plan_row failed on its config: {type(error).__name__}: {error}"
 
 
 def read_cell(cell_dir: Path) -> Cell:
@@ -517,7 +517,7 @@ def write_cell(
 ) -> None:
     """Write the cell's folder from lmms-eval's `output` and the wrapper's records (`asdict(SampleRecord)`).
 
-    `method_description` is the method's `describe()`, `plan` its `accounting.plan_row` at run
+    `method_description` is the method's `describe()`, `plan` its `plans.plan_row` at run
     time (kept so reports never re-instantiate method code), `runtime` what the loaded model
     actually ran with (device, dtype, attention implementation). A cell with a failed sample is
     written but not complete: the next run of the same command retries exactly the failed

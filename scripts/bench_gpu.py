@@ -61,13 +61,12 @@ import torch
 import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dycoke_eval.checkpoints import resolve_device, resolve_dtype
+from dycoke_eval.checkpoints import build_random_model, resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor, GenerationFigures
 from dycoke_eval.compression.stages import CompressionMethod, ModelInfo
 from dycoke_eval.config import ConfigError, method_from_config
 from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.models import ModelAdapter
-from dycoke_eval.offline.architectures import build_random_model
 from dycoke_eval.offline.real_size import SIZES, random_encoded_video
 from dycoke_eval.plumbing.counting import OpCounts, count_ops
 from dycoke_eval.provenance import git_state, hardware

@@ -27,7 +27,7 @@ import torch
 from dycoke_eval.checkpoints import resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor
 from dycoke_eval.config import instantiate_method
-from dycoke_eval.models import VideoLayout
+from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.offline.architectures import architecture_config
 from dycoke_eval.offline.real_size import SIZES, random_encoded_video
 

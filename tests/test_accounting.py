@@ -76,8 +76,8 @@ def test_the_real_prefill_count_of_qwen2_7b_at_32_frames_is_the_hand_count():
 def test_the_real_prefill_bound_is_below_eq8s_and_the_plan_gives_both(method, overrides, eq8, real):
     from omegaconf import OmegaConf
 
-    from dycoke_eval.accounting import plan_row
     from dycoke_eval.config import compose_option
+    from dycoke_eval.plans import plan_row
 
     cfg = OmegaConf.create({"model": {"name": "llava_ov_7b", "architecture": "7b", "pretrained": "x"}, "frames": 32})
     cfg.method = compose_option("method", method, overrides)

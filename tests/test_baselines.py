@@ -7,11 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dycoke_eval.accounting import plan_row
 from dycoke_eval.compression.stages import VideoTokens
 from dycoke_eval.config import ConfigError, compose_option
 from dycoke_eval.methods.pooling import Pooling, pooled_side
 from dycoke_eval.methods.random_tokens import RandomTokens
+from dycoke_eval.plans import plan_row
 
 
 def literal_seed(seed: int, sample: str) -> int:

@@ -62,7 +62,8 @@ def test_ttm_selects_with_no_more_than_its_two_known_syncs_at_real_size():
     one sync left, the count of kept tokens; the whole-grid check no longer compares the index on the device."""
     from dycoke_eval.compression.dispatcher import Compressor
     from dycoke_eval.config import instantiate_method
-    from dycoke_eval.models.base import EncodedVideo, VideoLayout
+    from dycoke_eval.geometry import VideoLayout
+    from dycoke_eval.models.base import EncodedVideo
 
     video = torch.randn(32, 196, 64)
     encoded = EncodedVideo(grid=video, layout=VideoLayout(32, 14, 14), newline=torch.randn(64), signals={})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_app
 
-from dycoke_eval.offline.architectures import build_random_model
+from dycoke_eval.checkpoints import build_random_model
 from dycoke_eval.report import render_report
 
 MEASURED = ["tasks.names=[fixture_mvbench_action_antonym,fixture_mvbench_object_shuffle]", "frames=8", "limit=2",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dycoke_eval.compression.dispatcher import Compressor
 from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
 from dycoke_eval.config import ConfigError
+from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.methods.fastvid import (
     FastVID,
     dyseg_cuts,
@@ -23,7 +24,7 @@ from dycoke_eval.methods.fastvid import (
     transition_similarity,
     video_segment_plan,
 )
-from dycoke_eval.models.base import EncodedVideo, VideoLayout
+from dycoke_eval.models.base import EncodedVideo
 from dycoke_eval.plumbing.counting import count_ops
 
 # ---- the released code, transcribed (batch 1, no text around the video, `rand * 1e-6` -> `rand * noise`) ----

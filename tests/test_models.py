@@ -11,8 +11,9 @@ from conftest import REPO_ROOT, run_app
 from omegaconf import OmegaConf
 
 from dycoke_eval.config import CONF_DIR, ConfigError
+from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.models import adapter_class, planning_geometry
-from dycoke_eval.models.base import EncodedVideo, VideoLayout
+from dycoke_eval.models.base import EncodedVideo
 from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
 from dycoke_eval.models.llava_video import LlavaVideoAdapter, average_pool
 from dycoke_eval.models.siglip_head import SiglipPoolingHead, load_siglip_head

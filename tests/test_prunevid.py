@@ -10,6 +10,7 @@ from torch import einsum
 
 from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
 from dycoke_eval.config import ConfigError, instantiate_method
+from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.methods.density_peaks import cluster_means, dpc_knn
 from dycoke_eval.methods.kv_selection import max_attention
 from dycoke_eval.methods.prunevid import (
@@ -24,7 +25,6 @@ from dycoke_eval.methods.prunevid import (
     static_positions,
     window_means,
 )
-from dycoke_eval.models.base import VideoLayout
 from dycoke_eval.offline.videos import synthetic_frames
 from dycoke_eval.plumbing.counting import count_ops
 from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord

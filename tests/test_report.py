@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dycoke_eval.accounting import plan_row
 from dycoke_eval.config import CONF_DIR
+from dycoke_eval.plans import plan_row
 from dycoke_eval.plots import accuracy_label, accuracy_points, draw_points, spread_x
 from dycoke_eval.report import (
     MVBENCH_CODES,

@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dycoke_eval.accounting import plan_row
 from dycoke_eval.config import CONF_DIR
+from dycoke_eval.plans import plan_row
 from dycoke_eval.store import (
     FORMAT,
     CellError,

@@ -149,8 +149,8 @@ def test_k_one_keeps_exactly_the_frames_kept_whole():
 def test_fastvids_dycoke_rows_keep_the_share_of_video_tokens_the_spec_gives(k, mode, share):
     from omegaconf import OmegaConf
 
-    from dycoke_eval.accounting import plan_row
     from dycoke_eval.config import compose_option
+    from dycoke_eval.plans import plan_row
 
     method = compose_option("method", "dycoke_ttm", {"method.k": k, "method.mode": mode})
     cfg = OmegaConf.create({"model": compose_option("model", "llava_ov_7b"), "method": method, "frames": 32})

@@ -9,6 +9,7 @@ import torch
 
 from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
 from dycoke_eval.config import ConfigError, instantiate_method
+from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.methods.visionzip import (
     VisionZip,
     contextual_merge,
@@ -20,7 +21,6 @@ from dycoke_eval.methods.visionzip import (
     patch_cells,
     visionzip_frames,
 )
-from dycoke_eval.models.base import VideoLayout
 from dycoke_eval.offline.videos import synthetic_frames
 from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 

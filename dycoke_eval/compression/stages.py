@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from dycoke_eval.config import IMPLEMENTATION_FLAGS, ConfigError
-from dycoke_eval.models.base import VideoLayout
+from dycoke_eval.geometry import PlannedCounts
 
 
 @dataclass
@@ -72,30 +72,6 @@ class VideoTokens:
     def keep(self, kept: torch.Tensor, **figures: Any) -> VideoTokens:
         """The tokens at rows `kept` (in that order)."""
         return self.replaced(self.features[kept], self.index[kept], **figures)
-
-
-@dataclass
-class PlannedCounts:
-    """Video tokens each LLM layer sees in prefill and in decoding, before a run (FLOPs plans).
-
-    Counted over the video grid without newline tokens, as the papers' FLOPs columns count them.
-    """
-
-    layout: VideoLayout
-    prefill: list[float]
-    decode: list[float]
-
-    @classmethod
-    def full(cls, layout: VideoLayout, layers: int) -> PlannedCounts:
-        visual = float(layout.grid_tokens)
-        return cls(layout, [visual] * layers, [visual] * layers)
-
-    def with_layers(self, prefill: list[float], decode: list[float]) -> PlannedCounts:
-        return PlannedCounts(self.layout, prefill, decode)
-
-    def uniform(self, tokens: float) -> PlannedCounts:
-        """Every layer sees `tokens` (what a pre-LLM stage leaves)."""
-        return self.with_layers([tokens] * len(self.prefill), [tokens] * len(self.decode))
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import functools
 import math
 from typing import Any
 
-from dycoke_eval.accounting import LanguageModelDims
 from dycoke_eval.config import ConfigError
-from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
+from dycoke_eval.geometry import LanguageModelDims, VideoLayout
+from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
 from dycoke_eval.models.llava_video import LlavaVideoAdapter
 

@@ -17,40 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.accounting import LanguageModelDims
-
-NEWLINE_PLACEMENTS = ("none", "video_end", "row_end")
-
-
-@dataclass(frozen=True)
-class VideoLayout:
-    """How a model lays a video out as LLM tokens: a grid per frame plus newline tokens.
-
-    `newlines`: `video_end` (LLaVA-OneVision: one after the whole video), `row_end` (LLaVA-Video:
-    one after every row of every frame) or `none`.
-    """
-
-    frames: int
-    rows: int
-    cols: int
-    newlines: str = "video_end"
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.rows * self.cols
-
-    @property
-    def grid_tokens(self) -> int:
-        return self.frames * self.tokens_per_frame
-
-    @property
-    def newline_tokens(self) -> int:
-        return {"none": 0, "video_end": 1, "row_end": self.frames * self.rows}[self.newlines]
-
-    @property
-    def full_tokens(self) -> int:
-        """Visual tokens of the full-token model: the grid plus its newline tokens."""
-        return self.grid_tokens + self.newline_tokens
+from dycoke_eval.geometry import LanguageModelDims, VideoLayout
 
 
 @dataclass

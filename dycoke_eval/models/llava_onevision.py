@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.accounting import LanguageModelDims
-from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, VideoLayout
+from dycoke_eval.geometry import LanguageModelDims, VideoLayout
+from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.models.device_preprocess import DeviceVideoProcessor
 from dycoke_eval.plumbing.hooks import captured_output
 from dycoke_eval.prompts import render_prompt

@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.models.base import EncodedVideo, VideoLayout
+from dycoke_eval.geometry import VideoLayout
+from dycoke_eval.models.base import EncodedVideo
 from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 SIGLIP_SO400M = {"image_size": 384, "patch_size": 14, "hidden_size": 1152, "intermediate_size": 4304,
                  "num_hidden_layers": 26, "num_attention_heads": 16, "vision_use_head": False}  # fmt: skip
 SIGLIP_SO400M_HEAD = {**SIGLIP_SO400M, "num_hidden_layers": 27, "vision_use_head": True}  # google/siglip-so400m-patch14-384
@@ -61,27 +59,4 @@ def architecture_config(name: str, tokenizer=None):
         vision_config=SiglipVisionConfig(**SIGLIP_SO400M),
         text_config=Qwen2Config(**vars(shape), max_position_embeddings=32768),
         tie_word_embeddings=shape.tie_word_embeddings,
-    )
-
-
-def build_random_model(
-    size: str,
-    dtype: torch.dtype,
-    device: str,
-    attn_implementation: str = "sdpa",
-    adapter: str | None = None,
-    siglip_head: str | None = None,
-):
-    """The adapter (`adapter` by name, else by model type) of architecture `size` with random weights, built on `device`.
-
-    With `siglip_head` set, a random pooling head at the tower's dimensions stands in for that checkpoint's.
-    """
-    from dycoke_eval.models import adapter_class
-    from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = architecture_config(size, tokenizer)
-    processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
-    return adapter_class(config, name=adapter).from_config(
-        config, processor, device=device, dtype=dtype, attn_implementation=attn_implementation, siglip_head=siglip_head
     )

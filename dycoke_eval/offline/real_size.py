@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from dycoke_eval.models.base import EncodedVideo, VideoLayout
+from dycoke_eval.geometry import VideoLayout
+from dycoke_eval.models.base import EncodedVideo
 from dycoke_eval.offline.architectures import SIGLIP_SO400M, architecture_config
 
 SCENE_SHARES = (3, 5, 2, 8, 4, 6, 1, 3)  # relative scene lengths: 8 scenes, as DySeg's c=8 looks for

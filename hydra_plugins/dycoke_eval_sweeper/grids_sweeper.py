@@ -118,7 +118,7 @@ class GridsSweeper(BasicSweeper):
 
     def _write_plan(self, cells: list[list[str]]) -> list:
         """dry_run=true: each cell's plan row (dycoke_eval.accounting), as a table and a CSV; nothing is launched."""
-        from dycoke_eval.accounting import write_plan
+        from dycoke_eval.plans import write_plan
 
         if distributed.is_main():
             write_plan(self._configs(cells), Path(self.config.results_dir) / self.config.run_name / "plan.csv")
