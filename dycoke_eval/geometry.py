@@ -1,6 +1,7 @@
 """The shapes every part of the harness agrees on, with no project imports: how a model lays a video out as LLM
-tokens (`VideoLayout`), its language model's dimensions (`LanguageModelDims`), and the video tokens each layer sees
-in a plan (`PlannedCounts`). Models produce them, methods and accounting read them.
+tokens (`VideoLayout`), its language model's dimensions (`LanguageModelDims`), what a method may check about it
+(`ModelInfo`), and the video tokens each layer sees in a plan (`PlannedCounts`). Models produce them, methods and
+accounting read them.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VideoLayout:
-    """How a model lays a video out as LLM tokens: a grid per frame plus newline tokens.
+    """How a model lays a video out as LLM tokens: a grid per frame plus newline tokens, and whose layout it is.
 
     `newlines`: `video_end` (LLaVA-OneVision: one after the whole video), `row_end` (LLaVA-Video:
-    one after every row of every frame) or `none`.
+    one after every row of every frame) or `none`. `family`: the model family's adapter (`llava_onevision`,
+    `llava_video`), which methods whose released arithmetic differs by model read, never the newlines.
     """
 
     frames: int
     rows: int
     cols: int
-    newlines: str = "video_end"
+    newlines: str
+    family: str
 
     @property
     def tokens_per_frame(self) -> int:
@@ -55,6 +58,15 @@ class LanguageModelDims:
     @property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may check about the model before a run."""
+
+    layers: int  # decoder layers
+    signals: frozenset[str]  # encoder signals the checkpoint can give
+    family: str  # the model family's adapter, as in `VideoLayout.family`
 
 
 @dataclass

@@ -42,7 +42,6 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from dycoke_eval.plans import PLAN_COLUMNS
 from dycoke_eval.breakdowns import VIDEOMME_DURATIONS, videomme_durations
 from dycoke_eval.config import CONF_DIR
 from dycoke_eval.paired import (
@@ -55,6 +54,7 @@ from dycoke_eval.paired import (
     estimate,
     paired_difference,
 )
+from dycoke_eval.plans import PLAN_COLUMNS
 from dycoke_eval.plots import plot_accuracy_vs_flops
 from dycoke_eval.store import Cell, CellStore, method_settings
 
@@ -364,7 +364,8 @@ def _number_or_none(value) -> float | None:
 LABEL_SETTINGS = {"k": "K", "l": "L", "p": "P", "layer": "layer", "ratio": "ratio"}  # how a label names a setting
 METHOD_NAMES = {  # a method's name in labels and legends, by its config's name (conf/method/)
     "full": "Full tokens", "dycoke": "DyCoke", "dycoke_ttm": "DyCoke (TTM only)", "dycoke_no_dp": "DyCoke w/o DP",
-    "dycoke_random": "DyCoke, random pruning", "fastv": "FastV", "prumerge": "PruMerge", "visionzip": "VisionZip",
+    "dycoke_random": "DyCoke, random pruning", "fastv": "FastV", "prumerge": "PruMerge",
+    "prumerge_official": "PruMerge (released arithmetic)", "visionzip": "VisionZip",
     "prunevid": "PruneVid", "fastvid": "FastVID", "random": "Random tokens", "pooling": "Pooling",
 }  # fmt: skip
 BUDGETS = {"k", "ratio", "retention", "cluster_ratio"}  # how many tokens a method keeps: its points along a plot's x

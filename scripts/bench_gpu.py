@@ -63,7 +63,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from dycoke_eval.checkpoints import build_random_model, resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor, GenerationFigures
-from dycoke_eval.compression.stages import CompressionMethod, ModelInfo
+from dycoke_eval.compression.stages import CompressionMethod
 from dycoke_eval.config import ConfigError, method_from_config
 from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.models import ModelAdapter
@@ -158,7 +158,7 @@ class BenchModel:
     def compressor(self, method: CompressionMethod) -> Compressor:
         """The method checked against this model (a ConfigError if it cannot run on it), its encoder signals ready,
         as the evaluation wrapper sets a method up."""
-        method.validate_for(ModelInfo(self.adapter.dims().layers, self.adapter.capturable_signals()))
+        method.validate_for(self.adapter.loaded_info())
         self.adapter.prepare(method.signals())
         return Compressor(self.adapter, method)
 

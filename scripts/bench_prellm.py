@@ -105,7 +105,7 @@ def main() -> None:
     row = "{:32s} {:>7} {:>12} {:>14} {:>14}"
     for size in args.sizes:
         encoded = random_encoded_video(size, dtype, device)
-        layout, (frames, rows, cols, _) = encoded.layout, SIZES[size]
+        layout, (frames, rows, cols, *_) = encoded.layout, SIZES[size]
         full_length = layout.full_tokens + PROMPT_TEXT_TOKENS
         full_layer = prefill.seconds(full_length, args.layer_repeats)
         full_prefill = full_layer * prefill.layers

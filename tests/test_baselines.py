@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from layouts import tokens_of
 from omegaconf import OmegaConf
 
-from dycoke_eval.compression.stages import VideoTokens
 from dycoke_eval.config import ConfigError, compose_option
 from dycoke_eval.methods.pooling import Pooling, pooled_side
 from dycoke_eval.methods.random_tokens import RandomTokens
@@ -19,7 +19,7 @@ def literal_seed(seed: int, sample: str) -> int:
 
 
 def test_random_keeps_a_seeded_uniform_draw_of_round_ratio_times_the_tokens_in_video_order():
-    tokens = VideoTokens.from_grid(torch.randn(8, 16, 4), 4, 4)
+    tokens = tokens_of(torch.randn(8, 16, 4), 4, 4)
     out = RandomTokens(ratio=0.3, seed=5).select(tokens, {}, "videomme/7")
     expected = torch.randperm(128, generator=torch.Generator().manual_seed(literal_seed(5, "videomme/7")))[:38]
     assert out.index.tolist() == sorted(expected.tolist())  # round(128 * 0.3) = 38.4 -> 38
@@ -29,7 +29,7 @@ def test_random_keeps_a_seeded_uniform_draw_of_round_ratio_times_the_tokens_in_v
 
 
 def test_random_keeps_at_least_one_token_and_refuses_ratios_outside_zero_one():
-    assert len(RandomTokens(ratio=0.001).select(VideoTokens.from_grid(torch.randn(1, 16, 4), 4, 4), {}, "").index) == 1
+    assert len(RandomTokens(ratio=0.001).select(tokens_of(torch.randn(1, 16, 4), 4, 4), {}, "").index) == 1
     for ratio in (0.0, 1.5):
         with pytest.raises(ConfigError, match=f"ratio={ratio}"):
             RandomTokens(ratio=ratio)
@@ -37,7 +37,7 @@ def test_random_keeps_at_least_one_token_and_refuses_ratios_outside_zero_one():
 
 def test_pooling_a_4x4_grid_to_a_quarter_averages_each_2x2_block():
     grid = torch.randn(2, 16, 3)
-    out = Pooling(ratio=0.25).select(VideoTokens.from_grid(grid, 4, 4), {}, "")
+    out = Pooling(ratio=0.25).select(tokens_of(grid, 4, 4), {}, "")
     expected, index = [], []
     for frame in range(2):
         for top in (0, 2):
@@ -51,7 +51,7 @@ def test_pooling_a_4x4_grid_to_a_quarter_averages_each_2x2_block():
 
 def test_pooling_a_14x14_grid_at_half_uses_adaptive_windows_of_uneven_size():
     grid = torch.randn(1, 196, 2)
-    out = Pooling(ratio=0.5).select(VideoTokens.from_grid(grid, 14, 14), {}, "")
+    out = Pooling(ratio=0.5).select(tokens_of(grid, 14, 14), {}, "")
     side = round(14 * math.sqrt(0.5))  # 9.9 -> 10
     assert side == pooled_side(14, 0.5) and out.features.shape == (side * side, 2)
     image = grid[0].view(14, 14, 2)

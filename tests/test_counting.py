@@ -1,6 +1,7 @@
 """The op and sync counter that GPU-minded tests and `scripts/bench_gpu.py --cpu-counts` use."""
 
 import torch
+from layouts import layout, tokens_of
 
 from dycoke_eval.plumbing.counting import count_ops
 
@@ -46,10 +47,9 @@ def test_tensor_only_code_makes_no_sync():
 def test_a_stage_gets_the_whole_grid_without_a_sync_and_a_selected_one_is_refused():
     import pytest
 
-    from dycoke_eval.compression.stages import VideoTokens
     from dycoke_eval.config import ConfigError
 
-    tokens = VideoTokens.from_grid(torch.randn(4, 9, 8), 3, 3)
+    tokens = tokens_of(torch.randn(4, 9, 8), 3, 3)
     with count_ops() as counted:
         grid = tokens.grid()
     assert grid.shape == (4, 9, 8) and counted.counts.syncs == 0
@@ -62,11 +62,10 @@ def test_ttm_selects_with_no_more_than_its_two_known_syncs_at_real_size():
     one sync left, the count of kept tokens; the whole-grid check no longer compares the index on the device."""
     from dycoke_eval.compression.dispatcher import Compressor
     from dycoke_eval.config import instantiate_method
-    from dycoke_eval.geometry import VideoLayout
     from dycoke_eval.models.base import EncodedVideo
 
     video = torch.randn(32, 196, 64)
-    encoded = EncodedVideo(grid=video, layout=VideoLayout(32, 14, 14), newline=torch.randn(64), signals={})
+    encoded = EncodedVideo(grid=video, layout=layout(32, 14, 14), newline=torch.randn(64), signals={})
     compressor = Compressor(None, instantiate_method("dycoke_ttm", {"method.k": 0.9}))
     with torch.inference_mode(), count_ops() as counted:
         compressor.select(encoded, "count")

@@ -7,11 +7,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from layouts import layout, tokens_of
 
 from dycoke_eval.compression.dispatcher import Compressor
-from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
+from dycoke_eval.compression.stages import PlannedCounts
 from dycoke_eval.config import ConfigError
-from dycoke_eval.geometry import VideoLayout
+from dycoke_eval.geometry import ModelInfo
 from dycoke_eval.methods.fastvid import (
     FastVID,
     dyseg_cuts,
@@ -616,9 +617,9 @@ def test_cluster_merging_puts_cluster_means_at_the_segments_last_free_positions(
 # ---- the stage ----
 
 
-def grid_tokens(newlines="video_end", frames=16, side=4, dim=8):
+def grid_tokens(family="llava_onevision", frames=16, side=4, dim=8):
     video, attention = random_video(frames, side * side, dim)
-    tokens = VideoTokens.from_grid(video, side, side, newlines)
+    tokens = tokens_of(video, side, side, family)
     return tokens, {"probe_attention": attention, "probe_features": scenes([4, 4, 4, 4])}
 
 
@@ -635,30 +636,36 @@ def test_the_stage_keeps_ascending_original_positions_and_reports_its_figures():
     assert torch.equal(again.index, kept.index) and torch.equal(again.features, kept.features)
 
 
-def test_the_stage_uses_llava_videos_arithmetic_on_a_row_newline_layout():
-    tokens, signals = grid_tokens("row_end", side=13)
+def test_the_stage_uses_the_released_arithmetic_of_the_model_family():
+    tokens, signals = grid_tokens("llava_video", side=13)
     kept = FastVID().select(tokens, signals, "s")
-    assert kept.figures["fastvid_variant"] == "video" and kept.newlines == "row_end"
+    assert kept.figures["fastvid_variant"] == "video" and kept.layout.family == "llava_video"
     assert kept.index.numel() == 16 * 42
 
 
-def test_the_compressor_hands_the_layouts_newline_placement_to_the_stage():
+def test_a_model_family_without_released_arithmetic_is_refused_naming_the_method_the_family_and_the_ones_it_has():
+    qwen = ModelInfo(layers=28, signals=frozenset({"probe_attention", "probe_features"}), family="qwen2_5_vl")
+    with pytest.raises(ConfigError, match=r"fastvid: .*llava_onevision, llava_video, not for the 'qwen2_5_vl' model family"):
+        FastVID().validate_for(qwen)
+
+
+def test_the_compressor_hands_the_layouts_family_to_the_stage():
     video, attention = random_video(16, 169, 8)
     encoded = EncodedVideo(
-        video, VideoLayout(16, 13, 13, "row_end"), signals={"probe_attention": attention, "probe_features": scenes([16])}
+        video, layout(16, 13, 13, "llava_video"), signals={"probe_attention": attention, "probe_features": scenes([16])}
     )
     selected = Compressor(None, FastVID()).select(encoded, "s")
     assert selected.figures["fastvid_variant"] == "video" and selected.by_stage["fastvid"] == 16 * 42
 
 
 def test_planned_tokens_are_f_times_retain_and_exact_for_fixed_segments():
-    onevision = PlannedCounts.full(VideoLayout(32, 14, 14), layers=2)
+    onevision = PlannedCounts.full(layout(32, 14, 14), layers=2)
     assert FastVID(retention=0.1).planned_tokens(onevision) == 32 * 19
     fixed = FastVID(retention=0.1, c=6, segmentation="fixed")  # lengths 6, 6, 5, 5, 5, 5: the floor drops 1 per 5
     video, attention = random_video(32, 196, dim=8)
     _, index = fastvid_tokens(video, attention, scenes([32]), retention=0.1, c=6, segmentation="fixed")
     assert fixed.planned_tokens(onevision) == index.numel() == 32 * 12 + 2 * 42 + 4 * 34
-    llava_video = PlannedCounts.full(VideoLayout(64, 13, 13, "row_end"), layers=2)
+    llava_video = PlannedCounts.full(layout(64, 13, 13, "llava_video"), layers=2)
     assert FastVID(retention=0.25).planned_tokens(llava_video) == 64 * 42
 
 

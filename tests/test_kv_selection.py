@@ -68,3 +68,14 @@ def test_one_shot_selects_at_the_first_step_and_keeps_that_set():
     assert selector.step(vector(0.4, 0.3, 0.2, 0.1)).tolist() == [0, 1]
     assert selector.step(vector(0.0, 0.1, 0.4, 0.5)).tolist() == [0, 1]
     assert selector.reselections == 1
+
+
+def test_the_released_pruning_span_is_refused_on_a_family_without_one_newline_after_the_video():
+    from dycoke_eval.config import ConfigError
+    from dycoke_eval.geometry import ModelInfo
+    from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
+
+    video = ModelInfo(layers=28, signals=frozenset(), family="llava_video")
+    with pytest.raises(ConfigError, match=r"dp: mode=official .* 'llava_video' model family .* use mode=paper"):
+        DynamicKVPruning(mode="official").check(video)
+    DynamicKVPruning(mode="paper").check(video)

@@ -12,13 +12,15 @@ from statistics import mean
 
 import pytest
 import torch
+from layouts import tokens_of
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from dycoke_eval import checkpoints
+from dycoke_eval.checkpoints import CheckpointLoader
 from dycoke_eval.compression.dispatcher import Compressor
-from dycoke_eval.compression.stages import CompressionMethod, VideoTokens
+from dycoke_eval.compression.stages import CompressionMethod, DecodeStage, PrefillStage, PreLLMStage
 from dycoke_eval.config import ConfigError, group_options, instantiate_method
+from dycoke_eval.geometry import PlannedCounts
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.methods.fastv import FastV, fastv_keep_count
@@ -34,8 +36,16 @@ from dycoke_eval.plumbing.attention import masked_attention, routed_attention
 from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 
 FRAMES = 16
-TOKENS = FRAMES * 16  # the tiny model's 4x4 grid per frame
 METHODS = group_options("method")
+IN_LLM_METHODS = [  # methods with a prefill or decode stage: only these take another path as the masked reference
+    name for name in METHODS if any(isinstance(s, PrefillStage | DecodeStage) for s in instantiate_method(name).stages())
+]
+NOMINAL_PLANS = {  # methods whose kept count depends on the video or rounds otherwise: their plan is the nominal count
+    "prumerge": "each frame keeps its outliers' count, plus PruMerge+'s samples",
+    "prumerge_official": "the outliers of all frames together set the count",
+    "prunevid": "static tokens and cluster sizes depend on the video",
+}
+LAYOUTS = {"llava_onevision": None, "llava_video": "llava_video"}  # the tiny checkpoint under each adapter: each layout
 SHORTENING_METHODS = {  # pre-LLM methods whose kept tokens stay in video order: shortening == masking the rest
     "dycoke": DyCoke(k=0.7, mode="paper"),
     "prumerge": instantiate_method("prumerge"),
@@ -56,6 +66,19 @@ GREEDY_WITH_LOGITS = {
 def lm(tiny_checkpoint, tiny_siglip_head):
     """The tiny model with SigLIP's pooling head attached, as `model=tiny` runs it (FastVID's signals)."""
     return CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", siglip_head=str(tiny_siglip_head))
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def any_lm(request, tiny_checkpoint, tiny_siglip_head):
+    """The tiny model under every adapter: LLaVA-OneVision's layout (one newline after the video) and LLaVA-Video's
+    (a newline after every row)."""
+    return CompressedVideoLM(
+        pretrained=str(tiny_checkpoint),
+        frames=FRAMES,
+        device="cpu",
+        adapter=LAYOUTS[request.param],
+        siglip_head=str(tiny_siglip_head),
+    )
 
 
 def hooks(model) -> dict[str, set[int]]:
@@ -111,14 +134,41 @@ def test_every_method_generates_counts_its_tokens_and_leaves_the_model_as_it_fou
     method = instantiate_method(name)
     output, record = run(lm, method, video, sample="t/0")
     assert output.sequences.shape[1] > 0 and len(output.logits) == 10
-    assert record.visual_tokens_in <= record.visual_tokens_full == TOKENS + 1
+    assert record.visual_tokens_in <= record.visual_tokens_full == lm.adapter.layout(FRAMES).full_tokens
     assert list(record.visual_tokens_by_stage) == [stage.name for stage in method.stages()]
     assert len(record.prefill_visual_by_layer) == len(record.decode_visual_by_layer) == 8
     assert 0 < record.retained_ratio <= 1
     assert_model_restored(lm, own_hooks)
 
 
+@pytest.mark.parametrize("name", sorted(set(METHODS) - set(NOMINAL_PLANS)))
+def test_every_method_enters_the_llm_with_the_tokens_it_planned_on_every_layout(any_lm, video, name):
+    """The plan (FLOPs columns, retained ratios) counts the grid tokens a method leaves; the run measures them."""
+    method = instantiate_method(name)
+    _, record = run(any_lm, method, video, sample="t/0")
+    layout = any_lm.adapter.layout(FRAMES)
+    pre_llm = [stage.name for stage in method.stages() if isinstance(stage, PreLLMStage)]
+    measured = record.visual_tokens_by_stage[pre_llm[-1]] if pre_llm else layout.grid_tokens
+    assert method.plan(PlannedCounts.full(layout, 8)).prefill[0] == measured
+
+
+def test_the_methods_with_a_nominal_plan_are_methods():
+    assert set(NOMINAL_PLANS) <= set(METHODS)
+
+
+def test_a_method_a_model_family_cannot_take_is_refused_before_it_runs_naming_both_and_the_alternative(tiny_checkpoint):
+    lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", adapter="llava_video")
+    with pytest.raises(ConfigError, match=r"prumerge_official: .* the llava_video model family .* use method=prumerge"):
+        lm.method = instantiate_method("prumerge_official")
+
+
 @pytest.mark.parametrize("name", METHODS)
+def test_every_methods_name_is_its_configs_key(name):
+    """One name per method: it names the cell folder, the records and the report row."""
+    assert instantiate_method(name).name == name
+
+
+@pytest.mark.parametrize("name", IN_LLM_METHODS)
 def test_every_method_computes_the_same_selection_fast_and_as_the_masked_reference(lm, video, own_hooks, name):
     assert_fast_path_matches_masked_reference(lm, video, instantiate_method(name))
     assert_model_restored(lm, own_hooks)
@@ -163,7 +213,7 @@ def test_dycoke_feeds_the_ttm_tokens_to_the_llm_and_prunes_decode_attention(lm, 
     assert record.prefill_visual_by_layer == [ttm_count + 1] * 8
     assert record.decode_visual_by_layer == [ttm_count + 1] + [pruned] * 7
     by_layer = [(ttm_count + 1 + 9 * (ttm_count + 1)) / 10] + [(ttm_count + 1 + 9 * pruned) / 10] * 7
-    assert record.retained_ratio == pytest.approx(mean(by_layer) / (TOKENS + 1))
+    assert record.retained_ratio == pytest.approx(mean(by_layer) / lm.adapter.layout(FRAMES).full_tokens)
     assert stats["kv_held_aside_bytes"] == 0  # the whole cache stays where it is; the pruned layers gather the kept keys
     assert method.describe()["paper_retained_ratio"] == pytest.approx(0.1425)
 
@@ -210,8 +260,9 @@ def test_bad_dycoke_settings_fail_at_config_time(settings, message):
 def test_compiled_ttm_without_a_cxx_compiler_says_how_to_run_without_it(tmp_path):
     script = (
         "import torch; from dycoke_eval.methods.ttm import TokenTemporalMerging; "
-        "from dycoke_eval.compression.stages import VideoTokens; "
-        "TokenTemporalMerging(compile_ttm=True).select(VideoTokens.from_grid(torch.randn(8, 16, 8), 4, 4), {}, '')"
+        "from dycoke_eval.compression.stages import VideoTokens; from dycoke_eval.geometry import VideoLayout; "
+        "layout = VideoLayout(8, 4, 4, 'video_end', 'llava_onevision'); "
+        "TokenTemporalMerging(compile_ttm=True).select(VideoTokens.from_grid(torch.randn(8, 16, 8), layout), {}, '')"
     )
     environment = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
@@ -237,10 +288,11 @@ def test_a_layer_beyond_the_model_fails_when_the_model_is_known(tiny_checkpoint,
     [({"layer": 5, "ratio": 0.35}, 90), ({"layer": 1, "ratio": 0.5}, 128), ({"layer": 7, "ratio": 0.1}, 26)],
 )
 def test_fastv_dropping_hidden_states_gives_the_masked_references_logits(lm, video, settings, kept):
+    layout = lm.adapter.layout(FRAMES)
     record = assert_fast_path_matches_masked_reference(lm, video, FastV(**settings))
     assert record.visual_tokens_by_stage == {"fastv": kept}
     layer = settings["layer"]
-    assert record.prefill_visual_by_layer == [TOKENS + 1] * layer + [kept] * (8 - layer)
+    assert record.prefill_visual_by_layer == [layout.full_tokens] * layer + [kept] * (8 - layer)
 
 
 def test_fastv_keeps_the_released_ports_rounded_count_at_real_size():
@@ -267,15 +319,17 @@ class TwoDrops(CompressionMethod):
 
 
 def test_two_prefill_stages_drop_in_turn_and_match_the_masked_reference(lm, video):
+    layout = lm.adapter.layout(FRAMES)
     record = assert_fast_path_matches_masked_reference(lm, video, TwoDrops())
-    first = fastv_keep_count(TOKENS + 1, 0.5)
+    first = fastv_keep_count(layout.full_tokens, 0.5)
     assert record.visual_tokens_by_stage == {"fastv": first, "fastv_again": fastv_keep_count(first, 0.5)}
-    assert record.prefill_visual_by_layer == [TOKENS + 1] * 2 + [first] * 3 + [fastv_keep_count(first, 0.5)] * 3
+    assert record.prefill_visual_by_layer == [layout.full_tokens] * 2 + [first] * 3 + [fastv_keep_count(first, 0.5)] * 3
 
 
 @pytest.mark.parametrize("name", SHORTENING_METHODS)
 def test_shortening_before_the_llm_gives_the_masked_full_sequences_logits(lm, video, name):
     """Dropping tokens before the LLM equals keeping them all but masking the dropped ones out at every layer."""
+    layout = lm.adapter.layout(FRAMES)
     method = SHORTENING_METHODS[name]
     lm.method = method
     encoded = lm.encode_video(video, SampleRecord("t", 0))
@@ -291,11 +345,13 @@ def test_shortening_before_the_llm_gives_the_masked_full_sequences_logits(lm, vi
             return lm.model(**inputs.kwargs, **kwargs).logits[0, -1], inputs
 
     fast, _ = last_logits(tokens.features)
-    full_tokens = encoded.grid.reshape(TOKENS, -1).clone()  # every position present, the kept ones holding the stage's output
+    full_tokens = encoded.grid.reshape(
+        layout.grid_tokens, -1
+    ).clone()  # every position present, the kept ones holding the stage's output
     full_tokens[positions] = tokens.features
     _, inputs = last_logits(full_tokens)
     alive = torch.ones(inputs.input_ids.shape[1], dtype=torch.bool)
-    alive[inputs.visual_start : inputs.visual_start + TOKENS] = False
+    alive[inputs.visual_start : inputs.visual_start + layout.grid_tokens] = False
     alive[inputs.visual_start + positions] = True
     index = alive.nonzero().flatten()
     position_ids = (alive.cumsum(0) - 1)[None]  # the kept tokens get the positions the shortened sequence gives them
@@ -314,6 +370,7 @@ class RandomKeepingPositions(RandomTokens):
 
 
 def test_kept_tokens_can_keep_their_original_positions_and_decoding_continues_at_the_full_length(lm, video):
+    layout = lm.adapter.layout(FRAMES)
     method = RandomKeepingPositions(ratio=0.25)
     lm.method = method
     encoded = lm.encode_video(video, SampleRecord("t", 0))
@@ -321,17 +378,17 @@ def test_kept_tokens_can_keep_their_original_positions_and_decoding_continues_at
     prompt = lm.tokenizer(lm.build_prompt("What moves?"), return_tensors="pt")["input_ids"][0]
     visual, positions = lm.adapter.assemble(encoded, tokens.features, tokens.index)
     inputs = lm.adapter.generation_inputs(prompt, visual, positions, encoded.layout.full_tokens)
-    start, full_length = inputs.visual_start, prompt.shape[0] - 1 + TOKENS + 1
-    expected = list(range(start)) + [start + int(i) for i in tokens.index] + [start + TOKENS]
-    expected += list(range(start + TOKENS + 1, full_length))
+    start, full_length = inputs.visual_start, prompt.shape[0] - 1 + layout.full_tokens
+    expected = list(range(start)) + [start + int(i) for i in tokens.index] + [start + layout.grid_tokens]
+    expected += list(range(start + layout.full_tokens, full_length))
     assert inputs.kwargs["position_ids"][0].tolist() == expected
 
     # The same logits as the full sequence with the dropped tokens masked out and every position as it was.
     full_inputs = lm.adapter.generation_inputs(
-        prompt, torch.cat([encoded.grid.reshape(TOKENS, -1), encoded.newline[None]]), None, 0
+        prompt, torch.cat([encoded.grid.reshape(layout.grid_tokens, -1), encoded.newline[None]]), None, 0
     )
     alive = torch.ones(full_length, dtype=torch.bool)
-    alive[start : start + TOKENS] = False
+    alive[start : start + layout.grid_tokens] = False
     alive[start + tokens.index] = True
 
     def attention(module, query, key, value, attention_mask, **kwargs):
@@ -371,7 +428,7 @@ def test_random_ttm_draws_a_fresh_choice_per_video_seeded_by_seed_and_sample():
 
     def kept(sample, seed=0):
         stage = TokenTemporalMerging(k=0.7, selection="random", seed=seed)
-        return stage.select(VideoTokens.from_grid(features, 4, 4), {}, sample).index
+        return stage.select(tokens_of(features, 4, 4), {}, sample).index
 
     first, again, other, reseeded = kept("videomme/0"), kept("videomme/0"), kept("videomme/1"), kept("videomme/0", seed=1)
     assert torch.equal(first, again)
@@ -421,7 +478,9 @@ def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_ker
 
 @pytest.mark.parametrize("method", ["dycoke", "fastv", "prumerge"])
 def test_a_kernel_a_routed_method_cannot_use_is_refused_before_loading(method):
-    before = checkpoints.LOAD_COUNT
+    checkpoints = CheckpointLoader()
     with pytest.raises(ConfigError, match="attn_implementation='flash_attention_2'.*set model.attn_implementation=sdpa"):
-        CompressedVideoLM(pretrained="no/such-checkpoint", method=method, attn_implementation="flash_attention_2")
-    assert checkpoints.LOAD_COUNT == before
+        CompressedVideoLM(
+            pretrained="no/such-checkpoint", method=method, attn_implementation="flash_attention_2", checkpoints=checkpoints
+        )
+    assert checkpoints.loads == 0

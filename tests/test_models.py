@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import REPO_ROOT, run_app
+from layouts import layout
 from omegaconf import OmegaConf
 
 from dycoke_eval.config import CONF_DIR, ConfigError
-from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.models import adapter_class, planning_geometry
 from dycoke_eval.models.base import EncodedVideo
 from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
@@ -247,7 +247,7 @@ def test_llava_video_average_pooling_is_the_mean_of_2x2_blocks_without_the_last_
 def test_the_tiny_llava_video_grid_is_3x3_with_a_newline_after_every_row(video_adapter):
     with torch.inference_mode():
         encoded = video_adapter.encode(video_adapter.preprocess(synthetic_frames("video")[:2]), frozenset({"patch_features"}))
-    assert encoded.layout == VideoLayout(2, 3, 3, "row_end") and encoded.layout.full_tokens == 2 * (9 + 3)
+    assert encoded.layout == layout(2, 3, 3, "llava_video") and encoded.layout.full_tokens == 2 * (9 + 3)
     torch.testing.assert_close(encoded.grid, average_pool(encoded.signals["patch_features"], 7))
     assert torch.equal(encoded.newline, video_adapter.model.model.image_newline)
 
@@ -255,7 +255,7 @@ def test_the_tiny_llava_video_grid_is_3x3_with_a_newline_after_every_row(video_a
 def newline_layout(frames: int = 2) -> EncodedVideo:
     """Two frames of 3x3 tokens with features 1..18 (a token's feature is its grid index + 1), newline feature -1."""
     grid = torch.arange(1.0, frames * 9 + 1).view(frames, 9, 1)
-    return EncodedVideo(grid=grid, layout=VideoLayout(frames, 3, 3, "row_end"), newline=torch.tensor([-1.0]))
+    return EncodedVideo(grid=grid, layout=layout(frames, 3, 3, "llava_video"), newline=torch.tensor([-1.0]))
 
 
 def test_llava_video_assembles_every_token_with_a_newline_after_each_row(video_adapter):

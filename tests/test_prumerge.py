@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from layouts import tokens_of
 
-from dycoke_eval.compression.stages import VideoTokens
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.prumerge import (
     VARIANTS,
@@ -227,7 +227,7 @@ def test_all_frames_at_once_select_what_each_frame_alone_does_and_merge_to_the_l
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_adapted_selection_takes_at_most_150_kernels_and_4_waits_for_16_frames(variant):
     scores, keys, features = video_with_outliers(3)
-    tokens = VideoTokens.from_grid(features, 7, 7)
+    tokens = tokens_of(features, 7, 7)
     with count_ops() as counted:
         PruMerge(variant=variant).select(tokens, {"attention_received": scores, "keys": keys}, "")
     assert counted.counts.syncs <= 4 and counted.counts.ops <= 150
@@ -418,7 +418,7 @@ def test_official_mode_returns_each_frames_selection_then_its_extra_token_with_s
     frames = torch.randn(4, 64, 8, generator=g)
     method = PruMerge(mode="official", variant="plus")
     scores, keys = torch.rand(4, 64, generator=g) ** 8, torch.randn(4, 64, 16, generator=g)
-    out = method.select(VideoTokens.from_grid(frames, 8, 8), {"attention_received": scores, "keys": keys}, "")
+    out = method.select(tokens_of(frames, 8, 8), {"attention_received": scores, "keys": keys}, "")
     expected, index = prumerge_official(frames, scores, keys, variant="plus")
     torch.testing.assert_close(out.features, expected)
     assert torch.equal(out.index, index) and (index == -1).sum() == 4  # one extra token per frame, at no grid position

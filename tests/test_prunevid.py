@@ -6,11 +6,11 @@ from statistics import mean
 import pytest
 import torch
 import torch.nn.functional as F
+from layouts import layout, tokens_of
 from torch import einsum
 
-from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
+from dycoke_eval.compression.stages import PlannedCounts
 from dycoke_eval.config import ConfigError, instantiate_method
-from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.methods.density_peaks import cluster_means, dpc_knn
 from dycoke_eval.methods.kv_selection import max_attention
 from dycoke_eval.methods.prunevid import (
@@ -354,7 +354,7 @@ def test_one_draw_of_the_groups_total_equals_the_released_draws_one_per_group_in
 
 def test_the_pre_llm_merge_waits_for_the_device_at_most_4_times_in_at_most_150_kernels():
     grid = torch.randn(16, 49, 64, generator=torch.Generator().manual_seed(0))
-    tokens = VideoTokens.from_grid(grid, 7, 7)
+    tokens = tokens_of(grid, 7, 7)
     with torch.inference_mode(), count_ops() as counted:
         PruneVid().select(tokens, {}, "t/0")
     assert counted.counts.syncs <= 4 and counted.counts.ops <= 150, counted.counts  # a loop per group: 583 ops, 36 syncs
@@ -399,14 +399,14 @@ def test_the_density_noise_is_drawn_per_sample_in_the_released_order():
         grid.reshape(1, -1, 32), 16, 36, 0.8, 0.25, 0.5, rand=lambda shape: torch.rand(shape[-1], generator=generator)
     )
     stage = PruneVid(seed=7)
-    first = stage.select(VideoTokens.from_grid(grid, 6, 6), {}, "t/3")
+    first = stage.select(tokens_of(grid, 6, 6), {}, "t/3")
     assert torch.equal(first.features, expected[0])
-    assert torch.equal(stage.select(VideoTokens.from_grid(grid, 6, 6), {}, "t/3").features, first.features)  # reruns agree
+    assert torch.equal(stage.select(tokens_of(grid, 6, 6), {}, "t/3").features, first.features)  # reruns agree
 
 
 def test_the_stage_reports_its_groups_and_the_measured_ratio():
     grid = scenes([5, 3, 6, 2], tokens=36, dim=32, static=list(range(0, 36, 2)), seed=0)
-    tokens = PruneVid(density_noise=0.0).select(VideoTokens.from_grid(grid, 6, 6), {}, "")
+    tokens = PruneVid(density_noise=0.0).select(tokens_of(grid, 6, 6), {}, "")
     figures = tokens.figures
     assert figures["prunevid_tokens_in"] == 16 * 36 and figures["prunevid_tokens_out"] == tokens.features.shape[0]
     assert figures["prunevid_ratio"] == tokens.features.shape[0] / (16 * 36)
@@ -416,7 +416,7 @@ def test_the_stage_reports_its_groups_and_the_measured_ratio():
 
 
 def test_the_plan_is_the_no_static_token_estimate_and_alpha_of_it_after_the_selected_layer():
-    counts = PlannedCounts.full(VideoLayout(frames=32, rows=14, cols=14), layers=28)
+    counts = PlannedCounts.full(layout(32, 14, 14), layers=28)
     assert PruneVid().plan(counts).prefill == [32 * 98.0] * 28
     planned = PruneVid(in_llm=True, selected_layer=10).plan(counts)
     assert planned.prefill == [32 * 98.0] * 11 + [32 * 98 * 0.4] * 17

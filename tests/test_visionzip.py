@@ -6,10 +6,10 @@ The selection and the contextual sums are checked against a literal transcriptio
 
 import pytest
 import torch
+from layouts import layout, tokens_of
 
-from dycoke_eval.compression.stages import PlannedCounts, VideoTokens
+from dycoke_eval.compression.stages import PlannedCounts
 from dycoke_eval.config import ConfigError, instantiate_method
-from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.methods.visionzip import (
     VisionZip,
     contextual_merge,
@@ -81,7 +81,7 @@ def test_dominant_tokens_are_the_top_scores_in_ascending_index_order():
 def test_a_dominant_share_of_one_keeps_only_the_top_tokens_where_the_released_code_divides_by_zero():
     features, scores, keys = signals(2, 16)
     stage = VisionZip(dominant_share=1.0, key_heads=2)  # S = 4 dominant, 0 contextual
-    out = stage.select(VideoTokens.from_grid(features, 4, 4), {"attention_received": scores, "keys": keys.flatten(2)}, "")
+    out = stage.select(tokens_of(features, 4, 4), {"attention_received": scores, "keys": keys.flatten(2)}, "")
     assert out.index.tolist() == [i + 16 * f for f, frame in enumerate(expected_index(scores, 4, 0)) for i in frame]
     assert out.figures["visionzip_contextual"] == 0
 
@@ -134,9 +134,7 @@ def test_every_dominant_token_carries_its_own_grid_position_not_holitoms_score_o
     features = torch.arange(2 * tokens, dtype=torch.float32).view(2, tokens, 1).expand(-1, -1, 2).contiguous()
     scores = torch.rand(2, tokens, generator=torch.Generator().manual_seed(1))
     stage = VisionZip(retention=0.5, key_heads=1)  # S = 8: 6 dominant + 2 contextual
-    out = stage.select(
-        VideoTokens.from_grid(features, 4, 4), {"attention_received": scores, "keys": torch.randn(2, tokens, 4)}, ""
-    )
+    out = stage.select(tokens_of(features, 4, 4), {"attention_received": scores, "keys": torch.randn(2, tokens, 4)}, "")
     dominant = torch.cat([torch.arange(6), torch.arange(8, 14)])
     assert out.features[dominant, 0].long().tolist() == out.index[dominant].tolist()  # feature value = its flat position
 
@@ -155,7 +153,7 @@ def test_each_frame_keeps_int_r_n_tokens_split_54_to_10(tokens, retention, kept,
     frames = 4
     features, scores, keys = signals(frames, tokens, seed=kept)
     stage = VisionZip(retention=retention, key_heads=2)
-    out = stage.select(VideoTokens.from_grid(features, side, side), {"attention_received": scores, "keys": keys.flatten(2)}, "")
+    out = stage.select(tokens_of(features, side, side), {"attention_received": scores, "keys": keys.flatten(2)}, "")
     assert out.features.shape == (frames * kept, features.shape[-1])
     assert out.figures == {
         "visionzip_tokens_in": frames * tokens,
@@ -164,7 +162,7 @@ def test_each_frame_keeps_int_r_n_tokens_split_54_to_10(tokens, retention, kept,
     }
     expected = torch.tensor(expected_index(scores, dominant, contextual)) + torch.arange(frames)[:, None] * tokens
     assert out.index.tolist() == expected.flatten().tolist()  # [dominant asc, contextual] per frame, never re-sorted
-    planned = stage.planned_tokens(PlannedCounts.full(VideoLayout(frames=32, rows=side, cols=side), layers=28))
+    planned = stage.planned_tokens(PlannedCounts.full(layout(32, side, side), layers=28))
     assert planned == 32 * kept
 
 
@@ -193,14 +191,14 @@ def test_in_encoder_selects_among_the_unpooled_patches_and_returns_their_project
     stage = VisionZip(form="in_encoder", key_heads=2)  # S = int(0.25 * 16) = 4: 3 dominant + 1 contextual
     assert stage.needs() == {"patch_features", "patch_attention_received", "patch_keys"}
     patch_signals = {"patch_features": features, "patch_attention_received": scores, "patch_keys": keys.flatten(2)}
-    out = stage.select(VideoTokens.from_grid(grid, 4, 4), patch_signals, "")
+    out = stage.select(tokens_of(grid, 4, 4), patch_signals, "")
     expected = released_visionzip(features, scores, keys.mean(dim=2), 3, 1)
     torch.testing.assert_close(out.features, expected.reshape(-1, 8))
     cells = patch_cells(49, 4, 4)
     where = [[int(cells[i]) + 16 * f for i in frame] for f, frame in enumerate(expected_index(scores, 3, 1))]
     assert out.index.tolist() == sum(where, [])
     assert out.figures == {"visionzip_tokens_in": 3 * 49, "visionzip_dominant": 3 * 3, "visionzip_contextual": 3 * 1}
-    assert stage.planned_tokens(PlannedCounts.full(VideoLayout(frames=3, rows=4, cols=4), layers=8)) == 3 * 4
+    assert stage.planned_tokens(PlannedCounts.full(layout(3, 4, 4), layers=8)) == 3 * 4
 
 
 def test_the_form_picks_the_signals_and_positions_stay_consecutive():
@@ -248,7 +246,7 @@ def test_a_retention_that_keeps_nothing_fails_naming_the_smallest_that_works():
     with pytest.raises(
         ConfigError, match=r"retention=0.05 keeps int\(0.05 \* 16\) = 0 tokens per frame; choose retention >= 0.0625"
     ):
-        VisionZip(retention=0.05).planned_tokens(PlannedCounts.full(VideoLayout(frames=4, rows=4, cols=4), layers=8))
+        VisionZip(retention=0.05).planned_tokens(PlannedCounts.full(layout(4, 4, 4), layers=8))
 
 
 def test_on_the_tiny_model_the_llm_reads_the_tokens_in_the_order_the_stage_gives(tiny_checkpoint):

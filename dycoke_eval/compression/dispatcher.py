@@ -102,7 +102,7 @@ class Compressor:
     def select(self, encoded: EncodedVideo, sample: str = "") -> SelectedTokens:
         """Run the pre-LLM stages in order on the video's tokens."""
         layout = encoded.layout
-        tokens, by_stage, figures = VideoTokens.from_grid(encoded.grid, layout.rows, layout.cols, layout.newlines), {}, {}
+        tokens, by_stage, figures = VideoTokens.from_grid(encoded.grid, layout), {}, {}
         for stage in self.pre_llm:
             tokens = stage.select(tokens, encoded.signals, sample)
             by_stage[_unique(stage.name, by_stage)] = int(tokens.features.shape[0])

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from dycoke_eval.config import IMPLEMENTATION_FLAGS, ConfigError
-from dycoke_eval.geometry import PlannedCounts
+from dycoke_eval.geometry import ModelInfo, PlannedCounts, VideoLayout
 
 
 @dataclass
@@ -35,28 +35,38 @@ class VideoTokens:
 
     A merged token carries the position of the token it was merged into; -1 marks a token at no
     grid position (PruMerge's per-frame remainder). `figures` are the last stage's per-sample
-    figures (counts, notes), returned as values. `newlines` is the model's newline placement (`video_end`:
-    LLaVA-OneVision, `row_end`: LLaVA-Video), for stages whose released arithmetic differs by model.
+    figures (counts, notes), returned as values. `layout` is the model's (its grid, newlines and family), for
+    stages whose released arithmetic differs by model.
     """
 
     features: torch.Tensor
     index: torch.Tensor
-    frames: int
-    rows: int
-    cols: int
+    layout: VideoLayout
     figures: dict[str, Any] = field(default_factory=dict)
-    newlines: str = "video_end"
     whole: bool = False  # every grid token, in grid order: as the encoder gave them, before any stage
 
     @classmethod
-    def from_grid(cls, grid: torch.Tensor, rows: int, cols: int, newlines: str = "video_end") -> VideoTokens:
+    def from_grid(cls, grid: torch.Tensor, layout: VideoLayout) -> VideoTokens:
         frames, tokens, dim = grid.shape
-        index = torch.arange(frames * tokens, device=grid.device)
-        return cls(grid.reshape(-1, dim), index, frames, rows, cols, newlines=newlines, whole=True)
+        if (frames, tokens) != (layout.frames, layout.tokens_per_frame):
+            raise ValueError(f"a grid of {frames} x {tokens} tokens is not the layout's {layout}")
+        return cls(grid.reshape(-1, dim), torch.arange(frames * tokens, device=grid.device), layout, whole=True)
+
+    @property
+    def frames(self) -> int:
+        return self.layout.frames
+
+    @property
+    def rows(self) -> int:
+        return self.layout.rows
+
+    @property
+    def cols(self) -> int:
+        return self.layout.cols
 
     @property
     def tokens_per_frame(self) -> int:
-        return self.rows * self.cols
+        return self.layout.tokens_per_frame
 
     def grid(self) -> torch.Tensor:
         """[F, N, D], for stages that need whole frames; an error if an earlier stage already selected or merged tokens
@@ -67,19 +77,11 @@ class VideoTokens:
 
     def replaced(self, features: torch.Tensor, index: torch.Tensor, **figures: Any) -> VideoTokens:
         """New tokens at grid positions `index`, with this stage's figures."""
-        return VideoTokens(features, index, self.frames, self.rows, self.cols, figures, self.newlines)
+        return VideoTokens(features, index, self.layout, figures)
 
     def keep(self, kept: torch.Tensor, **figures: Any) -> VideoTokens:
         """The tokens at rows `kept` (in that order)."""
         return self.replaced(self.features[kept], self.index[kept], **figures)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a method may check about the model before a run."""
-
-    layers: int  # decoder layers
-    signals: frozenset[str]  # encoder signals the checkpoint can give
 
 
 class CompressionMethod:

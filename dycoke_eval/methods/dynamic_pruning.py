@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dycoke_eval.compression.stages import DecodeStage
+from dycoke_eval.compression.stages import DecodeStage, ModelInfo
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.kv_selection import DynamicSelector
 from dycoke_eval.methods.ttm import check_dycoke_setting
@@ -43,6 +43,14 @@ class DynamicKVPruning(DecodeStage):
     @property
     def carries_state(self) -> bool:
         return self.mode == "official"  # the released code never resets its previous attention vector
+
+    def check(self, model: ModelInfo) -> None:
+        if self.mode == "official" and model.family != "llava_onevision":
+            raise ConfigError(
+                f"{self.name}: mode=official is the released code's span, which assumes llava_onevision's one newline "
+                f"after the video; the {model.family!r} model family lays its video out otherwise: use mode=paper"
+            )
+        super().check(model)
 
     def span(self, visual_start: int, visual_length: int) -> tuple[int, int]:
         return pruning_span(visual_start, visual_length, self.mode)

@@ -70,13 +70,14 @@ from itertools import accumulate
 
 import torch
 
-from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
+from dycoke_eval.compression.stages import ModelInfo, PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.density_peaks import batched_dpc_knn, cluster_means, density_scores, dpc_knn
 from dycoke_eval.methods.padded import below, true_first
 
 MODES = ("official", "paper")
 VARIANTS = ("onevision", "video")
+RELEASED_VARIANTS = {"llava_onevision": "onevision", "llava_video": "video"}  # model family -> its released code
 SEGMENTATIONS = ("dyseg", "fixed", "cluster")
 MERGINGS = ("dtm", "uniform", "cluster")
 NEIGHBOURS = 4  # kNN size of the density score, hard-coded in the released code
@@ -580,13 +581,21 @@ class FastVID(PreLLMStage):
     def needs(self) -> frozenset[str]:
         return frozenset({"probe_attention", "probe_features"})
 
+    def check(self, model: ModelInfo) -> None:
+        if model.family not in RELEASED_VARIANTS:
+            raise ConfigError(
+                f"{self.name}: FastVID's released arithmetic exists for {', '.join(RELEASED_VARIANTS)}, not for the "
+                f"{model.family!r} model family; run it on one of those, or choose another method"
+            )
+        super().check(model)
+
     @staticmethod
-    def variant_for(newlines: str) -> str:
-        """LLaVA-Video (a newline after each row) gets its released arithmetic; every other layout OneVision's."""
-        return "video" if newlines == "row_end" else "onevision"
+    def variant_for(family: str) -> str:
+        """The released arithmetic of the model family (`RELEASED_VARIANTS`)."""
+        return RELEASED_VARIANTS[family]
 
     def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
-        variant = self.variant_for(tokens.newlines)
+        variant = self.variant_for(tokens.layout.family)
         selection = fastvid_select(
             tokens.grid(),
             signals["probe_attention"],
@@ -626,7 +635,7 @@ class FastVID(PreLLMStage):
         layout = counts.layout
         require_frames(layout.frames, self.c, self.segmentation)
         if self.segmentation == "fixed":
-            segments, variant = fixed_segments(layout.frames, self.c), self.variant_for(layout.newlines)
+            segments, variant = fixed_segments(layout.frames, self.c), self.variant_for(layout.family)
             salient, anchors = frame_budgets(
                 segments, layout.tokens_per_frame, self.retention, self.d, self.p, self.mode, variant
             )

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens
+from dycoke_eval.compression.stages import ModelInfo, PlannedCounts, PreLLMStage, VideoTokens
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.padded import below
 
@@ -238,7 +238,12 @@ class PruMerge(PreLLMStage):
     def needs(self) -> frozenset[str]:
         return frozenset({"keys", self.score_signal})
 
-    def check(self, model) -> None:
+    def check(self, model: ModelInfo) -> None:
+        if self.mode == "official" and model.family == "llava_video":
+            raise ConfigError(
+                f"{self.name}: the released arithmetic adds a token at no grid position, which the llava_video model "
+                "family (a newline after every row) cannot place; use method=prumerge (the adapted arithmetic)"
+            )
         if self.score_source == "pooling_head" and "probe_attention" not in model.signals:
             raise ConfigError(
                 "score_source=pooling_head needs SigLIP's attention-pooling head, which this checkpoint's vision "

@@ -64,7 +64,7 @@ def planning_geometry(model_cfg: Any, frames: int) -> tuple[LanguageModelDims, V
     """
     if "accounting" in model_cfg:
         side = math.isqrt(model_cfg.tokens_per_frame)
-        return LanguageModelDims(**model_cfg.accounting), VideoLayout(frames, side, side)
+        return LanguageModelDims(**model_cfg.accounting), VideoLayout(frames, side, side, "video_end", "llava_onevision")
     config = checkpoint_config(model_cfg.get("architecture"), model_cfg.pretrained)
     adapter = adapter_class(config, model_cfg.pretrained, model_cfg.get("adapter"))
     return adapter.dimensions(config), adapter.video_layout(config, frames)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.geometry import LanguageModelDims, VideoLayout
+from dycoke_eval.geometry import LanguageModelDims, ModelInfo, VideoLayout
 
 
 @dataclass
@@ -52,6 +52,7 @@ class GenerationInputs:
 class ModelAdapter(ABC):
     """One model family. Subclasses register their HF `model_type`s in `dycoke_eval.models.ADAPTERS`."""
 
+    family: ClassVar[str] = ""  # the family's name (`VideoLayout.family`, `ModelInfo.family`): its key in NAMED_ADAPTERS
     model_types: ClassVar[tuple[str, ...]] = ()
     loads: ClassVar[tuple[str, ...]] = ()  # further model types it runs when a model config names it (`adapter`)
     signals: ClassVar[frozenset[str]] = frozenset()  # encoder signals `encode` can capture
@@ -114,6 +115,15 @@ class ModelAdapter(ABC):
     def capturable_signals(self) -> frozenset[str]:
         """The encoder signals this loaded model, with its configured pooling head, can give."""
         return self.available_signals(self.config, bool(self.siglip_head))
+
+    @classmethod
+    def model_info(cls, config: Any, siglip_head: bool = False) -> ModelInfo:
+        """What a method may check before a run, from the HF config alone (no weights)."""
+        return ModelInfo(cls.dimensions(config).layers, cls.available_signals(config, siglip_head), cls.family)
+
+    def loaded_info(self) -> ModelInfo:
+        """`model_info` of this loaded model, with its configured pooling head."""
+        return self.model_info(self.config, bool(self.siglip_head))
 
     def prepare(self, signals: frozenset[str]) -> None:  # noqa: B027  optional: most adapters have nothing to load
         """Load now whatever capturing `signals` needs (a pooling head), so a missing file fails before any sample."""

@@ -48,6 +48,7 @@ UNPOOLED = "patch_"  # `patch_<signal>`: the signal per patch, before the grid p
 
 
 class LlavaOneVisionAdapter(ModelAdapter):
+    family: ClassVar[str] = "llava_onevision"
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
     signals: ClassVar[frozenset[str]] = frozenset(
         {"keys", "attention_received", "patch_features", "patch_keys", "patch_attention_received", *HEAD_SIGNALS}
@@ -126,7 +127,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
     @classmethod
     def video_layout(cls, config: Any, frames: int) -> VideoLayout:
         side = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)  # 2x2 pooling, rounded up
-        return VideoLayout(frames=frames, rows=side, cols=side, newlines="video_end")
+        return VideoLayout(frames=frames, rows=side, cols=side, newlines="video_end", family=cls.family)
 
     @classmethod
     def available_signals(cls, config: Any, siglip_head: bool = False) -> frozenset[str]:

@@ -40,13 +40,14 @@ from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
 
 
 class LlavaVideoAdapter(LlavaOneVisionAdapter):
+    family: ClassVar[str] = "llava_video"
     model_types: ClassVar[tuple[str, ...]] = ()  # chosen by name (model setting `adapter: llava_video`), not by model_type
     loads: ClassVar[tuple[str, ...]] = ("llava_onevision",)  # the HF config types whose checkpoints it can run
 
     @classmethod
     def video_layout(cls, config: Any, frames: int) -> VideoLayout:
         side = config.vision_config.image_size // config.vision_config.patch_size // 2  # avg_pool2d(2) drops an odd last row
-        return VideoLayout(frames=frames, rows=side, cols=side, newlines="row_end")
+        return VideoLayout(frames=frames, rows=side, cols=side, newlines="row_end", family=cls.family)
 
     def pool(self, values: torch.Tensor) -> torch.Tensor:
         if values.dim() == 2:

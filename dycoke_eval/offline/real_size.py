@@ -16,9 +16,9 @@ from dycoke_eval.offline.architectures import SIGLIP_SO400M, architecture_config
 
 SCENE_SHARES = (3, 5, 2, 8, 4, 6, 1, 3)  # relative scene lengths: 8 scenes, as DySeg's c=8 looks for
 
-SIZES = {  # name -> (frames, rows, cols, newlines)
-    "ov": (32, 14, 14, "video_end"),
-    "video": (64, 13, 13, "row_end"),
+SIZES = {  # name -> (frames, rows, cols, newlines, family)
+    "ov": (32, 14, 14, "video_end", "llava_onevision"),
+    "video": (64, 13, 13, "row_end", "llava_video"),
 }
 
 
@@ -46,10 +46,10 @@ def random_signals(frames: int, tokens: int, hidden: int, dtype: torch.dtype, de
 
 def random_encoded_video(size: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> EncodedVideo:
     """One video's encoder output at a real size (`SIZES`), at Qwen2-7B's width, with every signal."""
-    frames, rows, cols, newlines = SIZES[size]
+    frames, rows, cols, newlines, family = SIZES[size]
     hidden = architecture_config("7b").text_config.hidden_size
     torch.manual_seed(seed)
     grid = torch.randn(frames, rows * cols, hidden, device=device, dtype=dtype)
     newline = torch.randn(hidden, device=device, dtype=dtype)
     signals = random_signals(frames, rows * cols, hidden, dtype, device)
-    return EncodedVideo(grid=grid, layout=VideoLayout(frames, rows, cols, newlines), newline=newline, signals=signals)
+    return EncodedVideo(grid=grid, layout=VideoLayout(frames, rows, cols, newlines, family), newline=newline, signals=signals)
