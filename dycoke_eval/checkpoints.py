@@ -1,23 +1,22 @@
-"""Loading a checkpoint, through its family's model adapter, once per process.
+"""Loading a checkpoint, through its family's model adapter, once for the cells that run on it.
 
-The loaded model lives here, not on the lmms-eval wrapper: lmms-eval's evaluator calls
-`lm.clean()` after each run, which deletes every `nn.Module` attribute of the wrapper, and a
+The loaded model lives in a `CheckpointLoader`, not on the lmms-eval wrapper: lmms-eval's evaluator
+calls `lm.clean()` after each run, which deletes every `nn.Module` attribute of the wrapper, and a
 process that runs several methods or cells on one model must not reload it each time.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dycoke_eval.config import ConfigError
+from dycoke_eval.encoder_cache import EncoderCache
 from dycoke_eval.models.base import ModelAdapter
-
-LOAD_COUNT = 0  # how many checkpoints this process has loaded (tests and sweeps count it)
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,7 @@ class CheckpointKey:
 class LoadedCheckpoint:
     key: CheckpointKey
     adapter: ModelAdapter  # the model family's adapter, holding the model and its processor
+    encoder_cache: EncoderCache = field(default_factory=EncoderCache)  # this model's encoded videos, for the next cell
 
     @property
     def model(self) -> Any:
@@ -44,9 +44,6 @@ class LoadedCheckpoint:
     @property
     def processor(self) -> Any:
         return self.adapter.processor
-
-
-_loaded: LoadedCheckpoint | None = None
 
 
 def resolve_device(device: str | None) -> str:
@@ -116,48 +113,55 @@ def hub_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def load_checkpoint(
-    pretrained: str,
-    device: str,
-    dtype: torch.dtype,
-    attn_implementation: str = "sdpa",
-    device_map: str | None = None,
-    random_architecture: str | None = None,
-    adapter: str | None = None,
-    siglip_head: str | None = None,
-) -> LoadedCheckpoint:
-    """Load (or reuse) a checkpoint; only one is kept so that switching models frees memory.
+class CheckpointLoader:
+    """The checkpoint kept loaded from one cell to the next; only one, so that switching models frees memory."""
 
-    `device_map` (e.g. "auto") spreads a model too large for one GPU over all visible GPUs.
-    `random_architecture` ("0.5b", "7b", "72b") builds that real architecture with random weights
-    instead, without any download: for latency and memory only. `adapter` names the model adapter
-    (`llava_video`) where the checkpoint's model_type alone does not tell; `siglip_head` is the SigLIP
-    checkpoint whose pooling head gives the probe signals (read on first use).
-    """
-    global _loaded, LOAD_COUNT
-    from dycoke_eval.models import adapter_class, checkpoint_config
+    def __init__(self) -> None:
+        self.loaded: LoadedCheckpoint | None = None
+        self.loads = 0  # checkpoints loaded so far (each cell's status line says it; tests count them)
 
-    key = CheckpointKey(
-        str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture, adapter, siglip_head
-    )
-    if _loaded is not None and _loaded.key == key:
-        return _loaded
-    _loaded = None
-    if random_architecture:
-        loaded = build_random_model(random_architecture, dtype, device, attn_implementation, adapter, siglip_head)
-    else:
-        locate_checkpoint(pretrained)
-        loaded = adapter_class(checkpoint_config(None, pretrained), pretrained, adapter).load(
-            pretrained,
-            device=device,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            device_map=device_map,
-            siglip_head=siglip_head,
+    def load(
+        self,
+        pretrained: str,
+        device: str,
+        dtype: torch.dtype,
+        attn_implementation: str = "sdpa",
+        device_map: str | None = None,
+        random_architecture: str | None = None,
+        adapter: str | None = None,
+        siglip_head: str | None = None,
+    ) -> LoadedCheckpoint:
+        """Load the checkpoint, or reuse it if it is the one loaded.
+
+        `device_map` (e.g. "auto") spreads a model too large for one GPU over all visible GPUs.
+        `random_architecture` ("0.5b", "7b", "72b") builds that real architecture with random weights
+        instead, without any download: for latency and memory only. `adapter` names the model adapter
+        (`llava_video`) where the checkpoint's model_type alone does not tell; `siglip_head` is the SigLIP
+        checkpoint whose pooling head gives the probe signals (read on first use).
+        """
+        from dycoke_eval.models import adapter_class, checkpoint_config
+
+        key = CheckpointKey(
+            str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture, adapter, siglip_head
         )
-    LOAD_COUNT += 1
-    _loaded = LoadedCheckpoint(key=key, adapter=loaded)
-    return _loaded
+        if self.loaded is not None and self.loaded.key == key:
+            return self.loaded
+        self.loaded = None  # the old model is freed before the new one loads
+        if random_architecture:
+            loaded = build_random_model(random_architecture, dtype, device, attn_implementation, adapter, siglip_head)
+        else:
+            locate_checkpoint(pretrained)
+            loaded = adapter_class(checkpoint_config(None, pretrained), pretrained, adapter).load(
+                pretrained,
+                device=device,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                device_map=device_map,
+                siglip_head=siglip_head,
+            )
+        self.loads += 1
+        self.loaded = LoadedCheckpoint(key=key, adapter=loaded)
+        return self.loaded
 
 
 def build_random_model(

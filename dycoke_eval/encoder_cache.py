@@ -1,12 +1,11 @@
-"""A bounded in-process cache of vision-encoder outputs, shared by every cell of a sweep process.
+"""A bounded cache of vision-encoder outputs, kept with the loaded checkpoint for every cell that runs on it.
 
 Video decoding and the vision encoder do not depend on the language-side stages, so when one
 process runs several methods over the same videos (a sweep's cells for one model and frame
-count) the encoded video is reused. Entries are keyed by checkpoint (with dtype and random-weights
-mode), video file (path, size, mtime), frame count and the encoder signals captured with it, held
-on the model's device, and evicted least-recently-used beyond `capacity_bytes`. It pays off when
-the videos of a task fit in the bound (fixtures, `limit=N`, nightly subsets); for a full benchmark
-raise the bound or expect misses. Each hit records the seconds it saved.
+count) the encoded video is reused. Entries are keyed by video file (path, size, mtime), frame
+count and the encoder signals captured with it, held on the model's device, and evicted
+least-recently-used beyond `capacity_bytes`. It pays off when the videos of a task fit in the
+bound (fixtures, `limit=N`, nightly subsets); for a full benchmark raise the bound or expect misses.
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from dycoke_eval.models.base import EncodedVideo
+if TYPE_CHECKING:  # only annotated here: a cell answered from the store imports no model code
+    from dycoke_eval.models.base import EncodedVideo
 
 
 @dataclass
@@ -24,31 +25,40 @@ class CachedEncoding:
     seconds: float  # decode + preprocess + encoder time it cost to make
 
 
+@dataclass
+class EncoderPasses:
+    """A run's vision-encoder work: the passes it ran, the answers given from them, and the passes the cache spared."""
+
+    done: int = 0
+    answers: int = 0
+    cache_hits: int = 0
+    cache_seconds: float = 0.0  # what the hits' encodings had cost to make
+
+    @property
+    def saved(self) -> int:
+        """Passes that cell-major runs would have added: an answer from a shared pass or the encoder cache costs none."""
+        return self.answers - self.done
+
+
 class EncoderCache:
     def __init__(self, capacity_mb: float = 2048) -> None:
         self.capacity_bytes = int(capacity_mb * 2**20)
         self._entries: OrderedDict[tuple, CachedEncoding] = OrderedDict()
         self._bytes = 0
-        self.hits = self.misses = 0
-        self.seconds_saved = 0.0
 
     @staticmethod
-    def key(checkpoint: tuple, video_path: str, frames: int, signals: frozenset[str]) -> tuple:
+    def key(video_path: str, frames: int, signals: frozenset[str]) -> tuple:
         stat = os.stat(video_path)
-        return (checkpoint, os.path.abspath(video_path), stat.st_size, stat.st_mtime_ns, frames, tuple(sorted(signals)))
+        return (os.path.abspath(video_path), stat.st_size, stat.st_mtime_ns, frames, tuple(sorted(signals)))
 
     def __contains__(self, key: tuple) -> bool:
-        """Whether the entry is held, without counting a hit or a miss (the prefetcher plans with it)."""
+        """Whether the entry is held (the prefetcher plans with it)."""
         return key in self._entries
 
     def get(self, key: tuple) -> CachedEncoding | None:
         entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        self.seconds_saved += entry.seconds
+        if entry is not None:
+            self._entries.move_to_end(key)
         return entry
 
     def put(self, key: tuple, entry: CachedEncoding) -> None:
@@ -60,6 +70,3 @@ class EncoderCache:
         while self._bytes > self.capacity_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= evicted.encoded.nbytes()
-
-
-ENCODER_CACHE = EncoderCache()  # one per process, like the loaded checkpoint

@@ -21,36 +21,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dycoke_eval.cells import CellFailed, Session, check_cell, clear_journals, run_cell
+
 GROUP_KEY = "group_cells"  # the job override naming a group's other cells, each by its overrides
-
-
-@dataclass
-class EncoderPasses:
-    """Encoder passes this process ran for samples, and the answers they gave: cell by cell, one pass per answer."""
-
-    done: int = 0
-    answers: int = 0
-
-    @property
-    def saved(self) -> int:
-        """Passes that cell-major runs would have added: an answer from a shared pass or the encoder cache costs none."""
-        return self.answers - self.done
-
-
-ENCODER_PASSES = EncoderPasses()  # one per process, like the loaded checkpoint and the encoder cache
-
-
-@dataclass(frozen=True)
-class Companion:
-    """Another cell of a sample-major group: its method, and its journal, which the group's first cell fills."""
-
-    method: Any  # a CompressionMethod
-    journal: str
 
 
 # Forming groups (in the sweeper)
@@ -111,7 +88,7 @@ def compose_cell(overrides: list[str]) -> DictConfig:
     return config
 
 
-def run_group(cfg: DictConfig) -> None:
+def run_group(cfg: DictConfig, session: Session) -> None:
     """Run a group job's cells: the first one still to do answers every cell's missing samples, then each cell in turn.
 
     Every cell's settings are checked before anything slow. With `force=true` every journal is emptied first
@@ -119,7 +96,6 @@ def run_group(cfg: DictConfig) -> None:
     raises `CellFailed` for them at the end.
     """
     from dycoke_eval import distributed
-    from dycoke_eval.app import CellFailed, check_cell, clear_journals, run_cell
     from dycoke_eval.store import cell_directory, is_complete, journal_path
 
     members = group_members(cfg)
@@ -129,15 +105,18 @@ def run_group(cfg: DictConfig) -> None:
     pending = [i for i, member in enumerate(members) if member.force or not is_complete(journals[i].parent, member)]
     methods = {i: check_cell(members[i]) for i in pending}  # a complete cell is answered from the store, unbuilt
     leader, others = pending[:1], pending[1:]  # no leader when every cell is complete: each is skipped
-    before = (ENCODER_PASSES.done, ENCODER_PASSES.saved)
-    failed = []
+    companions = []  # the leader's
+    if others:
+        from dycoke_eval.wrapper import Companion  # the model stack, which only a group with cells to run needs
+
+        companions = [Companion(methods[i], str(journals[i])) for i in others]
+    passes, failed = [], []
     for index in leader + [i for i in range(len(members)) if i not in leader]:
-        companions = [Companion(methods[i], str(journals[i])) for i in others] if index in leader else []
         try:
-            run_cell(members[index], companions, clear_journal=False)
-        except CellFailed as error:
+            passes.append(run_cell(members[index], session, companions if index in leader else [], clear_journal=False))
+        except CellFailed as error:  # no sample of it answered, so it ran no encoder pass either
             failed.append(str(error))
-    counts = distributed.summed({"done": ENCODER_PASSES.done - before[0], "saved": ENCODER_PASSES.saved - before[1]})
+    counts = distributed.summed({"done": sum(p.done for p in passes), "saved": sum(p.saved for p in passes)})
     if distributed.is_main():
         described = describe_group(members)
         print(f"group of {len(members)} cells ({described}): encoder passes: {counts['done']} done, {counts['saved']} saved")

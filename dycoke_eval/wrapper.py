@@ -16,7 +16,8 @@ and the model's device resizes and normalises the uint8 frames (the same pixels,
 
 With `companions` (the other cells of a sample-major group, `groups.py`) each sample that this cell or a
 companion lacks in its journal is decoded and encoded once, with the encoder signals all of them need, and
-every cell lacking it answers from that pass with its own method, into its own journal.
+every cell lacking it answers from that pass with its own method, into its own journal. The encoder passes it
+ran and the hits of the model's encoder cache are counted on the instance (`encoder_passes`), for the caller to read.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,11 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 from transformers import LogitsProcessorList
 
-from dycoke_eval.checkpoints import LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype
+from dycoke_eval.checkpoints import CheckpointLoader, LoadedCheckpoint, resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor
-from dycoke_eval.compression.stages import CompressionMethod, ModelInfo, per_sample_seed, routes_attention
+from dycoke_eval.compression.stages import CompressionMethod, per_sample_seed, routes_attention
 from dycoke_eval.config import ConfigError, check_routable
-from dycoke_eval.encoder_cache import ENCODER_CACHE, CachedEncoding, EncoderCache
-from dycoke_eval.groups import ENCODER_PASSES, Companion
+from dycoke_eval.encoder_cache import CachedEncoding, EncoderCache, EncoderPasses
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.offline.tiny_model import checkpoint_generation_cap
 from dycoke_eval.plumbing.cache import generated_cache
@@ -56,6 +56,14 @@ PREPROCESS_DEVICES = ("cpu", "model")  # where frames are resized and normalised
 
 class VideoUnavailable(Exception):
     """The sample's video is missing or cannot be decoded; the sample is recorded as failed."""
+
+
+@dataclass(frozen=True)
+class Companion:
+    """Another cell of a sample-major group: its method, and its journal, which the group's first cell fills."""
+
+    method: CompressionMethod
+    journal: str
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class CompressedVideoLM(lmms):
         preprocess_device: str = "cpu",  # where frames are resized and normalised: cpu (those threads) or model
         static_decoding: bool = False,  # a static KV cache (compiled decoding on CUDA); methods acting before the LLM only
         seed: int = 0,  # with sampled decoding (temperature > 0), each sample's draws are seeded by this and the sample
+        checkpoints: CheckpointLoader | None = None,  # keeps the model loaded for the next cell; None: loaded for this one
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -135,7 +144,7 @@ class CompressedVideoLM(lmms):
             self._world_size = self.accelerator.num_processes
             if device.startswith("cuda"):
                 device = f"cuda:{self.accelerator.local_process_index}"
-        self.checkpoint: LoadedCheckpoint = load_checkpoint(
+        self.checkpoint: LoadedCheckpoint = (checkpoints or CheckpointLoader()).load(
             pretrained,
             device,
             resolve_dtype(dtype, device),
@@ -156,6 +165,7 @@ class CompressedVideoLM(lmms):
             raise ConfigError("measure=true runs cell by cell: a measured cell pays for its own decode and encoder")
         self.companions = [_Member(self._compressor(c.method), SampleJournal(c.journal)) for c in companions]
         self.sample_records: list[SampleRecord] = []
+        self.encoder_passes = EncoderPasses()  # this wrapper's, read by whoever runs the cell
 
     @property
     def method(self) -> CompressionMethod:
@@ -168,7 +178,7 @@ class CompressedVideoLM(lmms):
     def _compressor(self, method: CompressionMethod) -> Compressor:
         """A method checked against this model, with a fresh dispatcher for its run of samples."""
         adapter = self.adapter
-        method.validate_for(ModelInfo(adapter.dims().layers, adapter.capturable_signals()))
+        method.validate_for(adapter.loaded_info())
         adapter.prepare(method.signals())
         compressor = Compressor(adapter, method)
         if self.static_decoding:
@@ -187,6 +197,10 @@ class CompressedVideoLM(lmms):
     @property
     def adapter(self) -> ModelAdapter:
         return self.checkpoint.adapter
+
+    @property
+    def encoder_cache(self) -> EncoderCache:
+        return self.checkpoint.encoder_cache
 
     @property
     def model(self):
@@ -262,7 +276,7 @@ class CompressedVideoLM(lmms):
             except VideoUnavailable:
                 continue  # fails again when its turn comes
             cache_key = self._cache_key(path, signals)
-            if cache_key is not None and cache_key not in planned and cache_key not in ENCODER_CACHE:
+            if cache_key is not None and cache_key not in planned and cache_key not in self.encoder_cache:
                 ahead[index] = path
                 planned.add(cache_key)
         return ahead
@@ -272,11 +286,10 @@ class CompressedVideoLM(lmms):
         return prepare_video(path, self.frames, preprocess, pin=self.device.type == "cuda")
 
     def _cache_key(self, video_path: str, signals: frozenset[str]) -> tuple | None:
-        """The encoder-cache key of this model, frame count and encoder signals for the video; None if it is no file."""
+        """The video's key in this model's encoder cache, at this frame count with these signals; None if it is no file."""
         if not Path(video_path).is_file():
             return None
-        checkpoint = astuple(self.checkpoint.key)  # checkpoint, device, dtype, kernel, random-weights mode
-        return EncoderCache.key(checkpoint, video_path, self.frames, signals)
+        return EncoderCache.key(video_path, self.frames, signals)
 
     @staticmethod
     def _signals(members: Sequence[_Member]) -> frozenset[str]:
@@ -317,7 +330,7 @@ class CompressedVideoLM(lmms):
             answer = read_answer(self.tokenizer.decode(new_tokens, skip_special_tokens=True), gen_kwargs.get("until"))
             if member.journal is not None:
                 member.journal.add(key, answer, record)
-            ENCODER_PASSES.answers += 1
+            self.encoder_passes.answers += 1
             answered.append((answer, record))
         return answered
 
@@ -334,21 +347,23 @@ class CompressedVideoLM(lmms):
             record.video_path = video_path  # a failure names the video too
         signals = self._signals(members)
         cache_key = self._cache_key(video_path, signals)
-        cached = ENCODER_CACHE.get(cache_key) if cache_key else None
+        cached = self.encoder_cache.get(cache_key) if cache_key else None
         first = records[0]
         if cached is not None:
             encoded = cached.encoded
+            self.encoder_passes.cache_hits += 1
+            self.encoder_passes.cache_seconds += cached.seconds
         else:
             with self._stage(first, "video_wait"):  # the model idles: for the background work, or decoding here
                 video = prepared.result() if prepared is not None else self._prepare_video(video_path)
             first.seconds.update(video.seconds)
             pixels = video.pixels if self.device_preprocess is None else self.preprocess_on_device(video.pixels, first)
             encoded = self.encode_pixels(pixels, first, signals)
-            ENCODER_PASSES.done += 1
+            self.encoder_passes.done += 1
             encoded.frame_count, encoded.indices = video.frame_count, list(video.indices)
             if cache_key:
                 spent = sum(first.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
-                ENCODER_CACHE.put(cache_key, CachedEncoding(encoded, spent))
+                self.encoder_cache.put(cache_key, CachedEncoding(encoded, spent))
         for record in records:
             record.encoder_cache_hit = cached is not None
             record.encoder_shared = cached is None and record is not first

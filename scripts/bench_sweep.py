@@ -37,11 +37,10 @@ from statistics import mean
 import numpy as np
 import torch
 
+from dycoke_eval.checkpoints import CheckpointLoader
 from dycoke_eval.config import instantiate_method
-from dycoke_eval.encoder_cache import ENCODER_CACHE
-from dycoke_eval.groups import ENCODER_PASSES, Companion
 from dycoke_eval.offline.videos import write_video
-from dycoke_eval.wrapper import CompressedVideoLM
+from dycoke_eval.wrapper import Companion, CompressedVideoLM
 
 PRETRAINED = {
     "0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
@@ -76,9 +75,12 @@ def requests_for(lm: CompressedVideoLM, videos: list[Path], max_new_tokens: int)
     return [Request((QUESTION, dict(settings), lambda doc: [doc["video"]], i, "bench", "test")) for i in range(len(videos))]
 
 
-def build_lm(args, method, journal: Path, companions=()) -> CompressedVideoLM:
-    """The wrapper on the random-weight model (built once per process, then reused) with `method` and its journal."""
-    return CompressedVideoLM(
+def build_lm(args, checkpoints: CheckpointLoader, method, journal: Path, companions=()) -> CompressedVideoLM:
+    """The wrapper on the random-weight model (built once by `checkpoints`, then reused) with `method` and its journal.
+
+    The encoder cache is off, as it is in effect for a real cell, whose videos evict it long before the next cell starts.
+    """
+    lm = CompressedVideoLM(
         pretrained=PRETRAINED[args.architecture],
         frames=args.frames,
         method=method,
@@ -88,17 +90,22 @@ def build_lm(args, method, journal: Path, companions=()) -> CompressedVideoLM:
         max_new_tokens=args.max_new_tokens,
         journal=str(journal),
         companions=companions,
+        checkpoints=checkpoints,
     )
+    lm.encoder_cache.capacity_bytes = 0
+    return lm
 
 
 def run_mode(label: str, run, journals: Path) -> tuple[float, float, int]:
-    """Wall and CPU seconds and encoder passes of `run()`; prints them with the mean seconds per stage of its answers.
+    """Wall and CPU seconds and encoder passes of `run()` (which returns its wrappers); prints them with the mean seconds
+    per stage of its answers.
 
     CPU seconds (this process's) are what a machine shared with other work changes least.
     """
-    passes, cpu, start = ENCODER_PASSES.done, time.process_time(), time.perf_counter()
-    run()
-    seconds, cpu, passes = time.perf_counter() - start, time.process_time() - cpu, ENCODER_PASSES.done - passes
+    cpu, start = time.process_time(), time.perf_counter()
+    wrappers = run()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    passes = sum(lm.encoder_passes.done for lm in wrappers)
     records = [
         entry["record"] for path in sorted(journals.glob("*.jsonl")) for entry in map(json.loads, path.read_text().splitlines())
     ]
@@ -124,26 +131,29 @@ def journal_answers(folder: Path) -> dict[str, list[str]]:
 def bench_group(args) -> None:
     specs = list(args.methods)
     methods = [method_from(spec, args.frames) for spec in specs]
-    ENCODER_CACHE.capacity_bytes = 0  # a real cell's videos evict the cache long before the next cell starts
+    checkpoints = CheckpointLoader()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         videos = [write_video(root / "videos" / f"video{i}.mp4") for i in range(args.videos)]
-        lm = build_lm(args, methods[0], root / "warm-up.jsonl")
+        lm = build_lm(args, checkpoints, methods[0], root / "warm-up.jsonl")
         print(f"device={lm.device} dtype={lm.model.dtype} torch_threads={torch.get_num_threads()} "
               f"architecture={args.architecture} (random weights) frames={args.frames} "
               f"videos={args.videos} max_new_tokens={args.max_new_tokens}\nmethods: {', '.join(specs)}", flush=True)  # fmt: skip
         lm.generate_until(requests_for(lm, videos[:1], args.max_new_tokens))  # warm-up, untimed
 
         def cell_major():
+            cells = []
             for index, method in enumerate(methods):
-                cell = build_lm(args, method, root / "cell" / f"{index}.jsonl")
+                cells.append(cell := build_lm(args, checkpoints, method, root / "cell" / f"{index}.jsonl"))
                 cell.generate_until(requests_for(cell, videos, args.max_new_tokens))
+            return cells
 
         def sample_major():
             journals = [root / "sample" / f"{index}.jsonl" for index in range(len(methods))]
             companions = [Companion(method, str(journal)) for method, journal in zip(methods[1:], journals[1:], strict=True)]
-            leader = build_lm(args, methods[0], journals[0], companions)
+            leader = build_lm(args, checkpoints, methods[0], journals[0], companions)
             leader.generate_until(requests_for(leader, videos, args.max_new_tokens))
+            return [leader]
 
         cell = run_mode("cell-major  ", cell_major, root / "cell")
         sample = run_mode("sample-major", sample_major, root / "sample")
@@ -202,17 +212,15 @@ def video_requests(lm, paths: list[str], max_new_tokens: int, task: str) -> list
 
 def run_prefetch(args: argparse.Namespace) -> None:
     from dycoke_eval.checkpoints import resolve_device, resolve_dtype
-    from dycoke_eval.encoder_cache import ENCODER_CACHE
-    from dycoke_eval.wrapper import CompressedVideoLM
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     paths = decode_heavy_videos(Path(args.video_dir).expanduser(), args.videos, args.video_seconds)
-    ENCODER_CACHE.capacity_bytes = 0  # every sample decodes and encodes its video
     settings = [(0, 1)] + [(depth, workers) for depth in args.depths if depth for workers in args.workers]
+    checkpoints = CheckpointLoader()
 
     def wrapper(depth: int, workers: int):
-        return CompressedVideoLM(
+        lm = CompressedVideoLM(
             pretrained=f"random-{args.size}",
             random_weights_architecture=args.size,
             frames=args.frames,
@@ -221,9 +229,12 @@ def run_prefetch(args: argparse.Namespace) -> None:
             max_new_tokens=args.max_new_tokens,
             prefetch_depth=depth,
             prefetch_workers=workers,
+            checkpoints=checkpoints,
         )
+        lm.encoder_cache.capacity_bytes = 0  # every sample decodes and encodes its video
+        return lm
 
-    warm = wrapper(0, 1)  # loads the model once (kept by the process) and pays the first pass's start-up costs
+    warm = wrapper(0, 1)  # loads the model once (kept by `checkpoints`) and pays the first pass's start-up costs
     warm.generate_until(video_requests(warm, paths[:1], args.max_new_tokens, "warm-up"))
     print(
         f"device={device} dtype={dtype} torch={torch.__version__} transformers={_version('transformers')} "

@@ -17,8 +17,10 @@ import torch
 
 from dycoke_eval.offline.fixtures import ensure_offline_world
 from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint, ensure_tiny_siglip_head
+from dycoke_eval.task_index import TaskIndex
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TASK_INDEX = TaskIndex()  # lmms-eval's task index, kept across the tests' runs as a process keeps it across its cells
 
 
 @pytest.fixture(scope="session")
@@ -59,22 +61,20 @@ def run_app(*overrides: str, env: dict[str, str] | None = None, cwd: Path = REPO
     """`python -m dycoke_eval *overrides` in this process, as `run_module("dycoke_eval", ...)` runs it in a fresh one.
 
     The app's own in-process entry (`dycoke_eval.app.run_in_process`) parses the overrides as the command
-    line does and gives the command's exit status. Around it, what a fresh interpreter would not share
-    with the tests is set aside and put back: the environment (the run sets HF_HOME, HF_HUB_OFFLINE, ...),
-    the loaded checkpoint and its load count, the encoder cache, Hydra's global state, logging and the
-    random generators. What is kept is lmms-eval's task index (`app.task_manager`): that is the point.
+    line does and gives the command's exit status. It runs in a session of its own, as a fresh process does
+    (no checkpoint loaded, an empty encoder cache), except for lmms-eval's task index (`TASK_INDEX`): keeping
+    that is the point. Around it, what a fresh interpreter would not share with the tests is set aside and
+    put back: the environment (the run sets HF_HOME, HF_HUB_OFFLINE, ...), Hydra's global state, logging and
+    the random generators.
     """
     import lmms_eval.models  # noqa: F401  it binds its log sink to sys.stdout when imported: the real one, not the capture
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from dycoke_eval import checkpoints
     from dycoke_eval.app import run_in_process
-    from dycoke_eval.encoder_cache import ENCODER_CACHE, EncoderCache
+    from dycoke_eval.cells import Session
 
     saved_environ, saved_cwd = dict(os.environ), Path.cwd()
-    saved_checkpoint = (checkpoints._loaded, checkpoints.LOAD_COUNT)
-    saved_cache = dict(vars(ENCODER_CACHE))
     saved_hydra_config = HydraConfig.instance().cfg
     saved_logging = _logging_state()
     saved_random = (random.getstate(), np.random.get_state())
@@ -82,19 +82,13 @@ def run_app(*overrides: str, env: dict[str, str] | None = None, cwd: Path = REPO
     try:
         os.environ.update({"OPENAI_API_KEY": "", **(env or {})})
         os.chdir(cwd)
-        checkpoints._loaded, checkpoints.LOAD_COUNT = None, 0  # as in a fresh process
-        vars(ENCODER_CACHE).clear()
-        vars(ENCODER_CACHE).update(vars(EncoderCache()))
         GlobalHydra.instance().clear()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), torch.random.fork_rng():
-            returncode = run_in_process(list(overrides))
+            returncode = run_in_process(list(overrides), Session(TASK_INDEX))
     finally:
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_environ)
-        checkpoints._loaded, checkpoints.LOAD_COUNT = saved_checkpoint
-        vars(ENCODER_CACHE).clear()
-        vars(ENCODER_CACHE).update(saved_cache)
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = saved_hydra_config
         _restore_logging(saved_logging)

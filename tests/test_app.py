@@ -193,16 +193,16 @@ def test_dycoke_runs_the_offline_default_and_reports_its_token_figures(offline_d
 
 
 def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(world, tmp_path):
-    from dycoke_eval.app import resolve_tasks, task_manager
+    from dycoke_eval.task_index import TaskIndex
 
-    tasks = tmp_path / "tasks"
+    tasks, index = tmp_path / "tasks", TaskIndex()
     shutil.copytree(world.task_dir, tasks)
-    first = task_manager([tasks], builtins=False)
-    assert resolve_tasks(["fixture_nextqa_mc_test"], [tasks]) is first  # every cell of a sweep asks for it again
+    first = index.manager([tasks], builtins=False)
+    assert index.resolve(["fixture_nextqa_mc_test"], [tasks]) is first  # every cell of a sweep asks for it again
     assert "videomme" not in first.all_tasks  # our own tasks alone: lmms-eval's ~2,000 YAMLs are not indexed for them
     nextqa = (tasks / "fixture_nextqa_mc_test.yaml").read_text()
     (tasks / "fixture_copy.yaml").write_text(nextqa.replace("task: fixture_nextqa_mc_test", "task: fixture_copy"))
-    again = task_manager([tasks], builtins=False)  # a task written into the folder later is found
+    again = index.manager([tasks], builtins=False)  # a task written into the folder later is found
     assert again is not first and "fixture_copy" in again.all_tasks and "fixture_copy" not in first.all_tasks
 
 
@@ -221,12 +221,12 @@ def test_the_task_index_is_built_once_per_process_for_the_same_task_folders(worl
 )
 def test_bad_settings_are_refused_before_the_environment_tasks_or_model_are_touched(offline_dir, monkeypatch, overrides, message):
     """`scripts/bench_config_errors.py` times these from a shell (under 5 s each)."""
-    import dycoke_eval.app as app
+    import dycoke_eval.cells as cells
 
     def slow_path(cfg):
         raise AssertionError("the run went past its checks into the slow part")
 
-    monkeypatch.setattr(app, "prepare_environment", slow_path)
+    monkeypatch.setattr(cells, "prepare_environment", slow_path)
     proc = run_app(*overrides, env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     (line,) = proc.stderr.splitlines()
     assert proc.returncode == 2 and line.startswith(f"dycoke_eval: {message}")
@@ -234,12 +234,12 @@ def test_bad_settings_are_refused_before_the_environment_tasks_or_model_are_touc
 
 
 def test_ctrl_c_before_generation_is_one_line_and_status_130(offline_dir, tmp_path, monkeypatch):
-    import dycoke_eval.app as app
+    from dycoke_eval.task_index import TaskIndex
 
     def indexing(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(app, "resolve_tasks", indexing)  # Ctrl-C while lmms-eval indexes its tasks
+    monkeypatch.setattr(TaskIndex, "resolve", indexing)  # Ctrl-C while lmms-eval indexes its tasks
     proc = run_app(f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     assert proc.returncode == 130
     assert proc.stderr.strip() == (
@@ -261,12 +261,12 @@ def test_a_results_dir_that_is_a_file_is_refused_in_one_line_before_hydra_writes
 def test_a_checkpoint_neither_local_nor_on_the_hub_is_refused_in_one_line_and_no_random_model_is_built(
     offline_dir, tmp_path, monkeypatch, pretrained
 ):
-    import dycoke_eval.app as app
+    from dycoke_eval.task_index import TaskIndex
 
     def slow_path(*args, **kwargs):
         raise AssertionError("the run went past the checkpoint check into the task index")
 
-    monkeypatch.setattr(app, "resolve_tasks", slow_path)
+    monkeypatch.setattr(TaskIndex, "resolve", slow_path)
     proc = run_app(f"model.pretrained={pretrained}", f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)},
                    cwd=tmp_path)  # fmt: skip
     (line,) = proc.stderr.splitlines()
@@ -294,7 +294,7 @@ def test_the_hub_check_reads_the_offline_switch_and_cache_when_it_runs(tmp_path,
 
 
 def test_a_finished_cell_is_answered_from_its_folder_with_its_metrics_without_checks_or_model(offline_dir, tmp_path, monkeypatch):
-    import dycoke_eval.app as app
+    import dycoke_eval.cells as cells
 
     overrides = ("tasks.names=[fixture_nextqa_mc_test]", "frames=4", "limit=1", f"results_dir={tmp_path}")
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
@@ -303,26 +303,26 @@ def test_a_finished_cell_is_answered_from_its_folder_with_its_metrics_without_ch
     def slow_path(*args, **kwargs):
         raise AssertionError("a finished cell was checked or prepared again")
 
-    monkeypatch.setattr(app, "check_cell", slow_path)
-    monkeypatch.setattr(app, "prepare_environment", slow_path)
+    monkeypatch.setattr(cells, "check_cell", slow_path)
+    monkeypatch.setattr(cells, "prepare_environment", slow_path)
     again = run_app(*overrides, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "complete, skipped (force=true reruns it)" in again.stdout and "fixture_nextqa_mc_test: exact_match=" in again.stdout
 
 
 def test_an_unknown_task_is_refused_from_the_task_yamls_and_a_kept_index_without_rebuilding_it(offline_dir, monkeypatch):
-    import dycoke_eval.app as app
+    from dycoke_eval.task_index import TaskIndex, declared_task_names, indexed_task_names
 
-    app.indexed_task_names(offline_dir)  # built once per lmms-eval version and kept in the offline dir
+    indexed_task_names(offline_dir)  # built once per lmms-eval version and kept in the offline dir
 
-    def rebuilt(task_dirs):
+    def rebuilt(self, task_dirs):
         raise AssertionError("the task index was rebuilt")
 
-    monkeypatch.setattr(app, "task_manager", rebuilt)
+    monkeypatch.setattr(TaskIndex, "manager", rebuilt)
     proc = run_app("tasks.names=[videomem]", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     assert proc.returncode != 0 and "unknown task 'videomem' (did you mean videomme" in proc.stderr
     assert "rebuilt" not in proc.stderr
-    assert app.declared_task_names() >= {"videomme", "mvbench", "activitynetqa", "nextqa_mc_test"}  # quick scan: no index
+    assert declared_task_names() >= {"videomme", "mvbench", "activitynetqa", "nextqa_mc_test"}  # quick scan: no index
 
 
 def test_ctrl_c_says_in_one_line_what_is_saved_and_a_rerun_resumes_counting_the_saved_samples(offline_dir, tmp_path, monkeypatch):
@@ -354,7 +354,7 @@ def test_only_a_tasks_dataset_loading_becomes_the_missing_data_line():
 
     from lmms_eval.api.task import Task
 
-    import dycoke_eval.app as app
+    from dycoke_eval.cells import task_data_errors
     from dycoke_eval.config import ConfigError
 
     class Loading(Task):
@@ -368,8 +368,8 @@ def test_only_a_tasks_dataset_loading_becomes_the_missing_data_line():
     task = object.__new__(Loading)
     task._config = SimpleNamespace(task="videomme", dataset_path="lmms-lab/Video-MME")
     with pytest.raises(ConfigError, match="task 'videomme': its data 'lmms-lab/Video-MME' could not be loaded"):
-        with app.task_data_errors():
+        with task_data_errors():
             task.download()
     with pytest.raises(KeyError, match="a scorer's bug"):  # a bug in task code is not a missing download
-        with app.task_data_errors():
+        with task_data_errors():
             task.process_results()

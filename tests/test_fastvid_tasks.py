@@ -22,7 +22,7 @@ def fixture(name):
 
 
 def test_the_fastvid_set_names_lmms_eval_tasks_the_quick_check_accepts(tmp_path):
-    from dycoke_eval.app import check_task_names, declared_task_names
+    from dycoke_eval.task_index import check_task_names, declared_task_names
 
     names = yaml.safe_load((CONF_DIR / "tasks" / "fastvid.yaml").read_text())["names"]
     assert names == ["mvbench", "longvideobench_val_v", "mlvu_dev", "videomme"]

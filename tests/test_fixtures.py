@@ -67,9 +67,9 @@ def test_synthetic_video_decodes_to_the_requested_frame_count_and_moves(tmp_path
 
 
 def test_every_task_set_names_tasks_lmms_eval_knows(world, tmp_path):
-    from dycoke_eval.app import resolve_tasks
     from dycoke_eval.config import CONF_DIR, group_options
     from dycoke_eval.task_configs import write_deferred_judge_tasks
+    from dycoke_eval.task_index import TaskIndex
 
     task_dirs = [write_deferred_judge_tasks(tmp_path / "tasks"), world.task_dir]
     names = [
@@ -78,7 +78,7 @@ def test_every_task_set_names_tasks_lmms_eval_knows(world, tmp_path):
         for name in yaml.safe_load((CONF_DIR / "tasks" / f"{option}.yaml").read_text())["names"]
     ]
     assert "activitynetqa_deferred" in names and "mvbench" in names
-    resolve_tasks(names, task_dirs)  # raises ConfigError naming any unknown task
+    TaskIndex().resolve(names, task_dirs)  # raises ConfigError naming any unknown task
 
 
 def test_deferred_tasks_keep_the_builtin_task_and_only_defer_judging(tmp_path):

@@ -9,7 +9,6 @@ import pytest
 
 import dycoke_eval.wrapper as wrapper
 from dycoke_eval.config import ConfigError
-from dycoke_eval.encoder_cache import EncoderCache
 from dycoke_eval.offline.videos import write_video
 from dycoke_eval.prefetch import Prefetcher
 from dycoke_eval.wrapper import CompressedVideoLM
@@ -131,7 +130,7 @@ def videos(tmp_path_factory):
 
 @pytest.fixture
 def decoding_threads(monkeypatch):
-    """The name of the thread each decode ran in, recorded as the wrapper decodes; every sample pays its decode."""
+    """The name of the thread each decode ran in, recorded as the wrapper decodes."""
     names = []
     decode = wrapper.sample_video
 
@@ -140,11 +139,11 @@ def decoding_threads(monkeypatch):
         return decode(path, frames)
 
     monkeypatch.setattr(wrapper, "sample_video", recorded)
-    monkeypatch.setattr(wrapper, "ENCODER_CACHE", EncoderCache(capacity_mb=0))
     return names
 
 
 def run(tiny_checkpoint, paths, task, **settings):
+    """A new wrapper's answers and records; its model is loaded for it, so its encoder cache starts empty."""
     lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", **settings)
     answers = lm.generate_until(make_requests(lm, paths, task))
     return answers, lm.sample_records
@@ -170,14 +169,11 @@ def test_prefetched_samples_answer_and_record_exactly_as_inline_ones_each_failur
     assert prefetch_threads() == []
 
 
-def test_measured_runs_decode_inline_and_a_video_asked_twice_is_decoded_once(
-    tiny_checkpoint, videos, decoding_threads, monkeypatch
-):
+def test_measured_runs_decode_inline_and_a_video_asked_twice_is_decoded_once(tiny_checkpoint, videos, decoding_threads):
     run(tiny_checkpoint, videos[:2], "measured", prefetch_depth=2, measure=True)
     assert decoding_threads == ["MainThread", "MainThread"]  # per-stage times of the efficiency protocol stay clean
 
     decoding_threads.clear()
-    monkeypatch.setattr(wrapper, "ENCODER_CACHE", EncoderCache(capacity_mb=64))
     _, records = run(tiny_checkpoint, [videos[0], videos[1], videos[0]], "twice", prefetch_depth=2)
     assert len(decoding_threads) == 2 and all(name.startswith("prefetch") for name in decoding_threads)
     assert [r.encoder_cache_hit for r in records] == [False, False, True]

@@ -5,15 +5,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dycoke_eval.app import task_manager
 from dycoke_eval.scoring import _leaf_tasks
+from dycoke_eval.task_index import TaskIndex
 
 UNPARSABLE = ["zzz"]  # no option letter, too short to match an option's text: NExT-QA's parser draws random.choice
 
 
 @pytest.fixture(scope="module")
 def loaded(world):
-    manager = task_manager([world.task_dir], seed=0, builtins=False)
+    manager = TaskIndex().manager([world.task_dir], seed=0, builtins=False)
     loaded = manager.load_task_or_group(["fixture_nextqa_mc_test", "fixture_videomme"])
     tasks = {task.config.task: task for task in _leaf_tasks(loaded)}
     return manager, tasks

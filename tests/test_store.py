@@ -47,7 +47,7 @@ def record(task, doc_id, ratio=None, status="ok"):
 
 
 def written(results_dir, *overrides, records=None):
-    """A cell written as `app.run_cell` writes it, from a real config and method."""
+    """A cell written as `cells.run_cell` writes it, from a real config and method."""
     cfg = config(results_dir, "method=dycoke", "method.k=0.7", *overrides)
     output = {
         "results": {task: {"accuracy,none": 0.5} for task in TASKS},

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dycoke_eval import checkpoints
+from dycoke_eval.checkpoints import CheckpointLoader
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.fastv import FastV
@@ -132,12 +132,15 @@ def test_a_failed_sample_is_not_journaled_so_a_rerun_retries_it(tiny_checkpoint,
     assert [(r.status, r.from_journal) for r in again.sample_records] == [("ok", False), ("ok", True)]
 
 
-def test_the_model_is_loaded_once_per_process_and_survives_lmms_eval_clean(tiny_checkpoint, lm):
-    before = checkpoints.LOAD_COUNT
-    other = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, method=Full(), device="cpu")
-    other.clean()  # lmms-eval deletes the wrapper's nn.Module attributes after a run
-    assert checkpoints.LOAD_COUNT == before
-    assert other.model is lm.model
+def test_the_model_is_loaded_once_for_the_cells_on_it_and_survives_lmms_eval_clean(tiny_checkpoint):
+    checkpoints = CheckpointLoader()  # a process's, kept from one cell to the next
+    first = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", checkpoints=checkpoints)
+    first.clean()  # lmms-eval deletes the wrapper's nn.Module attributes after a run
+    other = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, method=Full(), device="cpu", checkpoints=checkpoints)
+    assert checkpoints.loads == 1
+    assert other.model is first.model and other.encoder_cache is first.encoder_cache
+    eager = CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu", attn_implementation="eager", checkpoints=checkpoints)
+    assert checkpoints.loads == 2 and checkpoints.loaded.adapter is eager.adapter is not first.adapter  # one model at a time
 
 
 def test_method_is_chosen_by_name_from_the_lmms_eval_cli(tiny_checkpoint):
@@ -178,12 +181,9 @@ def test_an_unknown_prompt_form_fails_at_construction(tiny_checkpoint):
         CompressedVideoLM(pretrained=str(tiny_checkpoint), device="cpu", prompt="chat")
 
 
-def test_an_encoded_video_is_reused_only_with_the_encoder_signals_it_was_made_with(tiny_checkpoint, video, monkeypatch):
-    import dycoke_eval.wrapper as wrapper
+def test_an_encoded_video_is_reused_only_with_the_encoder_signals_it_was_made_with(tiny_checkpoint, video):
     from dycoke_eval.config import instantiate_method
-    from dycoke_eval.encoder_cache import EncoderCache
 
-    monkeypatch.setattr(wrapper, "ENCODER_CACHE", EncoderCache(capacity_mb=64))
     lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu")
     hits = []
     for name in ("full", "fastv", "prumerge", "prumerge_official"):  # the last two capture keys and scores
@@ -192,6 +192,8 @@ def test_an_encoded_video_is_reused_only_with_the_encoder_signals_it_was_made_wi
         lm.generate_until(make_requests(lm, [video], task=f"cache-{name}"))
         hits.append(lm.sample_records[-1].encoder_cache_hit)
     assert hits == [False, True, False, True]
+    assert (lm.encoder_passes.done, lm.encoder_passes.answers, lm.encoder_passes.cache_hits) == (2, 4, 2)  # the wrapper's own
+    assert lm.encoder_passes.cache_seconds > 0
 
 
 @dataclass
@@ -270,13 +272,7 @@ def test_only_the_efficiency_protocol_waits_for_the_device_around_a_stage(monkey
     assert len(calls) == waits and "generate" in record.seconds
 
 
-def test_preprocess_device_model_hands_uint8_frames_over_and_the_model_makes_the_same_pixels(
-    tiny_checkpoint, lm, video, monkeypatch
-):
-    import dycoke_eval.wrapper as wrapper
-    from dycoke_eval.encoder_cache import EncoderCache
-
-    monkeypatch.setattr(wrapper, "ENCODER_CACHE", EncoderCache(capacity_mb=0))  # the video is encoded, not found
+def test_preprocess_device_model_hands_uint8_frames_over_and_the_model_makes_the_same_pixels(tiny_checkpoint, lm, video):
     on_model = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=8, device="cpu", preprocess_device="model")
     handed = on_model._prepare_video(video)  # what a decoding thread does
     assert handed.pixels.dtype == torch.uint8 and handed.pixels.shape[::3] == (8, 3)  # [T, H, W, 3], not resized

@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from dycoke_eval import distributed
-from dycoke_eval.app import CellFailed
+from dycoke_eval.cells import CellFailed
 from dycoke_eval.groups import group_override, sample_major_groups
 
 GROUPING_KEYS = ("model", "frames")  # cells sharing these run next to each other
