@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
-from test_layering import BLOCKED
+from test_layering import BLOCKING
 
 from dycoke_eval.config import group_options, instantiate_method
 
@@ -72,18 +72,6 @@ def test_the_reselection_line_counts_a_decode_step_that_reselects(tiny_bench):
         assert figures.figures["reselections"] == figures.figures["decode_steps"] == bench_gpu.COUNT_NEW_TOKENS - 1
 
 
-BLOCKED_RUN = f"""
-import importlib.abc, runpy, sys
-
-class Blocked(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-            raise ImportError(f"bench_gpu imported {{name}}")
-
-sys.meta_path.insert(0, Blocked())
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 TIMED_FIGURES = ("encoder_ms", "pre_llm_ms", "prefill_ms", "decode_ms_per_token", "sample_ms", "visual_tokens",
                  "prompt_tokens", "retained_ratio", "peak_rss_gb")  # fmt: skip
 SMOKE = ["--gpu", "--device", "cpu", "--size", "tiny", "--frames", "4", "--repeats", "1", "--new-tokens", "2"]
@@ -113,18 +101,14 @@ def test_a_method_beyond_the_model_is_skipped_with_its_reason(capsys):
     assert re.search(r"^timed tiny prunevid_in_llm skipped: selected_layer=10: .* 8 layers", output, re.MULTILINE)
 
 
-BLOCKED_RUN = f"""
-import importlib.abc, runpy, sys
-
-class Blocked(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-            raise ImportError(f"bench_gpu imported {{name}}")
-
-sys.meta_path.insert(0, Blocked())
+BLOCKED_RUN = (
+    BLOCKING
+    + """
+import runpy
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+)
 
 
 @pytest.mark.slow

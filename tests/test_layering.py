@@ -14,21 +14,27 @@ CORE = ["dycoke_eval.methods", "dycoke_eval.compression.dispatcher", "dycoke_eva
         "dycoke_eval.offline.real_size", "dycoke_eval.timing", "dycoke_eval.config"]  # fmt: skip
 BLOCKED = ("lmms_eval", "hydra", "omegaconf", "av")
 
-PROGRAM = f"""
-import importlib, importlib.abc, pkgutil, sys
+BLOCKING = f"""
+import importlib.abc, sys
 
 class Blocked(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in {BLOCKED!r}:
-            raise ImportError(f"the core imported {{name}}")
+            raise ImportError(f"imported {{name}}")
 
 sys.meta_path.insert(0, Blocked())
+"""  # a program's first lines: importing any of BLOCKED fails, as on a machine without them
+PROGRAM = (
+    BLOCKING
+    + f"""
+import importlib, pkgutil
 for module in {CORE!r}:
     importlib.import_module(module)
 import dycoke_eval.methods as methods
 for info in pkgutil.iter_modules(methods.__path__):
     importlib.import_module(f"dycoke_eval.methods.{{info.name}}")
 """
+)
 
 
 def test_the_core_imports_without_lmms_eval_hydra_omegaconf_or_pyav():

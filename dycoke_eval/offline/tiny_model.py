@@ -57,29 +57,40 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer():
-    """The offline byte-level BPE tokenizer with the special tokens and chat template the processor needs."""
+def byte_level_bpe(corpus: list[str], special_tokens: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained offline on `corpus`, as Qwen's are byte-level BPEs (`tokenizers` backend)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    tokenizer = Qwen2TokenizerFast(
+    backend.train_from_iterator(corpus * 4, trainer=trainer)
+    return backend
+
+
+def qwen_tokenizer(backend, image_token: str, video_token: str):
+    """transformers' Qwen2 tokenizer around `backend`, ending a turn with <|im_end|> as the real checkpoints do."""
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast(
         tokenizer_object=backend,
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens={"image_token": image_token, "video_token": video_token},
     )
+
+
+def build_tokenizer():
+    """The offline byte-level BPE tokenizer with the special tokens and chat template the processor needs."""
+    tokenizer = qwen_tokenizer(byte_level_bpe(_CORPUS, SPECIAL_TOKENS, 400), "<image>", "<video>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

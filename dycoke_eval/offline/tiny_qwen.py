@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dycoke_eval.offline.tiny_model import byte_level_bpe, qwen_tokenizer, transformers_errors_only
+
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 BUILD_VERSION = 1  # bump when the recipe changes so cached copies are rebuilt
 GENERATION_CAP = 16  # new tokens per answer, as for the tiny LLaVA-OneVision
@@ -135,29 +137,12 @@ _CORPUS = [
 
 def build_tokenizer():
     """An offline byte-level BPE tokenizer with every Qwen-VL special token (as `tiny_model.build_tokenizer` does)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+    from tokenizers import AddedToken
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=420,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    backend = byte_level_bpe(_CORPUS, SPECIAL_TOKENS, 420)
     # Real Qwen tokenizers have these as added, non-special tokens: whole in the text, kept when decoding.
     backend.add_tokens([AddedToken(token, normalized=False, special=False) for token in ADDED_TOKENS])
-    return Qwen2TokenizerFast(
-        tokenizer_object=backend,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    return qwen_tokenizer(backend, "<|image_pad|>", "<|video_pad|>")
 
 
 def build_processor(family: str, tokenizer=None):
@@ -276,8 +261,6 @@ def build_tiny_qwen_checkpoint(path: str | Path, family: str) -> Path:
     _check(family)
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
-
-    from dycoke_eval.offline.tiny_model import transformers_errors_only
 
     path = Path(path)
     tokenizer = build_tokenizer()
