@@ -299,22 +299,30 @@ class _Plan:
         return [f for segment in self.segments for f in segment if self.anchors[f]]
 
 
-def density_anchors(pools: torch.Tensor, plan: _Plan, variant: str, noise_scale: float, generator) -> torch.Tensor:
-    """[F, A] each frame's anchors as ranks among its non-salient tokens (`pools` [F, R, D], ascending), the top
-    density scores: OneVision in topk order with one noise draw [F, N-s]; Video sorted by position, each anchor frame
-    scored alone with one draw of its own (segments, then frames, in order), here padded into one batch."""
-    frames, width, _ = pools.shape
-    most = max(plan.anchors)
-    if variant == "onevision":
-        valid, noise = None, _noise((frames, width), noise_scale, generator, pools.device)
+def density_anchors(
+    video: torch.Tensor, rest: torch.Tensor, plan: _Plan, variant: str, noise_scale: float, generator
+) -> torch.Tensor:
+    """[F, A] each frame's anchors as ranks among its non-salient tokens (`rest` [F, R] their positions, ascending),
+    the top density scores: OneVision in topk order with one noise draw [F, N-s]; Video sorted by position, each
+    anchor frame scored alone with one draw of its own (segments, then frames, in order). Only the anchor frames are
+    scored, padded into one batch (a frame's scores depend on its tokens alone); other frames' rows are 0."""
+    frames, width = rest.shape
+    device, most = video.device, max(plan.anchors)
+    scored = [f for f in range(frames) if plan.anchors[f]]
+    rows = torch.tensor(scored, device=device)
+    counts = [plan.anchors[f] for f in scored]
+    if variant == "onevision":  # drawn for every frame, as released, and read for the anchor frames
+        valid, noise = None, _noise((frames, width), noise_scale, generator, device)
+        noise = None if noise is None else noise[rows]
     else:
-        valid = below(width, plan.rest, pools.device)
-        rows = [(f, plan.rest[f]) for f in plan.anchor_frames()]
-        noise = _draw_rows(rows, (frames, width), noise_scale, generator, pools.device)
-    chosen = top_per_row(density_scores(pools, NEIGHBOURS, noise, valid), plan.anchors)
+        valid = below(width, [plan.rest[f] for f in scored], device)
+        order = {f: row for row, f in enumerate(scored)}
+        draws = [(order[f], plan.rest[f]) for f in plan.anchor_frames()]
+        noise = _draw_rows(draws, (len(scored), width), noise_scale, generator, device)
+    chosen = top_per_row(density_scores(video[rows[:, None], rest[rows]], NEIGHBOURS, noise, valid), counts)
     if variant == "video":
-        chosen = chosen.masked_fill(_padding(most, plan.anchors, pools.device), width).sort(dim=1).values
-    return chosen
+        chosen = chosen.masked_fill(_padding(most, counts, device), width).sort(dim=1).values
+    return torch.zeros(frames, most, dtype=chosen.dtype, device=device).index_copy_(0, rows, chosen)
 
 
 def uniform_anchors(plan: _Plan, device) -> torch.Tensor:
@@ -489,8 +497,7 @@ def fastvid_select(
         else:
             rest = true_first(~salient, max(plan.rest))
             if merging == "dtm":
-                pools = video[torch.arange(frames, device=video.device)[:, None], rest]
-                chosen = density_anchors(pools, plan, variant, density_noise, generator)
+                chosen = density_anchors(video, rest, plan, variant, density_noise, generator)
             else:
                 chosen = uniform_anchors(plan, video.device)
             anchor_valid = below(chosen.shape[1], plan.anchors, video.device)
