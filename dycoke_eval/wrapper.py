@@ -367,7 +367,8 @@ class CompressedVideoLM(lmms):
         for record in records:
             record.encoder_cache_hit = cached is not None
             record.encoder_shared = cached is None and record is not first
-            record.frames, record.video_frame_count = encoded.layout.frames, encoded.frame_count
+            # the frames sampled, not the layout's: a model may pack two frames into one temporal patch (Qwen-VL)
+            record.frames, record.video_frame_count = len(encoded.indices), encoded.frame_count
             record.sampled_indices = list(encoded.indices)
         return encoded
 
