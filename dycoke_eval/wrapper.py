@@ -427,10 +427,11 @@ class CompressedVideoLM(lmms):
             with self._stage(record, "compress"):
                 selected = compressor.select(encoded, sample)
             visual, positions = adapter.assemble(encoded, selected.tokens.features, selected.tokens.index)
-            positions = positions if method.keeps_positions() else None  # None: consecutive positions
+            keeps = method.keeps_positions() or adapter.keeps_grid_positions
+            positions = positions if keeps else None  # None: consecutive positions
             if positions is not None and bool((positions < 0).any()):
                 raise ValueError(f"method {method.name!r} keeps positions, but a stage made tokens at no grid position")
-            inputs = adapter.generation_inputs(prompt_ids, visual, positions, encoded.layout.full_tokens)
+            inputs = adapter.generation_inputs(prompt_ids, visual, positions, encoded.layout.full_tokens, encoded=encoded)
             clock = StepClock(self.device) if self.measure else None
             if clock is not None:
                 generate_kwargs = {

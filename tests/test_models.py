@@ -47,8 +47,8 @@ def test_dimensions_and_layout_come_from_the_hf_config(architecture, dims):
 
 
 def test_an_unsupported_model_family_names_the_supported_ones():
-    with pytest.raises(ConfigError, match="'qwen2_5_vl' checkpoint; supported model families: llava_onevision"):
-        adapter_class(SimpleNamespace(model_type="qwen2_5_vl"), "Qwen/Qwen2.5-VL-7B-Instruct")
+    with pytest.raises(ConfigError, match="'qwen3_vl' checkpoint; supported model families: llava_onevision, qwen2_5_vl"):
+        adapter_class(SimpleNamespace(model_type="qwen3_vl"), "Qwen/Qwen3-VL-8B-Instruct")
 
 
 def test_llava_video_7b_from_its_model_config_169_tokens_and_13_newlines_a_frame():

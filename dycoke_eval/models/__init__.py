@@ -17,9 +17,14 @@ from dycoke_eval.geometry import LanguageModelDims, VideoLayout
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
 from dycoke_eval.models.llava_video import LlavaVideoAdapter
+from dycoke_eval.models.qwen2_5_vl import Qwen2_5_VLAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {model_type: LlavaOneVisionAdapter for model_type in LlavaOneVisionAdapter.model_types}
-NAMED_ADAPTERS: dict[str, type[ModelAdapter]] = {"llava_onevision": LlavaOneVisionAdapter, "llava_video": LlavaVideoAdapter}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    model_type: adapter for adapter in (LlavaOneVisionAdapter, Qwen2_5_VLAdapter) for model_type in adapter.model_types
+}
+NAMED_ADAPTERS: dict[str, type[ModelAdapter]] = {
+    adapter.family: adapter for adapter in (LlavaOneVisionAdapter, LlavaVideoAdapter, Qwen2_5_VLAdapter)
+}
 
 __all__ = [
     "ADAPTERS",

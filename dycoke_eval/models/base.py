@@ -52,6 +52,7 @@ class GenerationInputs:
 class ModelAdapter(ABC):
     """One model family. Subclasses register their HF `model_type`s in `dycoke_eval.models.ADAPTERS`."""
 
+    keeps_grid_positions: ClassVar[bool] = False  # every kept token at its grid position (M-RoPE has no other order)
     family: ClassVar[str] = ""  # the family's name (`VideoLayout.family`, `ModelInfo.family`): its key in NAMED_ADAPTERS
     model_types: ClassVar[tuple[str, ...]] = ()
     loads: ClassVar[tuple[str, ...]] = ()  # further model types it runs when a model config names it (`adapter`)
@@ -174,9 +175,18 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def generation_inputs(
-        self, prompt_ids: torch.Tensor, visual: torch.Tensor, positions: torch.Tensor | None, full_visual_length: int
+        self,
+        prompt_ids: torch.Tensor,
+        visual: torch.Tensor,
+        positions: torch.Tensor | None,
+        full_visual_length: int,
+        *,
+        encoded: EncodedVideo | None = None,
     ) -> GenerationInputs:
         """`generate`'s inputs with `visual` [V, D] in place of the prompt's video placeholder.
+
+        `encoded` is the video the tokens came from, for families whose positions need more than its length
+        (Qwen-VL's M-RoPE: its grid and timing).
 
         `positions` (a [V] index into the full-token visual sequence of `full_visual_length`) keeps each token's
         original position; None numbers the shortened sequence consecutively.

@@ -250,7 +250,13 @@ class LlavaOneVisionAdapter(ModelAdapter):
         return render_prompt(form, question, self.processor)
 
     def generation_inputs(
-        self, prompt_ids: torch.Tensor, visual: torch.Tensor, positions: torch.Tensor | None, full_visual_length: int
+        self,
+        prompt_ids: torch.Tensor,
+        visual: torch.Tensor,
+        positions: torch.Tensor | None,
+        full_visual_length: int,
+        *,
+        encoded: EncodedVideo | None = None,
     ) -> GenerationInputs:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
