@@ -158,6 +158,7 @@ def test_a_group_killed_under_one_process_resumes_under_two_with_nothing_lost_or
     assert computed(tmp_path) == computed(one)
 
 
+@pytest.mark.slow  # 42 s: two submitit jobs end to end
 def test_a_sweep_under_submitit_runs_one_job_per_group_and_a_killed_job_resumes_when_submitted_again(one, offline_dir, tmp_path):
     """The sweep runs in this process; each submitit job is a process of its own, SIGKILLed the first time mid-group."""
     submitit = (*SWEEP, UNREPORTED, "hydra/launcher=submitit_local", f"results_dir={tmp_path}")
