@@ -11,13 +11,26 @@ used for FLOPs accounting, read from the HF config.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from dycoke_eval.geometry import LanguageModelDims, ModelInfo, VideoLayout
+
+
+@contextmanager
+def built_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules made inside are initialised on `device` in `dtype`: a 7B is 16 GB in bf16, not 32 GB in float32 first."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 @dataclass
@@ -52,6 +65,7 @@ class GenerationInputs:
 class ModelAdapter(ABC):
     """One model family. Subclasses register their HF `model_type`s in `dycoke_eval.models.ADAPTERS`."""
 
+    model_class: ClassVar[str] = ""  # transformers' class of the family's checkpoints
     keeps_grid_positions: ClassVar[bool] = False  # every kept token at its grid position (M-RoPE has no other order)
     family: ClassVar[str] = ""  # the family's name (`VideoLayout.family`, `ModelInfo.family`): its key in NAMED_ADAPTERS
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -68,7 +82,6 @@ class ModelAdapter(ABC):
         return self.processor.tokenizer
 
     @classmethod
-    @abstractmethod
     def load(
         cls,
         pretrained: str,
@@ -80,9 +93,16 @@ class ModelAdapter(ABC):
         siglip_head: str | None = None,
     ):
         """The checkpoint's model (eval mode, on `device` unless a device map spreads it) and processor."""
+        import transformers
+
+        model = getattr(transformers, cls.model_class).from_pretrained(
+            pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
+        )
+        if device_map is None:
+            model.to(device)
+        return cls(model.eval(), transformers.AutoProcessor.from_pretrained(pretrained), siglip_head)
 
     @classmethod
-    @abstractmethod
     def from_config(
         cls,
         config: Any,
@@ -94,11 +114,27 @@ class ModelAdapter(ABC):
         siglip_head: str | None = None,
     ):
         """Random weights at the config's dimensions, built on `device` without a download (latency and memory only)."""
+        import transformers
+
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(0)
+        with built_on(device, dtype):
+            model = getattr(transformers, cls.model_class)(config).eval()
+        return cls(model, processor, siglip_head)
 
     @classmethod
-    @abstractmethod
     def dimensions(cls, config: Any) -> LanguageModelDims:
-        """The language model's hidden size, FFN width and layer count (eq. 8), from the HF config."""
+        """The language model's widths, head counts and layer count (eq. 8 and the real count), from the HF config."""
+        text = config.text_config
+        heads = text.num_attention_heads
+        return LanguageModelDims(
+            hidden=text.hidden_size,
+            ffn=text.intermediate_size,
+            layers=text.num_hidden_layers,
+            heads=heads,
+            kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        )
 
     @classmethod
     @abstractmethod

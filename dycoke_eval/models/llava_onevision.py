@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.geometry import LanguageModelDims, VideoLayout
-from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
+from dycoke_eval.geometry import VideoLayout
+from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, built_on
 from dycoke_eval.models.device_preprocess import DeviceVideoProcessor
 from dycoke_eval.plumbing.hooks import captured_output
 from dycoke_eval.prompts import render_prompt
@@ -49,6 +49,7 @@ UNPOOLED = "patch_"  # `patch_<signal>`: the signal per patch, before the grid p
 
 class LlavaOneVisionAdapter(ModelAdapter):
     family: ClassVar[str] = "llava_onevision"
+    model_class: ClassVar[str] = "LlavaOnevisionForConditionalGeneration"
     model_types: ClassVar[tuple[str, ...]] = ("llava_onevision",)
     signals: ClassVar[frozenset[str]] = frozenset(
         {"keys", "attention_received", "patch_features", "patch_keys", "patch_attention_received", *HEAD_SIGNALS}
@@ -57,26 +58,6 @@ class LlavaOneVisionAdapter(ModelAdapter):
     def __init__(self, model: Any, processor: Any, siglip_head: str | None = None) -> None:
         super().__init__(model, processor, siglip_head)
         self._head = None  # the pooling head, loaded on first use
-
-    @classmethod
-    def load(
-        cls,
-        pretrained: str,
-        *,
-        device: str,
-        dtype: torch.dtype,
-        attn_implementation: str,
-        device_map: str | None,
-        siglip_head: str | None = None,
-    ):
-        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
-
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
-        )
-        if device_map is None:
-            model.to(device)
-        return cls(model.eval(), AutoProcessor.from_pretrained(pretrained), siglip_head)
 
     @classmethod
     def from_config(
@@ -89,40 +70,17 @@ class LlavaOneVisionAdapter(ModelAdapter):
         attn_implementation: str,
         siglip_head: str | None = None,
     ):
-        """Random weights at the config's dimensions, initialised directly on `device` (latency and memory only).
-
-        With `siglip_head` set, the pooling head is random too, at the tower's dimensions (nothing is read).
-        """
-        from transformers import LlavaOnevisionForConditionalGeneration
-
+        """The base's random model; with `siglip_head` set, the pooling head is random too, at the tower's dimensions
+        (nothing is read)."""
         from dycoke_eval.models.siglip_head import SiglipPoolingHead
 
-        config._attn_implementation = attn_implementation
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in the run's dtype: a 7B is 16 GB in bf16, not 32 GB in float32 first
-        try:
-            with torch.device(device):
-                model = LlavaOnevisionForConditionalGeneration(config).eval()
-                head = SiglipPoolingHead.build(config.vision_config).eval() if siglip_head else None
-        finally:
-            torch.set_default_dtype(default)
-        adapter = cls(model, processor, siglip_head)
-        adapter._head = head
-        return adapter
-
-    @classmethod
-    def dimensions(cls, config: Any) -> LanguageModelDims:
-        text = config.text_config
-        heads = text.num_attention_heads
-        return LanguageModelDims(
-            hidden=text.hidden_size,
-            ffn=text.intermediate_size,
-            layers=text.num_hidden_layers,
-            heads=heads,
-            kv_heads=text.num_key_value_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        adapter = super().from_config(
+            config, processor, device=device, dtype=dtype, attn_implementation=attn_implementation, siglip_head=siglip_head
         )
+        if siglip_head:
+            with built_on(device, dtype):
+                adapter._head = SiglipPoolingHead.build(config.vision_config).eval()
+        return adapter
 
     @classmethod
     def video_layout(cls, config: Any, frames: int) -> VideoLayout:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from dycoke_eval.config import ConfigError
-from dycoke_eval.geometry import LanguageModelDims, VideoLayout
+from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.prompts import render_prompt
 
@@ -53,66 +53,9 @@ class QwenEncodedVideo(EncodedVideo):
 
 class Qwen2_5_VLAdapter(ModelAdapter):
     family: ClassVar[str] = "qwen2_5_vl"
+    model_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     keeps_grid_positions: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
-
-    @classmethod
-    def load(
-        cls,
-        pretrained: str,
-        *,
-        device: str,
-        dtype: torch.dtype,
-        attn_implementation: str,
-        device_map: str | None,
-        siglip_head: str | None = None,
-    ):
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
-        )
-        if device_map is None:
-            model.to(device)
-        return cls(model.eval(), AutoProcessor.from_pretrained(pretrained), siglip_head)
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Any,
-        processor: Any,
-        *,
-        device: str,
-        dtype: torch.dtype,
-        attn_implementation: str,
-        siglip_head: str | None = None,
-    ):
-        """Random weights at the config's dimensions, initialised directly on `device` (latency and memory only)."""
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        config._attn_implementation = attn_implementation
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in the run's dtype: a 7B is 16 GB in bf16, not 32 GB in float32 first
-        try:
-            with torch.device(device):
-                model = Qwen2_5_VLForConditionalGeneration(config).eval()
-        finally:
-            torch.set_default_dtype(default)
-        return cls(model, processor, siglip_head)
-
-    @classmethod
-    def dimensions(cls, config: Any) -> LanguageModelDims:
-        text = config.text_config
-        heads = text.num_attention_heads
-        return LanguageModelDims(
-            hidden=text.hidden_size,
-            ffn=text.intermediate_size,
-            layers=text.num_hidden_layers,
-            heads=heads,
-            kv_heads=text.num_key_value_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        )
 
     @classmethod
     def video_layout(cls, config: Any, frames: int) -> VideoLayout:
