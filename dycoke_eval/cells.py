@@ -164,9 +164,14 @@ def _prepare_environment(cfg: DictConfig) -> list[Path]:  # the app has set the 
     else:
         os.environ.setdefault("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
     if builds_tiny(cfg.model, cfg.offline_dir):
+        from dycoke_eval.offline.architectures import TINY_QWEN
         from dycoke_eval.offline.tiny_model import ensure_tiny_checkpoint
+        from dycoke_eval.offline.tiny_qwen import ensure_tiny_qwen_checkpoint
 
-        ensure_tiny_checkpoint(cfg.model.pretrained)
+        if cfg.model.get("architecture") in TINY_QWEN:
+            ensure_tiny_qwen_checkpoint(cfg.model.pretrained, TINY_QWEN[cfg.model.architecture])
+        else:
+            ensure_tiny_checkpoint(cfg.model.pretrained)
         if cfg.model.get("siglip_head"):
             from dycoke_eval.offline.tiny_model import ensure_tiny_siglip_head
 

@@ -1,5 +1,7 @@
 """The Qwen2.5-VL adapter on the tiny checkpoint: the adapter's path is HF's own, and pruned tokens keep their M-RoPE ids."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,18 @@ def test_methods_run_through_the_wrapper_and_enter_the_llm_with_their_planned_to
     assert record.frames == 8 and record.visual_tokens_full == layout.full_tokens
     planned = method.plan(PlannedCounts.full(layout, lm.adapter.dims().layers))
     assert record.prefill_visual_by_layer == pytest.approx(planned.prefill, abs=1)  # FastV's plan is nominal
+
+
+def test_the_app_runs_dycoke_on_the_tiny_qwen2_5_vl_and_refuses_fastvid_before_loading(offline_dir, tmp_path):
+    """`model=tiny_qwen2_5_vl`: built offline like the LLaVA one; a method without released Qwen arithmetic is one line."""
+    from conftest import run_app
+
+    env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
+    proc = run_app("model=tiny_qwen2_5_vl", "method=dycoke", "limit=1", "frames=8", f"results_dir={tmp_path}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = tmp_path.rglob("results.json")
+    for task in json.loads(results_file.read_text())["dycoke_eval"].values():
+        assert task["visual_tokens_in_mean"] < task["visual_tokens_full_mean"] and 0 < task["retained_ratio_mean"] < 1
+    refused = run_app("model=tiny_qwen2_5_vl", "method=fastvid", f"results_dir={tmp_path}", env=env)
+    (line,) = refused.stderr.splitlines()
+    assert refused.returncode == 2 and "'qwen2_5_vl' model family" in line

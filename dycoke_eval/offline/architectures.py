@@ -37,11 +37,12 @@ QWEN2 = {
     "72b": LanguageModelShape(8192, 29568, 80, 64, 8, 152064, False),
     "video_7b": LanguageModelShape(3584, 18944, 28, 28, 4, 152064, False),  # LLaVA-Video-7B-Qwen2: OV-7B's Qwen2-7B
 }
-ARCHITECTURES = ("tiny", *QWEN2)
+TINY_QWEN = {"tiny_qwen2_5_vl": "qwen2_5_vl"}  # the tiny random Qwen-VL checkpoints (`offline/tiny_qwen.py`), by family
+ARCHITECTURES = ("tiny", *QWEN2, *TINY_QWEN)
 
 
 def architecture_config(name: str, tokenizer=None):
-    """The LlavaOnevisionConfig of a known architecture (`tiny`, `0.5b`, `7b`, `72b`)."""
+    """The HF config of a known architecture: LLaVA-OneVision's (`tiny`, `0.5b`, `7b`, `72b`) or a tiny Qwen-VL's."""
     from transformers.models.qwen2.configuration_qwen2 import Qwen2Config  # direct imports: plans load no model code
     from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
 
@@ -50,6 +51,10 @@ def architecture_config(name: str, tokenizer=None):
 
     if name not in ARCHITECTURES:
         raise ConfigError(f"model.architecture={name!r}; known architectures: {', '.join(ARCHITECTURES)}")
+    if name in TINY_QWEN:
+        from dycoke_eval.offline.tiny_qwen import tiny_config as tiny_qwen_config
+
+        return tiny_qwen_config(TINY_QWEN[name])
     tokenizer = tokenizer or build_tokenizer()
     if name == "tiny":
         return tiny_config(tokenizer)
