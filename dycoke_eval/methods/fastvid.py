@@ -55,7 +55,7 @@ concatenation). The kNN size is min(4, tokens) where a pool is that small.
 
 On an accelerator: the segments are the one value the host reads; every count after them (salient tokens,
 anchors, pool sizes per frame and group) follows on the host, so all frames and merge groups are computed at
-once, padded to the largest with masks: 100-141 kernels per video at the real sizes whatever the segments
+once, padded to the largest with masks: 105-144 kernels per video at the real sizes whatever the segments
 (`scripts/bench_gpu.py --cpu-counts`). One topk per distinct per-frame count, as torch.topk breaks ties
 differently for each k and the released code asks each frame for its own. The Video form's noise, one draw per
 anchor frame in order, is one draw of their total (equal on the CPU; tested). Equal to the released code on the
@@ -73,7 +73,7 @@ import torch
 from dycoke_eval.compression.stages import ModelInfo, PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.density_peaks import batched_dpc_knn, cluster_means, density_scores, dpc_knn
-from dycoke_eval.methods.padded import below, true_first
+from dycoke_eval.methods.padded import below, laid_out, true_first
 
 MODES = ("official", "paper")
 VARIANTS = ("onevision", "video")
@@ -269,14 +269,14 @@ def _padding(width: int, counts: list[int], device) -> torch.Tensor:
 
 def _draw_rows(rows: list[tuple[int, int]], shape: tuple[int, int], scale: float, generator, device) -> torch.Tensor | None:
     """The released tie-break noise of padded rows: one draw per (row, length) in that order, as one draw of the total
-    laid into [B, P] (equal on the CPU generator: consecutive draws are one longer draw)."""
+    laid into [B, P] (equal on the CPU generator: consecutive draws are one longer draw); rows drawn for none are 0."""
     lengths = [length for _, length in rows]
     draw = _noise((sum(lengths),), scale, generator, device)
     if draw is None:
         return None
-    where = [row * shape[1] + j for row, length in rows for j in range(length)]
-    flat = torch.zeros(shape[0] * shape[1], dtype=draw.dtype, device=device)
-    return flat.index_copy_(0, torch.tensor(where, device=device), draw).view(shape)
+    starts = torch.tensor(list(accumulate([0, *lengths[:-1]])), device=device)
+    noise = torch.zeros(shape, dtype=draw.dtype, device=device)
+    return noise.index_copy_(0, torch.tensor([row for row, _ in rows], device=device), laid_out(draw, starts, shape[1]))
 
 
 @dataclass

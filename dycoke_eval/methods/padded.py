@@ -12,6 +12,13 @@ def below(width: int, counts: list[int] | torch.Tensor, device: torch.device | s
     return torch.arange(width, device=device) < counts[:, None]
 
 
+def laid_out(values: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """[G, width] rows of one flat `values`: row g reads it from `starts[g]` on, past its own length whatever follows
+    (padding, which the rows' valid masks never read). One draw of noise serves many groups this way."""
+    at = starts[:, None] + torch.arange(width, device=starts.device)
+    return values[at.clamp(max=values.numel() - 1)]
+
+
 def true_first(mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Indices along the last dim: each row's True entries in ascending order, then its False ones (a stable sort),
     cut to the first `width`."""

@@ -60,7 +60,7 @@ from dycoke_eval.compression.stages import (
 )
 from dycoke_eval.config import ConfigError
 from dycoke_eval.methods.density_peaks import batched_dpc_knn, cluster_means, dpc_knn
-from dycoke_eval.methods.padded import below, true_first
+from dycoke_eval.methods.padded import below, laid_out, true_first
 
 NEIGHBOURS = 7  # k of every DPC-kNN call (hard-coded in the released code)
 LARGEST_UNCLUSTERED = 14  # a group of more tokens than this is clustered (hard-coded)
@@ -86,8 +86,7 @@ class DensityNoise:
         b, so groups starting where the released order puts them get the released draws, one per clustered group."""
         if not (self.amplitude and total):
             return None
-        at = starts[:, None] + torch.arange(width, device=starts.device)
-        return self.draw(total)[at.clamp(max=total - 1)]
+        return laid_out(self.draw(total), starts, width)
 
 
 def refine_clusters(labels: list[int]) -> list[int]:
