@@ -16,6 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from dycoke_eval import distributed
 from dycoke_eval.cells import CellFailed, Interrupted, Session, check_run_settings, run_cell
 from dycoke_eval.config import CONF_DIR, ConfigError
 from dycoke_eval.groups import GROUP_KEY, run_group
@@ -65,14 +66,11 @@ def quiet_libraries(verbose: bool) -> None:
 def main(cfg: DictConfig, session: Session) -> None:
     """One Hydra job: a cell, a sample-major group of cells, or a dry run's plan."""
     try:
-        from dycoke_eval.distributed import adopt_submitit_tasks
-
-        adopt_submitit_tasks()  # a submitit job's tasks (SLURM tasks_per_node) become the ranks of a data-parallel run
+        distributed.adopt_submitit_tasks()  # a submitit job's tasks (SLURM tasks_per_node) become a data-parallel run
         set_hub_offline(cfg)
         quiet_libraries(cfg.verbose)
         check_run_settings(cfg)
         if cfg.dry_run:  # a single cell's plan; sweeps plan all their cells in the grids sweeper
-            from dycoke_eval import distributed
             from dycoke_eval.plans import write_plan
 
             if distributed.is_main():
@@ -121,7 +119,10 @@ def cli(session: Session | None = None) -> None:
     def job(cfg: DictConfig) -> None:  # Hydra names the job after this module: `app`
         main(cfg, session)
 
-    job()
+    try:
+        job()
+    finally:
+        distributed.close()
 
 
 def run_in_process(overrides: list[str], session: Session | None = None) -> int:

@@ -86,6 +86,19 @@ def gather(value: T) -> list[T]:
     return gather_object([value])
 
 
+def close() -> None:
+    """End this process's part in the run: the process group is destroyed before the interpreter exits, with every
+    rank past its last collective. Left to the interpreter's teardown, gloo's worker threads may still be joinable
+    when their destructors run, and the process aborts ("terminate called without an active exception") after its
+    work is done, failing the whole launch."""
+    if not launched():
+        return
+    import torch.distributed as torch_distributed
+
+    if torch_distributed.is_available() and torch_distributed.is_initialized():
+        torch_distributed.destroy_process_group()
+
+
 def summed(counts: dict[str, Any]) -> dict[str, Any]:
     """Numeric counts summed over the processes (each process counts only its own shard)."""
     per_rank = gather(counts)
