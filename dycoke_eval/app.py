@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dycoke_eval import distributed
-from dycoke_eval.cells import CellFailed, Interrupted, Session, check_run_settings, run_cell
+from dycoke_eval.cells import CellFailed, Interrupted, Session, check_cell, check_run_settings, run_cell
 from dycoke_eval.config import CONF_DIR, ConfigError
 from dycoke_eval.groups import GROUP_KEY, run_group
 
@@ -73,6 +73,7 @@ def main(cfg: DictConfig, session: Session) -> None:
         if cfg.dry_run:  # a single cell's plan; sweeps plan all their cells in the grids sweeper
             from dycoke_eval.plans import write_plan
 
+            check_cell(cfg)  # a plan of a cell that would be refused is no plan
             if distributed.is_main():
                 write_plan([cfg], Path(cfg.results_dir) / cfg.run_name / "plan.csv")
         elif cfg.get(GROUP_KEY) is not None:  # a sweep's job for a sample-major group of cells

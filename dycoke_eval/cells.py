@@ -90,6 +90,7 @@ def check_cell(cfg: DictConfig):
     if cfg.model.get("architecture"):  # known without a download; other checkpoints are checked when they load
         config = checkpoint_config(cfg.model.architecture, cfg.model.pretrained)
         adapter = adapter_class(config, cfg.model.pretrained, cfg.model.get("adapter"))
+        adapter.check_settings(*(cfg.model.get(name) for name in ("min_pixels", "max_pixels", "position_numbering")))
         method.validate_for(adapter.model_info(config, bool(cfg.model.get("siglip_head"))))
     return method
 
@@ -235,6 +236,9 @@ def run_cell(
         random_weights_architecture=cfg.model.architecture if cfg.model.get("random_weights") else None,
         adapter=cfg.model.get("adapter"),
         siglip_head=cfg.model.get("siglip_head"),
+        min_pixels=cfg.model.get("min_pixels"),
+        max_pixels=cfg.model.get("max_pixels"),
+        position_numbering=cfg.model.get("position_numbering"),
         max_new_tokens=generation_cap(cfg),
         journal=str(journal_path(cell_dir, distributed.rank())),
         companions=companions,
@@ -286,7 +290,7 @@ def run_cell(
         "hardware_by_rank": machines,
         "seeded_scorers": sorted(task_manager.seeded),  # tasks whose scorer's random draws are seeded per document
     }
-    write_cell(cell_dir, cfg, output, records, method.describe(), plan_row(cfg), runtime)
+    write_cell(cell_dir, cfg, output, records, method.describe(lm.adapter.family), plan_row(cfg), runtime)
     if cfg.measure:
         print(format_efficiency(cell_dir.name, records))
     resumed = sum(record["from_journal"] for record in records)

@@ -29,6 +29,8 @@ class CheckpointKey:
     random_architecture: str | None = None
     adapter: str | None = None  # the adapter a model config names (`adapter`), else the one for its model_type
     siglip_head: str | None = None  # the SigLIP checkpoint giving the probe signals
+    pixel_bounds: tuple[int | None, int | None] = (None, None)  # min, max pixels frames are resized within (Qwen-VL)
+    position_numbering: str | None = None  # how Qwen2.5-VL numbers the text after a video (None: its default)
 
 
 @dataclass
@@ -130,6 +132,8 @@ class CheckpointLoader:
         random_architecture: str | None = None,
         adapter: str | None = None,
         siglip_head: str | None = None,
+        pixel_bounds: tuple[int | None, int | None] = (None, None),
+        position_numbering: str | None = None,
     ) -> LoadedCheckpoint:
         """Load the checkpoint, or reuse it if it is the one loaded.
 
@@ -137,13 +141,16 @@ class CheckpointLoader:
         `random_architecture` ("0.5b", "7b", "72b") builds that real architecture with random weights
         instead, without any download: for latency and memory only. `adapter` names the model adapter
         (`llava_video`) where the checkpoint's model_type alone does not tell; `siglip_head` is the SigLIP
-        checkpoint whose pooling head gives the probe signals (read on first use).
+        checkpoint whose pooling head gives the probe signals (read on first use); `pixel_bounds` the min and max
+        pixels a family that resizes by pixel count (Qwen-VL) resizes frames within (None: its processor's);
+        `position_numbering` how Qwen2.5-VL numbers the text after a video (None: its default).
         """
         from dycoke_eval.models import adapter_class, checkpoint_config
 
         key = CheckpointKey(
-            str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture, adapter, siglip_head
-        )
+            str(pretrained), device, str(dtype), attn_implementation, device_map, random_architecture, adapter, siglip_head,
+            tuple(pixel_bounds), position_numbering,
+        )  # fmt: skip
         if self.loaded is not None and self.loaded.key == key:
             return self.loaded
         self.loaded = None  # the old model is freed before the new one loads
@@ -159,6 +166,7 @@ class CheckpointLoader:
                 device_map=device_map,
                 siglip_head=siglip_head,
             )
+        loaded.use_settings(*pixel_bounds, position_numbering)
         self.loads += 1
         self.loaded = LoadedCheckpoint(key=key, adapter=loaded)
         return self.loaded
@@ -177,12 +185,18 @@ def build_random_model(
     With `siglip_head` set, a random pooling head at the tower's dimensions stands in for that checkpoint's.
     """
     from dycoke_eval.models import adapter_class
-    from dycoke_eval.offline.architectures import architecture_config
-    from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer
+    from dycoke_eval.offline.architectures import architecture_config, architecture_family
 
-    tokenizer = build_tokenizer()
-    config = architecture_config(size, tokenizer)
-    processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
+    if family := architecture_family(size):  # Qwen-VL: its real processor classes around the tiny tokenizer
+        from dycoke_eval.offline.tiny_qwen import build_processor
+
+        config, processor = architecture_config(size), build_processor(family, real_sizes=True)
+    else:
+        from dycoke_eval.offline.tiny_model import build_processor, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        config = architecture_config(size, tokenizer)
+        processor = build_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
     return adapter_class(config, name=adapter).from_config(
         config, processor, device=device, dtype=dtype, attn_implementation=attn_implementation, siglip_head=siglip_head
     )

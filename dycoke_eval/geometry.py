@@ -43,6 +43,25 @@ class VideoLayout:
 
 
 @dataclass(frozen=True)
+class FrameTiming:
+    """When the sampled frames were shown: models that number frames in time (Qwen-VL) read it, the others ignore it."""
+
+    fps: float | None  # the video's own frame rate (None: unknown)
+    frame_count: int  # frames in the video
+    indices: tuple[int, ...]  # the sampled frames
+
+    @property
+    def sampled_fps(self) -> float | None:
+        """Sampled frames per second of video, as transformers' `VideoMetadata.sampled_fps` defines it."""
+        return len(self.indices) / self.frame_count * self.fps if self.fps else None
+
+    @property
+    def seconds(self) -> list[float] | None:
+        """Each sampled frame's time in the video (`VideoMetadata.timestamps`)."""
+        return [index / self.fps for index in self.indices] if self.fps else None
+
+
+@dataclass(frozen=True)
 class LanguageModelDims:
     hidden: int  # d
     ffn: int  # m
@@ -60,6 +79,9 @@ class LanguageModelDims:
         return self.kv_heads * self.head_dim
 
 
+LLAVA_FAMILIES = ("llava_onevision", "llava_video")  # SigLIP towers: the encoder signals the LLaVA-era methods score with
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a method may check about the model before a run."""
@@ -67,6 +89,7 @@ class ModelInfo:
     layers: int  # decoder layers
     signals: frozenset[str]  # encoder signals the checkpoint can give
     family: str  # the model family's adapter, as in `VideoLayout.family`
+    video_in_one_span: bool = True  # the video's tokens form one run of the prompt (Qwen3-VL interleaves timestamps)
 
 
 @dataclass

@@ -109,6 +109,9 @@ class SampleRecord:
     frames: int = 0
     video_frame_count: int | None = None  # frames in the video file
     sampled_indices: list[int] = field(default_factory=list)  # the frame indices that entered the model
+    video_fps: float | None = None  # the video file's frame rate (Qwen-VL numbers its frames in time with it)
+    token_grid: list[int] = field(default_factory=list)  # the video's tokens as [frames (or temporal patches), rows, cols]
+    pixel_bounds: dict[str, int] | None = None  # min_pixels, max_pixels frames were resized within (None: a fixed size)
     visual_tokens_in: int = 0  # visual tokens that entered the LLM (newline token included)
     visual_tokens_full: int = 0  # what the full-token model would have used
     visual_tokens_by_stage: dict[str, int] = field(default_factory=dict)  # visual tokens after each compression stage, in order

@@ -10,6 +10,10 @@ restart of the decoder throws away, otherwise decode forward, naming each decode
 timestamp. Whenever that cannot be verified (missing or repeated timestamps, a packet that decodes
 to no frame, a seek that lands past its keyframe), a sequential decode that counts the decodable
 frames first takes over.
+
+The video's frame rate comes along: the stream's average rate, as decord's `get_avg_fps` gives it, or,
+where the container declares none, the mean rate over the packets' timestamps. Models that number frames
+in time (Qwen-VL's M-RoPE and timestamps) need it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av
@@ -34,6 +38,7 @@ class SampledVideo:
     frame_count: int  # n, the video's frame count
     indices: tuple[int, ...]  # the sampled indices (length F)
     decoded: int  # how many frames were actually decoded (for tests/diagnostics)
+    fps: float | None = None  # the video's own frame rate (None: neither the container nor the timestamps tell)
 
 
 def sample_indices(frame_count: int, frames: int) -> list[int]:
@@ -58,9 +63,21 @@ def sample_video(path: str | os.PathLike[str], frames: int) -> SampledVideo:
             indices = sample_indices(len(timeline.timestamps), frames)
             found, decoded = _decode_by_seeking(container, stream, timeline, set(indices))
             if found is not None:
-                return _sampled(path, found, len(timeline.timestamps), indices, decoded)
+                sampled = _sampled(path, found, len(timeline.timestamps), indices, decoded)
+                return replace(sampled, fps=_frame_rate(stream, timeline))
+        fps = _frame_rate(stream, timeline)
     fallback = _sample_sequentially(path, frames)
-    return SampledVideo(fallback.frames, fallback.frame_count, fallback.indices, decoded + fallback.decoded)
+    return replace(fallback, decoded=decoded + fallback.decoded, fps=fps)
+
+
+def _frame_rate(stream: av.VideoStream, timeline: _Timeline | None) -> float | None:
+    """Frames per second: the stream's declared average, else the mean over the timestamps of the packets."""
+    if stream.average_rate:
+        return float(stream.average_rate)
+    if timeline is not None and len(timeline.timestamps) > 1 and stream.time_base:
+        span = (timeline.timestamps[-1] - timeline.timestamps[0]) * stream.time_base
+        return float((len(timeline.timestamps) - 1) / span) if span > 0 else None
+    return None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from dycoke_eval.compression.dispatcher import Compressor
 from dycoke_eval.compression.stages import CompressionMethod, per_sample_seed, routes_attention
 from dycoke_eval.config import ConfigError, check_routable
 from dycoke_eval.encoder_cache import CachedEncoding, EncoderCache, EncoderPasses
+from dycoke_eval.geometry import FrameTiming
 from dycoke_eval.models.base import EncodedVideo, ModelAdapter
 from dycoke_eval.offline.tiny_model import checkpoint_generation_cap
 from dycoke_eval.plumbing.cache import generated_cache
@@ -93,6 +94,9 @@ class CompressedVideoLM(lmms):
         random_weights_architecture: str | None = None,
         adapter: str | None = None,  # a model adapter by name (`llava_video`); None: the one for the checkpoint's model_type
         siglip_head: str | None = None,  # SigLIP checkpoint (hub id or folder) whose pooling head gives the probe signals
+        min_pixels: int | None = None,  # Qwen-VL: frames resized within these pixel counts (None: the processor's)
+        max_pixels: int | None = None,
+        position_numbering: str | None = None,  # Qwen2.5-VL: released (transformers 4.x) or installed (None: released)
         companions: Sequence[Companion] = (),  # the other cells of its sample-major group, answered in the same passes
         prefetch_depth: int = 2,  # samples whose video is decoded ahead in the background (0: decode inline)
         prefetch_workers: int | str = "auto",  # background threads decoding them (`prefetch_threads` for auto)
@@ -153,6 +157,8 @@ class CompressedVideoLM(lmms):
             random_weights_architecture,
             adapter or None,
             siglip_head or None,
+            (_optional_count(min_pixels), _optional_count(max_pixels)),
+            position_numbering or None,
         )
         self.measure = bool(measure)  # the efficiency protocol: prefill and decode steps, memory, KV-cache bytes
         self.static_decoding = bool(static_decoding)
@@ -360,7 +366,8 @@ class CompressedVideoLM(lmms):
             pixels = video.pixels if self.device_preprocess is None else self.preprocess_on_device(video.pixels, first)
             encoded = self.encode_pixels(pixels, first, signals)
             self.encoder_passes.done += 1
-            encoded.frame_count, encoded.indices = video.frame_count, list(video.indices)
+            encoded.frame_count, encoded.indices = video.timing.frame_count, list(video.timing.indices)
+            encoded.fps = video.timing.fps
             if cache_key:
                 spent = sum(first.seconds[stage] for stage in ("video_decode", "preprocess", "vision_encoder"))
                 self.encoder_cache.put(cache_key, CachedEncoding(encoded, spent))
@@ -369,7 +376,7 @@ class CompressedVideoLM(lmms):
             record.encoder_shared = cached is None and record is not first
             # the frames sampled, not the layout's: a model may pack two frames into one temporal patch (Qwen-VL)
             record.frames, record.video_frame_count = len(encoded.indices), encoded.frame_count
-            record.sampled_indices = list(encoded.indices)
+            record.sampled_indices, record.video_fps = list(encoded.indices), encoded.fps
         return encoded
 
     def warm_up(self, passes: int) -> None:
@@ -453,7 +460,10 @@ class CompressedVideoLM(lmms):
             output = sequences
         prompt_length = inputs.input_ids.shape[1]
         decode_steps = max(int(sequences.shape[1]) - prompt_length - 1, 0)  # the first new token comes from prefill
-        record.visual_tokens_full = encoded.layout.full_tokens
+        layout = encoded.layout
+        record.token_grid = [layout.frames, layout.rows, layout.cols]  # Qwen-VL's follows each video's resolution
+        record.pixel_bounds = adapter.pixel_bounds_in_effect()
+        record.visual_tokens_full = layout.full_tokens
         record.visual_tokens_in = int(visual.shape[0])
         record.visual_tokens_by_stage = {**selected.by_stage, **figures.by_stage}
         record.prefill_visual_by_layer = figures.prefill_visual_by_layer
@@ -573,12 +583,13 @@ class PreparedVideo:
     with the seconds each step took."""
 
     pixels: Any  # the tower's pixels, or uint8 frames [T, H, W, 3] for the model's device to preprocess
-    frame_count: int
-    indices: tuple[int, ...]
+    timing: FrameTiming  # the video's frame rate and count, and the sampled indices
     seconds: dict[str, float]  # video_decode, preprocess (when done here): wall time in the thread that did them
 
 
-def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any] | None, pin: bool = False) -> PreparedVideo:
+def prepare_video(
+    path: str, frames: int, preprocess: Callable[[Any, FrameTiming], Any] | None, pin: bool = False
+) -> PreparedVideo:
     """Decode `frames` frames of the video and preprocess them; a video that fails raises VideoUnavailable.
 
     Runs in a prefetch thread or inline; CPU work only, so plain wall times are the steps' times. `preprocess=None`
@@ -592,7 +603,8 @@ def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any] | Non
     except VideoDecodeError as error:
         raise VideoUnavailable(str(error)) from None
     decoded = time.perf_counter()
-    pixels = torch.from_numpy(sampled.frames) if preprocess is None else preprocess(sampled.frames)
+    timing = FrameTiming(sampled.fps, sampled.frame_count, sampled.indices)
+    pixels = torch.from_numpy(sampled.frames) if preprocess is None else preprocess(sampled.frames, timing)
     if pin:
         pixels = pixels.pin_memory()
     ready = time.perf_counter()
@@ -600,7 +612,14 @@ def prepare_video(path: str, frames: int, preprocess: Callable[[Any], Any] | Non
         seconds = {"video_decode": ready - start}
     else:
         seconds = {"video_decode": decoded - start, "preprocess": ready - decoded}
-    return PreparedVideo(pixels, sampled.frame_count, sampled.indices, seconds)
+    return PreparedVideo(pixels, timing, seconds)
+
+
+def _optional_count(value: Any) -> Any:
+    """An optional count as lmms-eval's `--model_args` strings give it ("" and "None": unset); checked by the adapter."""
+    if value in (None, "", "None", "null"):
+        return None
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 def _count_setting(name: str, value: Any, least: int, meaning: str) -> int:

@@ -80,6 +80,11 @@ def test_samples_exactly_f_frames_at_the_linspace_indices(videos, suffix, length
     assert [painted_index(frame) for frame in sampled.frames] == expected.tolist()
 
 
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_the_videos_own_frame_rate_comes_with_the_frames_in_every_container(videos, suffix):
+    assert sample_video(videos[suffix, 20], 4).fps == pytest.approx(FPS, rel=1e-6)
+
+
 def test_a_long_mkv_with_short_gops_is_decoded_only_around_the_targets(video_dir):
     # Targets 40 frames apart, keyframes every 2: each seek skips more frames than any decoder keeps in flight.
     gop_size, frames = 2, 4

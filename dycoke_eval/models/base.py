@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.geometry import LanguageModelDims, ModelInfo, VideoLayout
+from dycoke_eval.config import ConfigError
+from dycoke_eval.geometry import FrameTiming, LanguageModelDims, ModelInfo, VideoLayout
 
 
 @contextmanager
@@ -42,6 +43,7 @@ class EncodedVideo:
     newline: torch.Tensor | None = None  # [D] the model's newline embedding, if its layout has newlines
     signals: dict[str, torch.Tensor] = field(default_factory=dict)  # captured encoder signals, pooled like `grid`
     frame_count: int = 0  # frames in the video file
+    fps: float | None = None  # the video file's frame rate
     indices: list[int] = field(default_factory=list)  # the frame indices that were encoded
 
     def nbytes(self) -> int:
@@ -71,11 +73,56 @@ class ModelAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     loads: ClassVar[tuple[str, ...]] = ()  # further model types it runs when a model config names it (`adapter`)
     signals: ClassVar[frozenset[str]] = frozenset()  # encoder signals `encode` can capture
+    video_in_one_span: ClassVar[bool] = True  # the video's tokens are one run of the prompt (in-LLM stages need it)
+    sizes_by_pixel_bounds: ClassVar[bool] = False  # frames resized within min/max pixels (Qwen-VL), not to a fixed size
+    position_numberings: ClassVar[tuple[str, ...]] = ()  # ways of numbering the text after a video, default first
 
     def __init__(self, model: Any, processor: Any, siglip_head: str | None = None) -> None:
         self.model = model
         self.processor = processor
         self.siglip_head = siglip_head  # the SigLIP checkpoint whose pooling head gives the probe signals (hub id or folder)
+        self.pixel_bounds: tuple[int | None, int | None] = (None, None)  # min, max pixels (None: the processor's)
+
+    @classmethod
+    def check_settings(
+        cls, min_pixels: int | None = None, max_pixels: int | None = None, position_numbering: str | None = None
+    ) -> None:
+        """The model settings this family reads, checked from the config alone (before anything loads): the pixel
+        bounds frames are resized within (Qwen-VL) and how positions after a video are numbered (Qwen2.5-VL)."""
+        if (min_pixels, max_pixels) != (None, None) and not cls.sizes_by_pixel_bounds:
+            raise ConfigError(
+                f"model.min_pixels={min_pixels}, model.max_pixels={max_pixels}: the {cls.family} family resizes every "
+                "frame to its encoder's fixed size; these settings apply to Qwen-VL models: remove them"
+            )
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"model.{name}={value!r}: give a positive number of pixels, or null for the processor's")
+        if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+            raise ConfigError(f"model.min_pixels={min_pixels} > model.max_pixels={max_pixels}: the bounds are reversed")
+        if position_numbering is not None and not cls.position_numberings:
+            raise ConfigError(
+                f"model.position_numbering={position_numbering!r}: the {cls.family} family numbers positions one way; "
+                "the setting applies to Qwen2.5-VL: remove it"
+            )
+        if position_numbering is not None and position_numbering not in cls.position_numberings:
+            raise ConfigError(
+                f"model.position_numbering={position_numbering!r}: use released (as Qwen2.5-VL was trained and FastVID "
+                "ran, transformers 4.x) or installed (the installed transformers' get_rope_index)"
+            )
+
+    def use_settings(
+        self, min_pixels: int | None = None, max_pixels: int | None = None, position_numbering: str | None = None
+    ) -> None:
+        """Apply the model settings (`check_settings`; None keeps the family's default). Set once, as the checkpoint
+        loads: a loaded checkpoint's key includes them, so its encoder cache holds one size."""
+        self.check_settings(min_pixels, max_pixels, position_numbering)
+        self.pixel_bounds = (min_pixels, max_pixels)
+        if position_numbering is not None:
+            self.position_numbering = position_numbering
+
+    def pixel_bounds_in_effect(self) -> dict[str, int] | None:
+        """The pixel bounds frames are resized within (None: a fixed size), recorded with every sample."""
+        return None
 
     @property
     def tokenizer(self):
@@ -156,7 +203,8 @@ class ModelAdapter(ABC):
     @classmethod
     def model_info(cls, config: Any, siglip_head: bool = False) -> ModelInfo:
         """What a method may check before a run, from the HF config alone (no weights)."""
-        return ModelInfo(cls.dimensions(config).layers, cls.available_signals(config, siglip_head), cls.family)
+        signals = cls.available_signals(config, siglip_head)
+        return ModelInfo(cls.dimensions(config).layers, signals, cls.family, cls.video_in_one_span)
 
     def loaded_info(self) -> ModelInfo:
         """`model_info` of this loaded model, with its configured pooling head."""
@@ -186,8 +234,11 @@ class ModelAdapter(ABC):
         """The vision encoder (a PreTrainedModel)."""
 
     @abstractmethod
-    def preprocess(self, frames: Any) -> Any:
-        """Decoded frames [T, H, W, 3] -> the vision tower's inputs, on the CPU (timed apart from the encoder)."""
+    def preprocess(self, frames: Any, timing: FrameTiming | None = None) -> Any:
+        """Decoded frames [T, H, W, 3] -> the vision tower's inputs, on the CPU (timed apart from the encoder).
+
+        `timing` says when the frames were shown (None: frames given without a file); families that number frames in
+        time read it."""
 
     @abstractmethod
     def device_preprocessor(self) -> Callable[[torch.Tensor], Any]:

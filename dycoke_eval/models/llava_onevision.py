@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.geometry import VideoLayout
+from dycoke_eval.geometry import FrameTiming, VideoLayout
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter, built_on
 from dycoke_eval.models.device_preprocess import DeviceVideoProcessor
 from dycoke_eval.plumbing.hooks import captured_output
@@ -99,7 +99,8 @@ class LlavaOneVisionAdapter(ModelAdapter):
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
 
-    def preprocess(self, frames: Any) -> torch.Tensor:
+    def preprocess(self, frames: Any, timing: FrameTiming | None = None) -> torch.Tensor:
+        """Time plays no part: LLaVA's video tokens carry no timestamps."""
         return self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
 
     def device_preprocessor(self) -> DeviceVideoProcessor:
