@@ -47,8 +47,9 @@ def test_dimensions_and_layout_come_from_the_hf_config(architecture, dims):
 
 
 def test_an_unsupported_model_family_names_the_supported_ones():
-    with pytest.raises(ConfigError, match="'qwen3_vl' checkpoint; supported model families: llava_onevision, qwen2_5_vl"):
-        adapter_class(SimpleNamespace(model_type="qwen3_vl"), "Qwen/Qwen3-VL-8B-Instruct")
+    families = "llava_onevision, qwen2_5_vl, qwen3_vl"
+    with pytest.raises(ConfigError, match=f"'qwen2_vl' checkpoint; supported model families: {families}"):
+        adapter_class(SimpleNamespace(model_type="qwen2_vl"), "Qwen/Qwen2-VL-7B-Instruct")
 
 
 def test_llava_video_7b_from_its_model_config_169_tokens_and_13_newlines_a_frame():
@@ -332,3 +333,15 @@ def test_the_projected_features_are_hfs_hidden_states_of_the_feature_layer_keepi
         if model.config.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
         assert torch.equal(features, model.model.multi_modal_projector(selected)) and torch.equal(last, hidden[-1])
+
+
+def test_the_benchmarks_real_sizes_are_the_layouts_their_models_plan():
+    """`offline/real_size.SIZES` (bench_prellm, bench_gpu): each size is its architecture's own planned layout."""
+    from dycoke_eval.offline.real_size import SIZES
+
+    for size, (frames, rows, cols, newlines, family, architecture) in SIZES.items():
+        config = architecture_config(architecture)
+        sampled = frames * 2 if family.startswith("qwen") else frames  # Qwen-VL: two frames a temporal patch
+        layout = adapter_class(config, name=family).video_layout(config, sampled)
+        assert (layout.frames, layout.rows, layout.cols, layout.newlines, layout.family) == (
+            frames, rows, cols, newlines, family), size  # fmt: skip

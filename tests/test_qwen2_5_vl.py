@@ -8,12 +8,18 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from dycoke_eval.config import ConfigError
+from dycoke_eval.geometry import FrameTiming
 from dycoke_eval.methods.fastvid import FastVID
-from dycoke_eval.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from dycoke_eval.models.qwen2_5_vl import Qwen2_5_VLAdapter, released_text_positions
 from dycoke_eval.offline.tiny_qwen import build_tiny_qwen_checkpoint
 
 QUESTION = "What happens?"
-FPS = 1.0  # not the 2.0 default, so a dropped fps would show in the temporal ids
+VIDEO_FPS, VIDEO_FRAMES = 30.0, 240  # 8 frames sampled from 8 s of video: 1 frame a second, not the 2.0 default,
+# so a dropped or misread rate shows in the temporal ids
+
+
+def timing(count=8):
+    return FrameTiming(VIDEO_FPS, VIDEO_FRAMES, tuple(np.linspace(0, VIDEO_FRAMES - 1, count, dtype=int).tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,7 @@ def frames(count=8, height=56, width=84):
 
 def encoded_of(adapter, video):
     with torch.no_grad():
-        return adapter.encode(adapter.preprocess(video, fps=FPS))
+        return adapter.encode(adapter.preprocess(video, timing(len(video))))
 
 
 def adapter_inputs(adapter, video, keep=None):
@@ -50,9 +56,10 @@ def adapter_inputs(adapter, video, keep=None):
 
 
 def hf_inputs(adapter, video):
-    """HF's own path: the processor on the templated text and the frames, told their sampling fps."""
+    """HF's own path: the processor on the templated text and the frames, told when they were sampled."""
     text = adapter.render_prompt("checkpoint", QUESTION)
-    metadata = {"fps": FPS, "total_num_frames": len(video), "frames_indices": list(range(len(video)))}
+    shown = timing(len(video))
+    metadata = {"fps": shown.fps, "total_num_frames": shown.frame_count, "frames_indices": list(shown.indices)}
     return adapter.processor(text=[text], videos=[video], video_metadata=[metadata], return_tensors="pt")
 
 
@@ -64,8 +71,16 @@ def hf_mrope(adapter, inputs):
     return positions
 
 
-def test_unpruned_path_is_hfs_own(adapter):
-    video = frames()
+@pytest.fixture
+def installed_numbering(adapter):
+    """The adapter numbering positions as the installed transformers does, for this test."""
+    adapter.use_settings(position_numbering="installed")
+    yield adapter
+    adapter.use_settings(position_numbering="released")
+
+
+def test_unpruned_path_is_hfs_own(installed_numbering):
+    adapter, video = installed_numbering, frames()
     ours, theirs = adapter_inputs(adapter, video), hf_inputs(adapter, video)
     assert torch.equal(ours.input_ids, theirs["input_ids"])
     mrope = hf_mrope(adapter, theirs)
@@ -79,6 +94,35 @@ def test_unpruned_path_is_hfs_own(adapter):
         adapter.model.model.rope_deltas = None
         got = adapter.model(**ours.kwargs).logits
     assert torch.equal(got, expected)
+
+
+def test_released_numbering_starts_the_text_after_the_video_past_its_largest_id_as_transformers_4_did(adapter):
+    """docs/qwen.md, b: 6 text tokens, <|vision_start|>, a video of 3 temporal patches of 2x2 merged tokens, 1 s
+    apart (2 ids a second), <|vision_end|>, 2 text tokens. transformers 4.51's get_rope_index numbers <|vision_end|>
+    12 (the video's largest id, t = 11, + 1); 5.x numbers it 9 (7 + max(rows, cols))."""
+    vision = [[7 + 2 * t for t in range(3) for _ in range(4)], [7 + i for _ in range(3) for i in (0, 0, 1, 1)],
+              [7 + j for _ in range(3) for j in (0, 1, 0, 1)]]  # fmt: skip
+    released = torch.tensor([[*range(7), *axis, 12, 13, 14] for axis in vision])[:, None]
+    video_id, start_id, end_id = (adapter.config.video_token_id, adapter.config.vision_start_token_id,
+                                  adapter.config.vision_end_token_id)  # fmt: skip
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, start_id, *[video_id] * 12, end_id, 7, 8]])
+    installed, _ = adapter.model.model.get_rope_index(
+        ids, (ids == video_id).int() * 2, video_grid_thw=torch.tensor([[3, 4, 4]]),
+        second_per_grid_ts=torch.tensor([1.0]), attention_mask=torch.ones_like(ids),
+    )  # fmt: skip
+    assert installed[:, 0, -3:].tolist() == [[9, 10, 11]] * 3  # 5.x, as docs/qwen.md reports it
+    assert torch.equal(released_text_positions(installed, ids[0] == video_id), released)
+
+
+def test_released_numbering_moves_only_the_text_after_the_video(adapter):
+    """The default numbering: HF's ids for the vision and the text before it, the text after shifted as one block."""
+    video = frames()
+    ours, theirs = adapter_inputs(adapter, video), hf_inputs(adapter, video)
+    mrope, start = hf_mrope(adapter, theirs), ours.visual_start
+    got = ours.kwargs["position_ids"][1:]
+    assert torch.equal(got[:, :, : start + 24], mrope[:, :, : start + 24])
+    shift = got[:, :, start + 24 :] - mrope[:, :, start + 24 :]
+    assert shift.unique().tolist() == [int(mrope[:, :, start : start + 24].max()) + 1 - int(mrope[0, 0, start + 24])]
 
 
 def test_kept_tokens_keep_their_unpruned_positions(adapter):
@@ -117,14 +161,15 @@ def test_odd_frame_count_names_the_fix(adapter):
         Qwen2_5_VLAdapter.video_layout(adapter.config, 9)
 
 
-def test_model_info_and_fastvid_refuses_the_family(adapter):
+def test_model_info_and_fastvid_takes_the_family(adapter):
     info = adapter.model_info(adapter.config)
-    assert info.family == "qwen2_5_vl" and info.signals == frozenset()
+    assert info.family == "qwen2_5_vl" and info.signals == frozenset({"probe_attention", "probe_features"})
     assert info.layers == adapter.config.text_config.num_hidden_layers
     layout = Qwen2_5_VLAdapter.video_layout(adapter.config, 8)
     assert (layout.frames, layout.newlines, layout.full_tokens) == (4, "none", layout.grid_tokens)
-    with pytest.raises(ConfigError, match="'qwen2_5_vl' model family"):
-        FastVID().validate_for(info)
+    FastVID().validate_for(info)  # its released Qwen2.5-VL arithmetic (fastvid_qwen.py)
+    with pytest.raises(ConfigError, match="mode='paper': FastVID on Qwen2.5-VL exists only as its released code"):
+        FastVID(mode="paper").validate_for(info)
 
 
 def test_paper_form_is_the_chat_template(adapter):
@@ -157,7 +202,8 @@ def test_methods_run_through_the_wrapper_and_enter_the_llm_with_their_planned_to
 
 
 def test_the_app_runs_dycoke_on_the_tiny_qwen2_5_vl_and_refuses_fastvid_before_loading(offline_dir, tmp_path):
-    """`model=tiny_qwen2_5_vl`: built offline like the LLaVA one; a method without released Qwen arithmetic is one line."""
+    """`model=tiny_qwen2_5_vl`: built offline like the LLaVA one; FastVID's paper form, which has no Qwen code, is one
+    line before loading."""
     from conftest import run_app
 
     env = {"DYCOKE_OFFLINE_DIR": str(offline_dir)}
@@ -166,6 +212,44 @@ def test_the_app_runs_dycoke_on_the_tiny_qwen2_5_vl_and_refuses_fastvid_before_l
     (results_file,) = tmp_path.rglob("results.json")
     for task in json.loads(results_file.read_text())["dycoke_eval"].values():
         assert task["visual_tokens_in_mean"] < task["visual_tokens_full_mean"] and 0 < task["retained_ratio_mean"] < 1
-    refused = run_app("model=tiny_qwen2_5_vl", "method=fastvid", f"results_dir={tmp_path}", env=env)
+    refused = run_app("model=tiny_qwen2_5_vl", "method=fastvid", "method.mode=paper", f"results_dir={tmp_path}", env=env)
     (line,) = refused.stderr.splitlines()
-    assert refused.returncode == 2 and "'qwen2_5_vl' model family" in line
+    assert refused.returncode == 2 and "FastVID on Qwen2.5-VL exists only as its released code" in line
+
+
+def test_pixel_bounds_set_the_grid_and_each_sample_records_its_grid_rate_and_bounds(checkpoint, tmp_path):
+    """`model.min_pixels`/`max_pixels` bound each frame's resize; the record says what the sample got."""
+    from test_wrapper import GREEDY, make_requests
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+    from dycoke_eval.offline.videos import FPS, HEIGHT, WIDTH, write_video
+    from dycoke_eval.wrapper import CompressedVideoLM
+
+    video = str(write_video(tmp_path / "clip.mp4"))
+    grids = {}
+    for bounds in [(None, None), (112 * 112, 112 * 112)]:
+        lm = CompressedVideoLM(pretrained=str(checkpoint), frames=8, device="cpu", method="full",
+                               min_pixels=bounds[0], max_pixels=bounds[1])  # fmt: skip
+        lm.generate_until(make_requests(lm, [video], GREEDY))
+        (record,) = lm.sample_records
+        assert record.video_fps == pytest.approx(FPS) and record.token_grid[0] == 4  # 8 frames, 4 temporal patches
+        assert record.visual_tokens_full == record.token_grid[0] * record.token_grid[1] * record.token_grid[2]
+        grids[bounds] = record.token_grid
+    size = lm.processor.video_processor.size
+    assert record.pixel_bounds == {"min_pixels": 112 * 112, "max_pixels": 112 * 112} != {
+        "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}  # fmt: skip
+    height, width = smart_resize(HEIGHT, WIDTH, factor=28, min_pixels=112 * 112, max_pixels=112 * 112)  # HF's (Qwen's) rule
+    assert grids[112 * 112, 112 * 112] == [4, height // 28, width // 28] != grids[None, None]  # merged tokens of 28x28 px
+
+
+def test_pixel_bounds_and_numbering_are_refused_for_a_fixed_size_family_and_when_wrong(adapter, tiny_checkpoint):
+    from dycoke_eval.wrapper import CompressedVideoLM
+
+    with pytest.raises(ConfigError, match=r"min_pixels=100 > model.max_pixels=50"):
+        adapter.check_settings(100, 50)
+    with pytest.raises(ConfigError, match=r"position_numbering='4.51': use released .* or installed"):
+        adapter.check_settings(position_numbering="4.51")
+    with pytest.raises(ConfigError, match="llava_onevision family numbers positions one way"):
+        CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", method="full", position_numbering="released")
+    with pytest.raises(ConfigError, match="llava_onevision family resizes every frame"):
+        CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=4, device="cpu", method="full", max_pixels=1000)

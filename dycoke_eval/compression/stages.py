@@ -99,6 +99,13 @@ class CompressionMethod:
     def validate_for(self, model: ModelInfo) -> None:
         """Raise ConfigError naming the bad setting if the method cannot run on this model."""
         for stage in self.stages():
+            if isinstance(stage, PrefillStage | DecodeStage) and not model.video_in_one_span:
+                raise ConfigError(
+                    f"{self.name}: its {type(stage).__name__} acts inside the LLM on the video's one run of tokens, but "
+                    f"the {model.family!r} model family puts a timestamp and start/end tokens between temporal patches; "
+                    "in-LLM stages cannot yet tell those apart: choose a method acting before the LLM (dycoke_ttm, random, "
+                    "pooling)"
+                )
             stage.check(model)
 
     def plan(self, counts: PlannedCounts) -> PlannedCounts:
@@ -117,8 +124,9 @@ class CompressionMethod:
         needed = [stage.needs() for stage in self.stages() if isinstance(stage, PreLLMStage)]
         return frozenset().union(*needed)
 
-    def describe(self) -> dict[str, Any]:
-        """The method's settings, recorded with every result."""
+    def describe(self, family: str | None = None) -> dict[str, Any]:
+        """The method's settings, recorded with every result; on the model `family`, as they resolve there (a setting
+        left to the family's released value, say)."""
         settings = {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
         settings = {k: v for k, v in settings.items() if not k.startswith("_") and k not in IMPLEMENTATION_FLAGS}
         return {"name": self.name, **{k: v for k, v in settings.items() if k != "name"}}

@@ -18,12 +18,15 @@ from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.models.llava_onevision import LlavaOneVisionAdapter
 from dycoke_eval.models.llava_video import LlavaVideoAdapter
 from dycoke_eval.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from dycoke_eval.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    model_type: adapter for adapter in (LlavaOneVisionAdapter, Qwen2_5_VLAdapter) for model_type in adapter.model_types
+    model_type: adapter
+    for adapter in (LlavaOneVisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+    for model_type in adapter.model_types
 }
 NAMED_ADAPTERS: dict[str, type[ModelAdapter]] = {
-    adapter.family: adapter for adapter in (LlavaOneVisionAdapter, LlavaVideoAdapter, Qwen2_5_VLAdapter)
+    adapter.family: adapter for adapter in (LlavaOneVisionAdapter, LlavaVideoAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 }
 
 __all__ = [

@@ -9,26 +9,29 @@ Positions: M-RoPE (t, h, w). `generation_inputs` always passes explicit `positio
 `get_rope_index` on the unpruned prompt, kept tokens keeping their ids (docs/qwen.md, section a). The temporal ids
 depend on the sampling fps (`second_per_grid_ts`), which `preprocess` takes and `encode` carries along.
 
-No encoder signals yet: the tower returns no attention weights (docs/qwen.md, section d), so methods needing them
-are refused by their `check`.
+Encoder signals, FastVID's, under the names LLaVA's probe signals have: `probe_attention` [T, N] float32, a probe
+query's attention over each temporal patch's merged tokens (FastVID's mean query of the ViT's last block; raster
+order, rows summing to 1), recomputed from that block's `qkv` by hooks held during `encode` (`qwen_salience.py`; the
+tower returns no attention weights itself, docs/qwen.md, section d); `probe_features` [T, D] each temporal patch's
+mean merged token (`pooler_output`, LLM width, in the model's dtype; not normalised: FastVID normalises it, as its
+release does).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 
-from dycoke_eval.config import ConfigError
-from dycoke_eval.geometry import VideoLayout
-from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
-from dycoke_eval.prompts import render_prompt
+from dycoke_eval.geometry import FrameTiming, VideoLayout
+from dycoke_eval.models.base import EncodedVideo, GenerationInputs
+from dycoke_eval.models.qwen_salience import SIGNAL as PROBE_ATTENTION
+from dycoke_eval.models.qwen_salience import captured_probe_attention
+from dycoke_eval.models.qwen_vl import DEFAULT_FPS, PLANNING_FRAME_SIZE, TEMPORAL_PATCH, VIDEO, QwenVLAdapter
 
-TEMPORAL_PATCH = 2  # frames per temporal patch (`temporal_patch_size` of the real and tiny checkpoints)
-DEFAULT_FPS = 2.0  # sampling fps when none is given: what 4.51's processor assumed, as FastVID's runs (docs/qwen.md, c)
-PLANNING_FRAME_SIZE = (360, 640)  # (height, width) plans assume: a 640x360 clip; real layouts follow each video
-VIDEO = 2  # `mm_token_type_ids` value of a video token (text 0, image 1)
+POSITION_NUMBERINGS = ("released", "installed")  # the text after a video: as transformers 4.x, or as installed
 
 
 @dataclass
@@ -51,11 +54,16 @@ class QwenEncodedVideo(EncodedVideo):
     second_per_grid_ts: float = TEMPORAL_PATCH / DEFAULT_FPS
 
 
-class Qwen2_5_VLAdapter(ModelAdapter):
+class Qwen2_5_VLAdapter(QwenVLAdapter):
     family: ClassVar[str] = "qwen2_5_vl"
+    name: ClassVar[str] = "Qwen2.5-VL"
     model_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
-    keeps_grid_positions: ClassVar[bool] = True
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
+    signals: ClassVar[frozenset[str]] = frozenset({PROBE_ATTENTION, "probe_features"})
+    # released: the text after the video numbered as the model was trained and FastVID ran (transformers 4.x);
+    # installed: as the installed transformers' `get_rope_index` numbers it (docs/qwen.md, b)
+    position_numberings: ClassVar[tuple[str, ...]] = POSITION_NUMBERINGS
+    position_numbering: str = "released"
 
     @classmethod
     def video_layout(cls, config: Any, frames: int) -> VideoLayout:
@@ -64,50 +72,33 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
         merged = config.vision_config.patch_size * config.vision_config.spatial_merge_size
         height, width = smart_resize(*PLANNING_FRAME_SIZE, factor=merged)
-        return VideoLayout(_temporal_patches(frames), height // merged, width // merged, "none", cls.family)
+        return VideoLayout(cls.temporal_patches(frames), height // merged, width // merged, "none", cls.family)
 
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.visual
-
-    def preprocess(self, frames: Any, fps: float = DEFAULT_FPS) -> QwenVideoPixels:
-        """Frames [F, H, W, 3] sampled at `fps` -> patches and grid; the fps sets the temporal M-RoPE spacing."""
-        _temporal_patches(len(frames))
-        processed = self.processor.video_processor(videos=[frames], return_tensors="pt")
+    def preprocess(self, frames: Any, timing: FrameTiming | None = None) -> QwenVideoPixels:
+        """Frames [F, H, W, 3] -> patches and grid; their sampling rate sets the temporal M-RoPE spacing (`DEFAULT_FPS`
+        where the video's frame rate is unknown)."""
+        self.temporal_patches(len(frames))
+        processed = self.processor.video_processor(videos=[frames], size=self.processor_size(), return_tensors="pt")
         grid_thw = tuple(int(n) for n in processed["video_grid_thw"][0])
+        fps = (timing.sampled_fps if timing is not None else None) or DEFAULT_FPS
         return QwenVideoPixels(processed["pixel_values_videos"], grid_thw, TEMPORAL_PATCH / fps)
 
-    def device_preprocessor(self):
-        raise ConfigError(
-            "preprocess_device=model: Qwen2.5-VL has no device path for its video processor yet; use preprocess_device=cpu"
-        )
-
     def encode(self, pixels: QwenVideoPixels, signals: frozenset[str] = frozenset()) -> QwenEncodedVideo:
-        if signals:
-            raise ValueError(f"encoder signals {sorted(signals)} are not available from Qwen2.5-VL (it gives none yet)")
+        unknown = set(signals) - self.signals
+        if unknown:
+            raise ValueError(
+                f"encoder signals {sorted(unknown)} are not available from Qwen2.5-VL (it gives {sorted(self.signals)})"
+            )
         model = self.model.model
         grid_thw = torch.tensor([pixels.grid_thw], device=model.device)
-        features = model.get_video_features(pixels.pixel_values_videos.to(model.device, non_blocking=True), grid_thw)
-        layout = self._layout(pixels.grid_thw)
+        captured: dict[str, torch.Tensor] = {}
+        with captured_probe_attention(model.visual, captured) if PROBE_ATTENTION in signals else nullcontext():
+            features = model.get_video_features(pixels.pixel_values_videos.to(model.device, non_blocking=True), grid_thw)
+        layout = self.layout_of(pixels.grid_thw)
         grid = features.pooler_output[0].view(layout.frames, layout.tokens_per_frame, -1)
-        return QwenEncodedVideo(grid=grid, layout=layout, second_per_grid_ts=pixels.second_per_grid_ts)
-
-    def _layout(self, grid_thw: tuple[int, int, int]) -> VideoLayout:
-        merge = self.config.vision_config.spatial_merge_size
-        temporal, rows, cols = grid_thw
-        return VideoLayout(temporal, rows // merge, cols // merge, "none", self.family)
-
-    def assemble(self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tokens, index  # no newline tokens: the visual sequence is the kept grid tokens in order
-
-    def render_prompt(self, form: str, question: str) -> str:
-        """Both forms are the chat template (system turn, video, question): FastVID's Qwen2.5-VL wrapper renders exactly
-        that, with the template's default system prompt (LunarShen/FastVID@ea8b57e, lmms_eval/models/qwen2_5_vl.py)."""
-        return render_prompt("checkpoint" if form == "paper" else form, question, self.processor)
+        if "probe_features" in signals:
+            captured["probe_features"] = grid.mean(1)  # [T, D], FastVID's frame feature before it normalises (MQ:1836)
+        return QwenEncodedVideo(grid=grid, layout=layout, signals=captured, second_per_grid_ts=pixels.second_per_grid_ts)
 
     def generation_inputs(
         self,
@@ -127,26 +118,15 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             raise ValueError("Qwen2.5-VL numbers its video tokens from the encoded video: pass encoded=<its QwenEncodedVideo>")
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        video_token_id = self.config.video_token_id
-        where = (prompt_ids == video_token_id).nonzero().flatten()
-        if where.numel() != 1:
-            raise ValueError(f"the prompt holds {where.numel()} <|video_pad|> placeholders; it needs exactly one video")
-        start, device = int(where[0]), visual.device
+        video_token_id, device = self.config.video_token_id, visual.device
+        start, visual, positions, kept_video = self.kept_in_grid_order(prompt_ids, visual, positions, full_visual_length)
         before, after = prompt_ids[:start].to(device), prompt_ids[start + 1 :].to(device)
         pads = torch.full((full_visual_length,), video_token_id, dtype=prompt_ids.dtype, device=device)
         full_ids = torch.cat([before, pads, after])[None]
-        if positions is not None:  # the model fills the video pads in order: kept tokens go in grid order
-            order = positions.argsort()
-            visual, positions = visual[order.to(device)], positions[order]
-        kept_video = torch.zeros(full_visual_length, dtype=torch.bool, device=device)
-        kept_video[positions.to(device) if positions is not None else slice(None)] = True
-        if int(kept_video.sum()) != visual.shape[0]:  # M-RoPE has no "consecutive" numbering: kept tokens need their ids
-            raise ValueError(
-                f"{visual.shape[0]} visual tokens at {int(kept_video.sum())} distinct grid positions of "
-                f"{full_visual_length}; Qwen2.5-VL needs every kept token's grid position (positions=None: all kept)"
-            )
         keep = torch.cat([torch.ones_like(before, dtype=torch.bool), kept_video, torch.ones_like(after, dtype=torch.bool)])
         mrope = self._unpruned_mrope(full_ids, encoded)
+        if self.position_numbering == "released":
+            mrope = released_text_positions(mrope, full_ids[0] == video_token_id)
         input_ids = full_ids[:, keep]
         self.model.model.rope_deltas = None  # per-sample state: a stale delta from the last sample must not leak in
         kwargs: dict[str, Any] = {
@@ -160,23 +140,27 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     def _unpruned_mrope(self, full_ids: torch.Tensor, encoded: QwenEncodedVideo) -> torch.Tensor:
         """[3, 1, L] M-RoPE ids of the unpruned prompt `full_ids` [1, L], from the model's own `get_rope_index`."""
-        layout, merge = encoded.layout, self.config.vision_config.spatial_merge_size
-        video_grid_thw = torch.tensor([[layout.frames, layout.rows * merge, layout.cols * merge]], device=full_ids.device)
         mrope, _ = self.model.model.get_rope_index(
             full_ids,
             (full_ids == self.config.video_token_id).int() * VIDEO,
-            video_grid_thw=video_grid_thw,
+            video_grid_thw=self.video_grid_thw(self.config, encoded.layout, full_ids.device),
             second_per_grid_ts=torch.tensor([encoded.second_per_grid_ts], device=full_ids.device),
             attention_mask=torch.ones_like(full_ids),
         )
         return mrope
 
 
-def _temporal_patches(frames: int) -> int:
-    """Frames -> temporal patches; an odd count is refused rather than padded with a repeated last frame."""
-    if frames % TEMPORAL_PATCH:
-        raise ConfigError(
-            f"frames={frames}: Qwen2.5-VL encodes frames in pairs (temporal patches of {TEMPORAL_PATCH}); "
-            f"sample an even number, e.g. frames={frames + 1}"
-        )
-    return frames // TEMPORAL_PATCH
+def released_text_positions(mrope: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """[3, B, L] M-RoPE ids from transformers 5.x's `get_rope_index` -> the same with the text after the video numbered
+    as Qwen2.5-VL's release numbers it (transformers 4.x, qwen-vl-utils; docs/qwen.md, b): from the video's largest
+    id + 1 on every axis, where 5.x starts it at the video's first id + max(rows, cols) (merged tokens).
+
+    `video` [L] marks the one video's tokens. The vision ids and the text before agree in both; text ids are equal on
+    the three axes and consecutive, so the text after moves by one shift.
+    """
+    after = video.cumsum(0).bool() & ~video  # tokens past the video (one video a prompt)
+    beyond = torch.iinfo(mrope.dtype).max
+    video_end = torch.where(video, mrope, -beyond).amax(-1, keepdim=True)  # [3, B, 1]
+    text_start = torch.where(after, mrope, beyond).amin(-1, keepdim=True)
+    shift = video_end.amax(0, keepdim=True) + 1 - text_start
+    return torch.where(after, mrope + shift, mrope)

@@ -37,8 +37,34 @@ QWEN2 = {
     "72b": LanguageModelShape(8192, 29568, 80, 64, 8, 152064, False),
     "video_7b": LanguageModelShape(3584, 18944, 28, 28, 4, 152064, False),  # LLaVA-Video-7B-Qwen2: OV-7B's Qwen2-7B
 }
-TINY_QWEN = {"tiny_qwen2_5_vl": "qwen2_5_vl"}  # the tiny random Qwen-VL checkpoints (`offline/tiny_qwen.py`), by family
-ARCHITECTURES = ("tiny", *QWEN2, *TINY_QWEN)
+TINY_QWEN = {"tiny_qwen2_5_vl": "qwen2_5_vl", "tiny_qwen3_vl": "qwen3_vl"}  # the tiny random Qwen-VL checkpoints, by family
+# The real Qwen-VL checkpoints' dimensions (their hub config.json; docs/qwen.md), by family, over the tiny configs.
+QWEN_VL = {
+    "qwen2_5_vl_7b": (  # Qwen/Qwen2.5-VL-7B-Instruct
+        "qwen2_5_vl",
+        {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+         "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000, "tie_word_embeddings": False,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}},
+        {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+         "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
+    ),
+    "qwen3_vl_8b": (  # Qwen/Qwen3-VL-8B-Instruct
+        "qwen3_vl",
+        {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
+         "tie_word_embeddings": False,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                             "mrope_interleaved": True}},
+        {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
+         "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]},
+    ),
+}  # fmt: skip
+ARCHITECTURES = ("tiny", *QWEN2, *TINY_QWEN, *QWEN_VL)
+
+
+def architecture_family(name: str) -> str | None:
+    """The Qwen-VL family an architecture belongs to (None: LLaVA-OneVision's), which picks its offline processor."""
+    return TINY_QWEN.get(name) or QWEN_VL.get(name, (None,))[0]
 
 
 def architecture_config(name: str, tokenizer=None):
@@ -51,10 +77,13 @@ def architecture_config(name: str, tokenizer=None):
 
     if name not in ARCHITECTURES:
         raise ConfigError(f"model.architecture={name!r}; known architectures: {', '.join(ARCHITECTURES)}")
-    if name in TINY_QWEN:
+    if architecture_family(name):
         from dycoke_eval.offline.tiny_qwen import tiny_config as tiny_qwen_config
 
-        return tiny_qwen_config(TINY_QWEN[name])
+        if name in TINY_QWEN:
+            return tiny_qwen_config(TINY_QWEN[name])
+        family, text_dims, vision_dims = QWEN_VL[name]
+        return tiny_qwen_config(family, text_dims=text_dims, vision_dims=vision_dims)
     tokenizer = tokenizer or build_tokenizer()
     if name == "tiny":
         return tiny_config(tokenizer)

@@ -31,7 +31,7 @@ from pathlib import Path
 from dycoke_eval.offline.tiny_model import byte_level_bpe, qwen_tokenizer, transformers_errors_only
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-BUILD_VERSION = 1  # bump when the recipe changes so cached copies are rebuilt
+BUILD_VERSION = 2  # bump when the recipe changes so cached copies are rebuilt
 GENERATION_CAP = 16  # new tokens per answer, as for the tiny LLaVA-OneVision
 MARKER = "dycoke_tiny.json"  # the build's version, family and generation cap, beside the weights
 
@@ -145,8 +145,17 @@ def build_tokenizer():
     return qwen_tokenizer(backend, "<|image_pad|>", "<|video_pad|>")
 
 
-def build_processor(family: str, tokenizer=None):
-    """The family's real processor class, with small pixel budgets, around `tokenizer` (the tiny one by default)."""
+# What qwen-vl-utils resizes video frames within (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS per frame; Qwen3-VL: its video
+# processor's budget over a whole video), for random-weight runs of the real architectures.
+REAL_VIDEO_SIZES = {
+    "qwen2_5_vl": {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28},
+    "qwen3_vl": {"shortest_edge": 4096, "longest_edge": 768 * 32 * 32 * 32},
+}
+
+
+def build_processor(family: str, tokenizer=None, real_sizes: bool = False):
+    """The family's real processor class, with small pixel budgets (`real_sizes`: the real video budgets), around
+    `tokenizer` (the tiny one by default)."""
     _check(family)
     from transformers import Qwen2VLImageProcessor
 
@@ -160,7 +169,9 @@ def build_processor(family: str, tokenizer=None):
         size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
         return Qwen2_5_VLProcessor(
             image_processor=Qwen2VLImageProcessor(size=size),
-            video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=True),
+            video_processor=Qwen2VLVideoProcessor(
+                size=REAL_VIDEO_SIZES[family] if real_sizes else size, cap_pixels_per_frame=True
+            ),
             tokenizer=tokenizer,
             chat_template=template,
         )
@@ -171,15 +182,22 @@ def build_processor(family: str, tokenizer=None):
     return Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128}, **half),
         video_processor=Qwen3VLVideoProcessor(
-            size={"shortest_edge": 32 * 32 * 2, "longest_edge": 64 * 64 * 8}, cap_pixels_per_frame=False, **half
+            size=REAL_VIDEO_SIZES[family] if real_sizes else {"shortest_edge": 32 * 32 * 2, "longest_edge": 64 * 64 * 8},
+            cap_pixels_per_frame=False,
+            **half,
         ),
         tokenizer=tokenizer,
         chat_template=template,
     )
 
 
-def tiny_config(family: str, tokenizer=None):
-    """The tiny model's config: 2-4 ViT blocks of width 32, a 4-layer text model of width 64 (head dim 16)."""
+def tiny_config(family: str, tokenizer=None, text_dims: dict | None = None, vision_dims: dict | None = None):
+    """The tiny model's config: 2-4 ViT blocks of width 32, an 8-layer text model of width 64 (head dim 16), as deep as the
+    tiny LLaVA-OneVision's, so every method's default layers exist in both.
+
+    `text_dims` and `vision_dims` replace the tiny values (a real checkpoint's dimensions: `offline/architectures.py`),
+    around the same tokenizer's special token ids.
+    """
     _check(family)
     tokenizer = tokenizer or build_tokenizer()
     ids = {
@@ -192,7 +210,7 @@ def tiny_config(family: str, tokenizer=None):
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": 8,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 4096,
@@ -221,13 +239,15 @@ def tiny_config(family: str, tokenizer=None):
                 "window_size": 56,
                 "fullatt_block_indexes": [1],
                 "tokens_per_second": 2,  # as the real checkpoints: temporal ids 2 apart per second of video
+                **(vision_dims or {}),
             },
             text_config={
                 **text,
                 "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+                **(text_dims or {}),
             },
-            tie_word_embeddings=True,
+            tie_word_embeddings=(text_dims or {}).get("tie_word_embeddings", True),
             **ids,
         )
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
@@ -240,6 +260,7 @@ def tiny_config(family: str, tokenizer=None):
             "hidden_act": "gelu_pytorch_tanh",
             "num_position_embeddings": 64,  # an 8x8 learned grid, interpolated to each frame's patch grid
             "deepstack_visual_indexes": [0, 1, 2],
+            **(vision_dims or {}),
         },
         text_config={
             **text,
@@ -250,8 +271,9 @@ def tiny_config(family: str, tokenizer=None):
                 "mrope_section": [4, 2, 2],
                 "mrope_interleaved": True,
             },
+            **(text_dims or {}),
         },
-        tie_word_embeddings=True,
+        tie_word_embeddings=(text_dims or {}).get("tie_word_embeddings", True),
         **ids,
     )
 
