@@ -26,7 +26,7 @@ def plan_row(cfg) -> dict[str, object]:
     method = instantiate(cfg.method)
     dims, layout = planning_geometry(cfg.model, cfg.frames)
     flops, full, retained, bounds = planned_flops(method, dims, layout)
-    settings = {k: v for k, v in method.describe().items() if k not in ("name", "paper_retained_ratio")}
+    settings = {k: v for k, v in method.describe(layout.family).items() if k not in ("name", "paper_retained_ratio")}
     return {
         "model": cfg.model.name,
         "method": method.name,

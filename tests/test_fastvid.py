@@ -15,16 +15,15 @@ from dycoke_eval.config import ConfigError
 from dycoke_eval.geometry import ModelInfo
 from dycoke_eval.methods.fastvid import (
     FastVID,
-    dyseg_cuts,
     fastvid_select,
     fastvid_tokens,
     frame_budgets,
     onevision_anchor_plan,
     onevision_budget,
     sizes_from_cuts,
-    transition_similarity,
     video_segment_plan,
 )
+from dycoke_eval.methods.stprune import dyseg_cuts, transition_similarity
 from dycoke_eval.models.base import EncodedVideo
 from dycoke_eval.plumbing.counting import count_ops
 
@@ -644,8 +643,8 @@ def test_the_stage_uses_the_released_arithmetic_of_the_model_family():
 
 
 def test_a_model_family_without_released_arithmetic_is_refused_naming_the_method_the_family_and_the_ones_it_has():
-    qwen = ModelInfo(layers=28, signals=frozenset({"probe_attention", "probe_features"}), family="qwen2_5_vl")
-    with pytest.raises(ConfigError, match=r"fastvid: .*llava_onevision, llava_video, not for the 'qwen2_5_vl' model family"):
+    qwen = ModelInfo(layers=28, signals=frozenset({"probe_attention", "probe_features"}), family="qwen3_vl")
+    with pytest.raises(ConfigError, match=r"fastvid: .*llava_video, qwen2_5_vl, not for the 'qwen3_vl' model family"):
         FastVID().validate_for(qwen)
 
 

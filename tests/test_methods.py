@@ -7,7 +7,7 @@ keeps tokens in video order before the LLM, one line in `SHORTENING_METHODS`.
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import mean
 
 import pytest
@@ -160,6 +160,38 @@ def test_a_method_a_model_family_cannot_take_is_refused_before_it_runs_naming_bo
     lm = CompressedVideoLM(pretrained=str(tiny_checkpoint), frames=FRAMES, device="cpu", adapter="llava_video")
     with pytest.raises(ConfigError, match=r"prumerge_official: .* the llava_video model family .* use method=prumerge"):
         lm.method = instantiate_method("prumerge_official")
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen_lm(request, tmp_path_factory):
+    """A tiny Qwen-VL of each family (transformers' own classes), with no method yet."""
+    from dycoke_eval.offline.tiny_qwen import build_tiny_qwen_checkpoint
+
+    checkpoint = build_tiny_qwen_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    return CompressedVideoLM(pretrained=str(checkpoint), frames=FRAMES, device="cpu", method="full")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_on_every_tiny_qwen_model_with_the_tokens_it_planned_or_is_refused_naming_the_family(
+    qwen_lm, video, name
+):
+    """Refused at configuration time in one line naming the family, or run: the tokens entering the LLM are the
+    plan's on the sample's own grid (a Qwen-VL layout follows each video's resolution; the record says which)."""
+    method = instantiate_method(name)
+    try:
+        method.validate_for(qwen_lm.adapter.loaded_info())
+    except ConfigError as error:
+        assert repr(qwen_lm.adapter.family) in str(error) or f"{qwen_lm.adapter.family} " in str(error), str(error)
+        assert "\n" not in str(error)
+        return
+    _, record = run(qwen_lm, method, video, sample="t/0")
+    frames, rows, cols = record.token_grid
+    layout = replace(qwen_lm.adapter.layout(FRAMES), frames=frames, rows=rows, cols=cols)
+    assert record.visual_tokens_full == layout.grid_tokens and 0 < record.retained_ratio <= 1
+    pre_llm = [stage.name for stage in method.stages() if isinstance(stage, PreLLMStage)]
+    measured = record.visual_tokens_by_stage[pre_llm[-1]] if pre_llm else layout.grid_tokens
+    planned = method.plan(PlannedCounts.full(layout, qwen_lm.adapter.dims().layers)).prefill[0]
+    assert planned == measured or name in NOMINAL_PLANS
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -45,5 +45,5 @@ class DyCoke(CompressionMethod):
         """The paper's formula: (1/4 + 3/4 (1-K)) (1-P) of the visual tokens."""
         return (1 / 4 + 3 / 4 * (1 - self.k)) * (1 - self.p)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "paper_retained_ratio": self.paper_retained_ratio()}
+    def describe(self, family: str | None = None) -> dict:
+        return {**super().describe(family), "paper_retained_ratio": self.paper_retained_ratio()}

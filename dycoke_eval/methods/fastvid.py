@@ -53,14 +53,15 @@ Limits: F < c stops with an error (the released topk fails). d=0 (ATS only, Tabl
 alone; the released OneVision code crashes on it (argmax over zero anchors), the Video code too (an empty
 concatenation). The kNN size is min(4, tokens) where a pool is that small.
 
-On an accelerator: the segments are the one value the host reads; every count after them (salient tokens,
-anchors, pool sizes per frame and group) follows on the host, so all frames and merge groups are computed at
-once, padded to the largest with masks: 105-144 kernels per video at the real sizes whatever the segments
-(`scripts/bench_gpu.py --cpu-counts`). One topk per distinct per-frame count, as torch.topk breaks ties
-differently for each k and the released code asks each frame for its own. The Video form's noise, one draw per
-anchor frame in order, is one draw of their total (equal on the CPU; tested). Equal to the released code on the
-CPU, bit for bit in half precision; in float32 the batched merge products differ from the per-group ones in the
-last bits (within 1e-5).
+On an accelerator: the segments are the one value the host reads; the tokens are chosen by `stprune.py`'s
+building blocks, all frames and merge groups at once, padded with masks: 105-144 kernels per video at the real sizes
+whatever the segments (`scripts/bench_gpu.py --cpu-counts`). Equal to the released code on the CPU, bit for bit in
+half precision; in float32 the batched merge products differ from the per-group ones in the last bits (within 1e-5).
+
+Qwen2.5-VL (`qwen2_5_vl`): its released arithmetic is `fastvid_qwen.py` (temporal patches; A the last ViT block's
+mean-query attention and G each temporal patch's mean merged token, the adapter's same two probe signals; the
+redundant-patch collapse and caps), mode=official with DySeg and DTM only. `tau=None` (the default) is each family's
+released value (`RELEASED_TAU`: 0.9 LLaVA, 0.84 Qwen2.5-VL), resolved per video from its layout's family.
 """
 
 from __future__ import annotations
@@ -72,15 +73,34 @@ import torch
 
 from dycoke_eval.compression.stages import ModelInfo, PlannedCounts, PreLLMStage, VideoTokens, per_sample_seed
 from dycoke_eval.config import ConfigError
-from dycoke_eval.methods.density_peaks import batched_dpc_knn, cluster_means, density_scores, dpc_knn
-from dycoke_eval.methods.padded import below, laid_out, true_first
+from dycoke_eval.methods.density_peaks import batched_dpc_knn, cluster_means, dpc_knn
+from dycoke_eval.methods.fastvid_qwen import RELEASED as QWEN_RELEASED
+from dycoke_eval.methods.fastvid_qwen import fastvid_qwen_select, require_patches
+from dycoke_eval.methods.padded import below, true_first
+from dycoke_eval.methods.stprune import (
+    NEIGHBOURS,
+    FastVIDSelection,
+    Plan,
+    anchor_centric_merge,
+    anchor_frame_count,
+    density_anchors,
+    dyseg_cuts,
+    merge_groups,
+    padded_noise,
+    require_frames,
+    salient_mask,
+    split_evenly,
+    tie_break_noise,
+    transition_similarity,
+)
 
 MODES = ("official", "paper")
 VARIANTS = ("onevision", "video")
-RELEASED_VARIANTS = {"llava_onevision": "onevision", "llava_video": "video"}  # model family -> its released code
+QWEN = "qwen2_5_vl"  # Qwen2.5-VL's released arithmetic: fastvid_qwen.py
+RELEASED_VARIANTS = {"llava_onevision": "onevision", "llava_video": "video", QWEN: QWEN}  # model family -> its released code
+RELEASED_TAU = {"onevision": 0.9, "video": 0.9, QWEN: QWEN_RELEASED["tau"]}  # each eval.sh's fastvid_DySeg_tau
 SEGMENTATIONS = ("dyseg", "fixed", "cluster")
 MERGINGS = ("dtm", "uniform", "cluster")
-NEIGHBOURS = 4  # kNN size of the density score, hard-coded in the released code
 NOISE_SEED = 0  # the density tie-break noise is drawn per sample from per_sample_seed(NOISE_SEED, sample), on the
 # tokens' device (no copy from the host; a GPU draws other values than the CPU for the same seed)
 
@@ -95,7 +115,7 @@ def check_settings(retention, c, tau, d, p, beta, mode, density_noise, variant, 
         raise ConfigError(f"retention={retention}: FastVID keeps a fraction R of the video tokens; choose 0 < R <= 1")
     if not (isinstance(c, int) and c >= 1):
         raise ConfigError(f"c={c}: the minimum number of segments is an integer >= 1")
-    if not -1 <= tau <= 1:
+    if tau is not None and not -1 <= tau <= 1:
         raise ConfigError(f"tau={tau}: the transition threshold is a cosine; choose -1 <= tau <= 1")
     if not 0 <= d <= 1:
         raise ConfigError(f"d={d}: the share of DTM tokens lies in [0, 1] (0: ATS only, 1: DTM only)")
@@ -107,41 +127,13 @@ def check_settings(retention, c, tau, d, p, beta, mode, density_noise, variant, 
         raise ConfigError(f"density_noise={density_noise}: the tie-break noise scale is >= 0 (0 turns it off)")
 
 
-# ---- DySeg and the ablation segmentations ----
-
-
-def transition_similarity(frame_features: torch.Tensor) -> torch.Tensor:
-    """[F, C] global frame features -> [F-1] cosine of each frame with the next (Eq. 1), in their dtype as released."""
-    unit = frame_features / frame_features.norm(dim=1, keepdim=True)
-    return (unit[:-1] * unit[1:]).sum(dim=1)
-
-
-def require_frames(frames: int, c: int, segmentation: str) -> None:
-    if frames < c:
-        raise ConfigError(
-            f"c={c}: {segmentation} segmentation makes at least c segments, but the video has {frames} frames; "
-            f"choose c <= {frames} or sample more frames"
-        )
-
-
-def dyseg_cuts(similarity: torch.Tensor, c: int, tau: float) -> torch.Tensor:
-    """[F-1] True after each frame where a segment ends (Eq. 2): the c-1 least similar transitions and every one
-    below tau."""
-    require_frames(similarity.numel() + 1, c, "dyseg")
-    least = similarity.topk(c - 1, largest=False).indices
-    return (similarity < tau).scatter(0, least, True)
+# ---- segments: DySeg (its cut in stprune.py) and the ablation segmentations ----
 
 
 def sizes_from_cuts(cuts: list[int], frames: int) -> list[int]:
     """Segment lengths: the differences of [-1, cuts..., F-1]."""
     bounds = [-1, *cuts, frames - 1]
     return [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
-
-
-def split_evenly(total: int, parts: int) -> list[int]:
-    """`total` in `parts` shares, the remainder one each to the first shares (LLaVA-Video's released split)."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def cluster_segments(frame_features: torch.Tensor, c: int, noise: torch.Tensor | None = None) -> list[list[int]]:
@@ -190,10 +182,6 @@ def onevision_budget(tokens_per_frame: int, retention: float, d: float) -> tuple
     return retain, retain - anchors, anchors
 
 
-def anchor_frame_count(length: int, p: int) -> int:
-    return (length + p - 1) // p
-
-
 def is_anchor_frame(j: int, length: int, p: int, mode: str) -> bool:
     """official: counted from the segment's end, `(L-1-j) % p == 0`; paper: every p-th frame from the first."""
     return (length - 1 - j) % p == 0 if mode == "official" else j % p == 0
@@ -236,181 +224,17 @@ def frame_budgets(
     return salient, anchors
 
 
-# ---- ATS, anchors, merging: every frame and segment at once, padded, with the counts planned on the host ----
+# ---- the ablation anchors and merging (Table 4) ----
 
 
-def top_per_row(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """[B, W] scores -> [B, max(counts)] each row's `scores.topk(counts[b])` indices, padded with 0.
-
-    One topk per distinct count, not one of the largest count cut short: among tied scores (density scores of
-    duplicate tokens are 0) torch.topk's choice depends on k, and the released code asks each frame for its own k.
-    The topks are laid side by side and each row gathers its own count's columns."""
-    distinct = sorted(set(counts) - {0})
-    if not distinct:
-        return scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
-    start = dict(zip(distinct, accumulate([0, *distinct]), strict=False))
-    columns = [[start[count] + j if j < count else 0 for j in range(distinct[-1])] for count in counts]
-    side_by_side = torch.cat([scores.topk(k, dim=1).indices for k in distinct], dim=1)
-    return side_by_side.gather(1, torch.tensor(columns, device=scores.device))
-
-
-def salient_mask(cls_attention: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """ATS: [F, N] True on each frame's `counts[f]` most attended tokens."""
-    frames, tokens = cls_attention.shape
-    top = top_per_row(cls_attention, counts).masked_fill(_padding(max(counts), counts, cls_attention.device), tokens)
-    mask = torch.zeros(frames, tokens + 1, dtype=torch.bool, device=top.device)  # a last column for the padding
-    return mask.scatter_(1, top, True)[:, :tokens]
-
-
-def _padding(width: int, counts: list[int], device) -> torch.Tensor:
-    """The complement of `below`, in one kernel less."""
-    return torch.arange(width, device=device) >= torch.tensor(counts, device=device)[:, None]
-
-
-def _draw_rows(rows: list[tuple[int, int]], shape: tuple[int, int], scale: float, generator, device) -> torch.Tensor | None:
-    """The released tie-break noise of padded rows: one draw per (row, length) in that order, as one draw of the total
-    laid into [B, P] (equal on the CPU generator: consecutive draws are one longer draw); rows drawn for none are 0."""
-    lengths = [length for _, length in rows]
-    draw = _noise((sum(lengths),), scale, generator, device)
-    if draw is None:
-        return None
-    starts = torch.tensor(list(accumulate([0, *lengths[:-1]])), device=device)
-    noise = torch.zeros(shape, dtype=draw.dtype, device=device)
-    return noise.index_copy_(0, torch.tensor([row for row, _ in rows], device=device), laid_out(draw, starts, shape[1]))
-
-
-@dataclass
-class _Plan:
-    """One video's counts, known on the host before any token is chosen (no sync): per frame its segment,
-    salient count, non-salient count and anchor count."""
-
-    segments: list[list[int]]
-    salient: list[int]
-    anchors: list[int]
-    tokens_per_frame: int
-    per_frame_anchors: int  # OneVision's m: a segment whose anchor frames hold exactly m merges frame by frame
-
-    @property
-    def rest(self) -> list[int]:
-        return [self.tokens_per_frame - s for s in self.salient]
-
-    def anchor_frames(self) -> list[int]:
-        """Frames with anchors, segments in order and each segment's frames in order (the released draw order)."""
-        return [f for segment in self.segments for f in segment if self.anchors[f]]
-
-
-def density_anchors(
-    video: torch.Tensor, rest: torch.Tensor, plan: _Plan, variant: str, noise_scale: float, generator
-) -> torch.Tensor:
-    """[F, A] each frame's anchors as ranks among its non-salient tokens (`rest` [F, R] their positions, ascending),
-    the top density scores: OneVision in topk order with one noise draw [F, N-s]; Video sorted by position, each
-    anchor frame scored alone with one draw of its own (segments, then frames, in order). Only the anchor frames are
-    scored, padded into one batch (a frame's scores depend on its tokens alone); other frames' rows are 0."""
-    frames, width = rest.shape
-    device, most = video.device, max(plan.anchors)
-    scored = [f for f in range(frames) if plan.anchors[f]]
-    rows = torch.tensor(scored, device=device)
-    counts = [plan.anchors[f] for f in scored]
-    if variant == "onevision":  # drawn for every frame, as released, and read for the anchor frames
-        valid, noise = None, _noise((frames, width), noise_scale, generator, device)
-        noise = None if noise is None else noise[rows]
-    else:
-        valid = below(width, [plan.rest[f] for f in scored], device)
-        order = {f: row for row, f in enumerate(scored)}
-        draws = [(order[f], plan.rest[f]) for f in plan.anchor_frames()]
-        noise = _draw_rows(draws, (len(scored), width), noise_scale, generator, device)
-    chosen = top_per_row(density_scores(video[rows[:, None], rest[rows]], NEIGHBOURS, noise, valid), counts)
-    if variant == "video":
-        chosen = chosen.masked_fill(_padding(most, counts, device), width).sort(dim=1).values
-    return torch.zeros(frames, most, dtype=chosen.dtype, device=device).index_copy_(0, rows, chosen)
-
-
-def uniform_anchors(plan: _Plan, device) -> torch.Tensor:
+def uniform_anchors(plan: Plan, device) -> torch.Tensor:
     """[F, A] VisionZip's sampling as anchors: ranks 0, step, 2 step, ... (step = max(1, rest // count))."""
     steps = [max(1, rest // count) if count else 0 for rest, count in zip(plan.rest, plan.anchors, strict=True)]
     return torch.arange(max(plan.anchors), device=device) * torch.tensor(steps, device=device)[:, None]
 
 
-@dataclass
-class _Groups:
-    """Anchors merged together: each group's anchors (flat positions [G, A], valid) and its merge pool."""
-
-    anchors: torch.Tensor
-    anchor_valid: torch.Tensor
-    pool: torch.Tensor  # [G, P] flat positions, ascending
-    pool_valid: torch.Tensor
-
-
-def merge_groups(
-    plan: _Plan, anchor_at: torch.Tensor, anchor_valid: torch.Tensor, salient: torch.Tensor, mode: str, variant: str
-) -> _Groups:
-    """The merge groups of the three rules (module docstring): official, one per anchor frame (its anchors; OneVision
-    pools the segment's non-salient tokens, or the frame's own in a segment whose anchor frames hold exactly the
-    per-frame budget; Video the segment's minus the frame's own anchors); paper, one per segment with anchors (all
-    its anchors; the segment's non-salient tokens that are not anchors). `anchor_at` [F, A]: positions in the frame.
-
-    Which frames feed each group's pool is known on the host; the tokens are chosen from them on the device."""
-    frames, per_frame = salient.shape
-    device = salient.device
-    segment_of = {f: segment for segment in plan.segments for f in segment}
-    rest, anchors = plan.rest, plan.anchors
-    if mode == "paper":
-        members = [[f for f in segment if anchors[f]] for segment in plan.segments]
-        members = [frames_ for frames_ in members if frames_]
-        pool_frames = [segment_of[m[0]] for m in members]
-        sizes = [sum(rest[f] - anchors[f] for f in pool) for pool in pool_frames]
-    else:
-        members = [[f] for f in plan.anchor_frames()]
-        pool_frames = []
-        for (f,) in members:
-            segment = segment_of[f]
-            by_frame = all(anchors[g] == plan.per_frame_anchors for g in segment if anchors[g])
-            pool_frames.append([f] if variant == "onevision" and by_frame else segment)
-        sizes = [sum(rest[g] for g in pool) - (anchors[m[0]] if variant == "video" else 0)
-                 for m, pool in zip(members, pool_frames, strict=True)]  # fmt: skip
-    depth = max(len(m) for m in members)
-    rows = torch.tensor([m + [m[0]] * (depth - len(m)) for m in members], device=device)  # [G, depth] frames
-    row_valid = below(depth, [len(m) for m in members], device)
-    flat = anchor_at + torch.arange(frames, device=device)[:, None] * per_frame
-    valid = (anchor_valid[rows] & row_valid[..., None]).flatten(1)
-    in_pool_frame, own_frame = torch.tensor(
-        [[[f in pool for f in range(frames)] for pool in pool_frames], [[f in m for f in range(frames)] for m in members]],
-        device=device,
-    )[..., None]  # [G, F, 1] each
-    in_pool = in_pool_frame & ~salient[None]
-    if mode == "paper" or variant == "video":
-        is_anchor = torch.zeros(frames, per_frame + 1, dtype=torch.bool, device=device)
-        is_anchor = is_anchor.scatter_(1, anchor_at.masked_fill(~anchor_valid, per_frame), True)[:, :per_frame]
-        in_pool &= ~(is_anchor[None] & own_frame) if mode == "official" else ~is_anchor[None]
-    width = max(sizes)
-    return _Groups(flat[rows].flatten(1), valid, true_first(in_pool.flatten(1), width), below(width, sizes, device))
-
-
-def anchor_centric_merge(
-    anchors: torch.Tensor, anchor_valid: torch.Tensor, pool: torch.Tensor, pool_valid: torch.Tensor, beta: float, rule: str
-) -> torch.Tensor:
-    """[G, A, D] anchors, [G, P, D] merge pools (padded; valid masks) -> [G, A, D]: each pool token joins its most
-    cosine-similar anchor of its group (first on ties).
-
-    `official`: `a* = w a + (1 - w) mean(assigned)`, `w = max(1/(n+1), beta)` (an anchor nothing joins stays);
-    `paper` (Eq. 5): w = beta when n >= 1, else the anchor stays. Arithmetic in the features' dtype, as released.
-    """
-    unit_pool, unit_anchors = pool / pool.norm(dim=-1, keepdim=True), anchors / anchors.norm(dim=-1, keepdim=True)
-    similarity = (unit_pool @ unit_anchors.transpose(1, 2)).masked_fill(~anchor_valid[:, None], float("-inf"))
-    nearest = similarity.argmax(dim=2)
-    assigned = torch.zeros(*similarity.shape, dtype=pool.dtype, device=pool.device)
-    assigned.scatter_(2, nearest[..., None], pool_valid[..., None].to(pool.dtype))
-    count = assigned.sum(dim=1)[..., None]
-    mean = assigned.transpose(1, 2) @ pool / count.clamp(min=1)
-    if rule == "official":
-        weight = (1 / (count + 1)).clamp(min=beta)
-    else:
-        weight = torch.where(count > 0, beta, 1.0).to(pool.dtype)
-    return weight * anchors + (1 - weight) * mean
-
-
 def cluster_merge(
-    video: torch.Tensor, salient: torch.Tensor, plan: _Plan, noise_scale: float, generator
+    video: torch.Tensor, salient: torch.Tensor, plan: Plan, noise_scale: float, generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Table 4's cluster-based merging: each segment's non-salient tokens as its anchor budget of DPC-kNN cluster means,
     placed at the segment's last non-salient positions in centre-rank order (their own positions are discarded).
@@ -428,31 +252,12 @@ def cluster_merge(
     where, valid = true_first(in_pool, width), below(width, sizes, device)
     pool = video.flatten(0, 1)[where]
     rows = [(s, sizes[s]) for s, count in enumerate(clusters) if count]
-    noise = _draw_rows(rows, tuple(where.shape), noise_scale, generator, device)
+    noise = padded_noise(rows, tuple(where.shape), noise_scale, generator, device)
     labels, _ = batched_dpc_knn(pool, valid, torch.tensor(clusters, device=device), NEIGHBOURS, noise)
     means = cluster_means(pool, labels, width)
     rank = torch.arange(width, device=device)
     last = (torch.tensor(sizes, device=device) - torch.tensor(clusters, device=device))[:, None] + rank
     return means, where.gather(1, last.clamp(max=width - 1)), below(width, clusters, device)
-
-
-@dataclass
-class FastVIDSelection:
-    """What FastVID keeps of one video, and the figures of how."""
-
-    tokens: torch.Tensor  # [M, D]
-    index: torch.Tensor  # [M] ascending positions among the F * N video tokens
-    segments: list[list[int]]
-    salient: int
-    anchors: int  # DTM tokens (anchors, or cluster tokens)
-
-
-def _noise(shape, scale: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor | None:
-    """`rand * scale` (the released tie-break), drawn from `generator` (else the global RNG); None when scale is 0."""
-    if not scale:
-        return None
-    draw_on = generator.device if generator is not None else device
-    return (torch.rand(tuple(shape), generator=generator, device=draw_on) * scale).to(device)
 
 
 def fastvid_select(
@@ -479,9 +284,9 @@ def fastvid_select(
     over all frames and segments at once."""
     check_settings(retention, c, tau, d, p, beta, mode, density_noise, variant, segmentation, merging)
     frames, n, _ = video.shape
-    frame_noise = _noise((frames,), density_noise, generator, video.device) if segmentation == "cluster" else None
+    frame_noise = tie_break_noise((frames,), density_noise, generator, video.device) if segmentation == "cluster" else None
     segments = segment_frames(frame_features, c, tau, segmentation, frame_noise)
-    plan = _Plan(segments, *frame_budgets(segments, n, retention, d, p, mode, variant), n, onevision_budget(n, retention, d)[2])
+    plan = Plan(segments, *frame_budgets(segments, n, retention, d, p, mode, variant), n, onevision_budget(n, retention, d)[2])
     for f, (count, rest) in enumerate(zip(plan.anchors, plan.rest, strict=True)):
         if merging != "cluster" and count > rest:
             raise ConfigError(
@@ -559,7 +364,7 @@ def fastvid_tokens(
 class FastVID(PreLLMStage):
     retention: float = 0.25  # R: fraction of the video tokens kept
     c: int = 8  # minimum number of segments
-    tau: float = 0.9  # transition-similarity threshold
+    tau: float | None = None  # transition-similarity threshold; None: the family's released one (RELEASED_TAU)
     d: float = 0.4  # share of the kept tokens from DTM (the rest from ATS)
     p: int = 4  # anchor-frame interval
     beta: float = 0.6  # anchor weight in the merge
@@ -586,6 +391,8 @@ class FastVID(PreLLMStage):
         )
 
     def needs(self) -> frozenset[str]:
+        """A [F, N] a probe query's attention over each frame's tokens, and G [F, C] each frame's global feature, as
+        each model family gives them (its adapter's docstring)."""
         return frozenset({"probe_attention", "probe_features"})
 
     def check(self, model: ModelInfo) -> None:
@@ -594,7 +401,28 @@ class FastVID(PreLLMStage):
                 f"{self.name}: FastVID's released arithmetic exists for {', '.join(RELEASED_VARIANTS)}, not for the "
                 f"{model.family!r} model family; run it on one of those, or choose another method"
             )
+        if model.family == QWEN and self.mode != "official":
+            raise ConfigError(
+                f"mode={self.mode!r}: FastVID on Qwen2.5-VL exists only as its released code (mode=official); the paper "
+                "form is transcribed for the LLaVA models"
+            )
+        if model.family == QWEN and (self.segmentation, self.merging) != ("dyseg", "dtm"):
+            raise ConfigError(
+                f"segmentation={self.segmentation!r}, merging={self.merging!r}: FastVID's Qwen2.5-VL code has DySeg and "
+                "DTM only (the Table 2 and 4 ablations ran on LLaVA-OneVision); use segmentation=dyseg merging=dtm"
+            )
         super().check(model)
+
+    def describe(self, family: str | None = None) -> dict:
+        """On a family with released arithmetic, `tau` is the one that runs there (null in the config: the release's)."""
+        settings = super().describe(family)
+        if family in RELEASED_VARIANTS:
+            settings["tau"] = self.tau_for(self.variant_for(family))
+        return settings
+
+    def tau_for(self, variant: str) -> float:
+        """The transition threshold on the released arithmetic `variant`: `tau`, else that release's."""
+        return RELEASED_TAU[variant] if self.tau is None else self.tau
 
     @staticmethod
     def variant_for(family: str) -> str:
@@ -603,13 +431,16 @@ class FastVID(PreLLMStage):
 
     def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
         variant = self.variant_for(tokens.layout.family)
+        generator = torch.Generator(tokens.features.device).manual_seed(per_sample_seed(NOISE_SEED, sample))
+        if variant == QWEN:
+            return self._select_qwen(tokens, signals, generator)
         selection = fastvid_select(
             tokens.grid(),
             signals["probe_attention"],
             signals["probe_features"],
             retention=self.retention,
             c=self.c,
-            tau=self.tau,
+            tau=self.tau_for(variant),
             d=self.d,
             p=self.p,
             beta=self.beta,
@@ -618,18 +449,25 @@ class FastVID(PreLLMStage):
             variant=variant,
             segmentation=self.segmentation,
             merging=self.merging,
-            generator=torch.Generator(tokens.features.device).manual_seed(per_sample_seed(NOISE_SEED, sample)),
+            generator=generator,
         )
-        return tokens.replaced(
-            selection.tokens,
-            selection.index,
-            fastvid_variant=variant,
-            fastvid_segments=len(selection.segments),
-            fastvid_segment_sizes=[len(s) for s in selection.segments],
-            fastvid_salient=selection.salient,
-            fastvid_anchors=selection.anchors,
-            fastvid_tokens_out=int(selection.index.numel()),
+        return kept_with_figures(tokens, selection, variant)
+
+    def _select_qwen(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], generator) -> VideoTokens:
+        selection = fastvid_qwen_select(
+            tokens.grid(),
+            signals["probe_attention"],
+            signals["probe_features"],
+            retention=self.retention,
+            c=self.c,
+            tau=self.tau_for(QWEN),
+            d=self.d,
+            p=self.p,
+            beta=self.beta,
+            density_noise=self.density_noise,
+            generator=generator,
         )
+        return kept_with_figures(tokens, selection, QWEN, fastvid_empty_patches=selection.empty_patches)
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
         """F * int(N R), the nominal count, exact for LLaVA-Video's arithmetic (per-segment shares sum exactly).
@@ -637,9 +475,13 @@ class FastVID(PreLLMStage):
         With fixed-interval segments the count does not depend on the video and is computed exactly. Otherwise,
         on OneVision, the anchor floor `(m L) // ceil(L/p)` can make the measured count lower than planned, by
         an amount that depends on the segment lengths found (R=0.10, F=32: a 5-frame segment keeps 34 anchors
-        of 35); the plan stays nominal there.
+        of 35); the plan stays nominal there. Qwen2.5-VL (F = temporal patches): nominal, an upper bound but for
+        `int(N R) = 0`; its caps and collapsed patches keep fewer (exact when every segment is one patch).
         """
         layout = counts.layout
+        if layout.family == QWEN:
+            require_patches(layout.frames, self.c)
+            return float(layout.frames * int(layout.tokens_per_frame * self.retention))
         require_frames(layout.frames, self.c, self.segmentation)
         if self.segmentation == "fixed":
             segments, variant = fixed_segments(layout.frames, self.c), self.variant_for(layout.family)
@@ -648,3 +490,18 @@ class FastVID(PreLLMStage):
             )
             return float(sum(salient) + sum(anchors))
         return float(layout.frames * int(layout.tokens_per_frame * self.retention))
+
+
+def kept_with_figures(tokens: VideoTokens, selection: FastVIDSelection, variant: str, **more) -> VideoTokens:
+    """The selection's tokens in place of `tokens`, with the figures every record of a FastVID run carries."""
+    return tokens.replaced(
+        selection.tokens,
+        selection.index,
+        fastvid_variant=variant,
+        fastvid_segments=len(selection.segments),
+        fastvid_segment_sizes=[len(s) for s in selection.segments],
+        **more,
+        fastvid_salient=selection.salient,
+        fastvid_anchors=selection.anchors,
+        fastvid_tokens_out=int(selection.index.numel()),
+    )

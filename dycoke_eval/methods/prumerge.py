@@ -32,6 +32,7 @@ import torch
 
 from dycoke_eval.compression.stages import ModelInfo, PlannedCounts, PreLLMStage, VideoTokens
 from dycoke_eval.config import ConfigError
+from dycoke_eval.geometry import LLAVA_FAMILIES
 from dycoke_eval.methods.padded import below
 
 VARIANTS = ("base", "plus")
@@ -239,6 +240,12 @@ class PruMerge(PreLLMStage):
         return frozenset({"keys", self.score_signal})
 
     def check(self, model: ModelInfo) -> None:
+        if model.family not in LLAVA_FAMILIES:
+            raise ConfigError(
+                f"{self.name}: LLaVA-PruMerge scores with CLIP/SigLIP attention and keys, and has no released code for "
+                f"the {model.family!r} model family, whose ViT this harness takes no such signals from; run it on a LLaVA "
+                "model, or choose a method of every family (dycoke_ttm, random, pooling)"
+            )
         if self.mode == "official" and model.family == "llava_video":
             raise ConfigError(
                 f"{self.name}: the released arithmetic adds a token at no grid position, which the llava_video model "

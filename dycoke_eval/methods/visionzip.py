@@ -42,8 +42,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dycoke_eval.compression.stages import PlannedCounts, PreLLMStage, VideoTokens
+from dycoke_eval.compression.stages import ModelInfo, PlannedCounts, PreLLMStage, VideoTokens
 from dycoke_eval.config import ConfigError
+from dycoke_eval.geometry import LLAVA_FAMILIES
 
 FORMS = ("after_pooling", "in_encoder")
 SCORES = ("attention_received", "probe_attention")  # encoder signals that rank the dominant tokens
@@ -186,6 +187,16 @@ class VisionZip(PreLLMStage):
     @property
     def _prefix(self) -> str:
         return PATCH if self.form == "in_encoder" else ""
+
+    def check(self, model: ModelInfo) -> None:
+        if model.family not in LLAVA_FAMILIES:
+            raise ConfigError(
+                f"{self.name}: no released VisionZip arithmetic for {model.family!r} videos (the authors' Qwen2.5-VL code, "
+                "dvlab-research/VisionZip Qwen2_5_VL/, compresses images only) and this harness captures no per-token "
+                "attention from Qwen-VL's ViT; run it on a LLaVA model, or choose a method of every family "
+                "(dycoke_ttm, random, pooling)"
+            )
+        super().check(model)
 
     def needs(self) -> frozenset[str]:
         needed = {self._prefix + self.score, self._prefix + "keys"}
