@@ -67,7 +67,7 @@ from dycoke_eval.compression.stages import CompressionMethod
 from dycoke_eval.config import ConfigError, method_from_config
 from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.models import ModelAdapter
-from dycoke_eval.offline.real_size import SIZES, random_encoded_video
+from dycoke_eval.offline.real_size import SIZES, random_encoded_video, size_model_info
 from dycoke_eval.plumbing.counting import OpCounts, count_ops
 from dycoke_eval.provenance import git_state, hardware
 from dycoke_eval.timing import peak_memory, reset_peak_memory
@@ -244,9 +244,16 @@ def reselects(method: CompressionMethod) -> bool:
 
 
 def print_pre_llm_counts(layouts: list[str], configs: list[str] | None) -> None:
+    """A count line per method and size; a method the size's model cannot run gets a line saying why."""
     for layout in layouts:
         for label, (name, settings) in chosen(PRE_LLM_METHODS, configs).items():
-            print(count_line(layout, label, "pre_llm", pre_llm_counts(layout, method_from_config(name, settings))), flush=True)
+            method = method_from_config(name, settings)
+            try:
+                method.validate_for(size_model_info(layout))
+            except ConfigError as error:
+                print(f"counts {layout} {label.replace(' ', '_')} refused: {error}", flush=True)
+                continue
+            print(count_line(layout, label, "pre_llm", pre_llm_counts(layout, method)), flush=True)
 
 
 def print_in_llm_counts(model: BenchModel, configs: list[str] | None) -> None:

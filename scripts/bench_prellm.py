@@ -1,11 +1,13 @@
 """Pre-LLM time of FastVID's-table methods at real size, beside the prefill time each one saves.
 
 For each method the script times its pre-LLM selection (`Compressor.select`, the same call the
-evaluation wrapper makes) on random video tokens at LLaVA-OneVision-7B size (32 x 196 x 3584) and
-LLaVA-Video-7B size (64 x 169 x 3584), with random encoder signals of the real shapes (SigLIP
-so400m: 1152 wide, 729 patches per frame). It then measures the prefill of one Qwen2-7B decoder
-layer (random weights) at the full sequence length and at the length the method leaves, and
-multiplies by the 28 layers: the saved prefill time is that difference. One layer times 28 is an
+evaluation wrapper makes) on random video tokens at LLaVA-OneVision-7B size (32 x 196 x 3584),
+LLaVA-Video-7B size (64 x 169 x 3584), Qwen2.5-VL-7B size (16 temporal patches x 299 x 3584) and
+Qwen3-VL-8B size (16 x 220 x 4096), with random encoder signals of the real shapes (SigLIP so400m:
+1152 wide, 729 patches per frame). A method the model cannot run is listed as refused, with why.
+It then measures the prefill of one decoder layer of the model's language model (random weights)
+at the full sequence length and at the length the method leaves, and multiplies by its layers:
+the saved prefill time is that difference. One layer times 28 is an
 estimate of the whole stack (the embedding and LM head are not counted; they do not depend on the
 visual tokens); the selection time is measured as is.
 
@@ -26,10 +28,10 @@ import torch
 
 from dycoke_eval.checkpoints import resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor
-from dycoke_eval.config import instantiate_method
+from dycoke_eval.config import ConfigError, instantiate_method
 from dycoke_eval.geometry import VideoLayout
 from dycoke_eval.offline.architectures import architecture_config
-from dycoke_eval.offline.real_size import SIZES, random_encoded_video
+from dycoke_eval.offline.real_size import SIZES, random_encoded_video, size_model_info
 
 METHODS = {  # label -> (config, overrides); R = 25% where the method has a retention setting
     "dycoke_ttm K=0.9": ("dycoke_ttm", {"method.k": 0.9}),
@@ -57,17 +59,31 @@ def median_seconds(function, repeats: int, device: str) -> float:
 
 
 class OneLayerPrefill:
-    """The prefill of one Qwen2-7B decoder layer (random weights) at a given sequence length."""
+    """The prefill of one decoder layer of an architecture's language model (random weights) at a given length.
 
-    def __init__(self, device: str, dtype: torch.dtype) -> None:
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+    Qwen2-7B's layer stands in for Qwen2.5-VL-7B's (the same widths; M-RoPE costs what RoPE costs) and Qwen3-8B's
+    (query/key norms included) for Qwen3-VL-8B's.
+    """
 
-        config = architecture_config("7b").text_config
+    def __init__(self, architecture: str, device: str, dtype: torch.dtype) -> None:
+        text = architecture_config(architecture).text_config
+        if text.model_type.startswith("qwen3"):
+            from transformers import Qwen3Config
+            from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer as Layer
+            from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding as Rotary
+
+            config = Qwen3Config(**{key: getattr(text, key) for key in WIDTHS + ("head_dim",)})
+        else:
+            from transformers import Qwen2Config
+            from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer as Layer
+            from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding as Rotary
+
+            config = Qwen2Config(**{key: getattr(text, key) for key in WIDTHS})
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
         with torch.device(device):
-            self.layer = Qwen2DecoderLayer(config, layer_idx=0).to(dtype).eval()
-            self.rotary = Qwen2RotaryEmbedding(config)
+            self.layer = Layer(config, layer_idx=0).to(dtype).eval()
+            self.rotary = Rotary(config)
         self.layers, self.hidden, self.device, self.dtype = config.num_hidden_layers, config.hidden_size, device, dtype
 
     @torch.inference_mode()
@@ -77,6 +93,9 @@ class OneLayerPrefill:
         embeddings = self.rotary(hidden, positions)
         run = lambda: self.layer(hidden, position_ids=positions, position_embeddings=embeddings)  # noqa: E731
         return median_seconds(run, repeats, self.device)
+
+
+WIDTHS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 
 def kept_newlines(layout: VideoLayout, index: torch.Tensor) -> int:
@@ -97,23 +116,29 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    hidden = architecture_config("7b").text_config.hidden_size
-    prefill = OneLayerPrefill(device, dtype)
     chosen = {label: spec for label, spec in METHODS.items() if not args.methods or spec[0] in args.methods}
     print(f"device={device} dtype={dtype} torch_threads={torch.get_num_threads()}")
 
     row = "{:32s} {:>7} {:>12} {:>14} {:>14}"
     for size in args.sizes:
+        architecture = SIZES[size][-1]
+        prefill = OneLayerPrefill(architecture, device, dtype)
         encoded = random_encoded_video(size, dtype, device)
         layout, (frames, rows, cols, *_) = encoded.layout, SIZES[size]
         full_length = layout.full_tokens + PROMPT_TEXT_TOKENS
         full_layer = prefill.seconds(full_length, args.layer_repeats)
         full_prefill = full_layer * prefill.layers
-        print(f"\n{size}: {frames} x {rows * cols} x {hidden}, {layout.full_tokens} visual + {PROMPT_TEXT_TOKENS} text tokens; "
-              f"prefill of one 7B layer {full_layer:.2f} s, x{prefill.layers} = {full_prefill:.1f} s")  # fmt: skip
+        print(f"\n{size}: {frames} x {rows * cols} x {prefill.hidden}, {layout.full_tokens} visual + "
+              f"{PROMPT_TEXT_TOKENS} text tokens; prefill of one {architecture} layer {full_layer:.2f} s, "
+              f"x{prefill.layers} = {full_prefill:.1f} s")  # fmt: skip
         print(row.format("method", "visual", "pre-LLM ms", "prefill s (est)", "prefill saved s"))
         for label, (name, overrides) in chosen.items():
             method = instantiate_method(name, overrides)
+            try:
+                method.validate_for(size_model_info(size))
+            except ConfigError as error:
+                print(f"{label:32s} refused: {error}", flush=True)
+                continue
             compressor = Compressor(None, method)
             selected = compressor.select(encoded, "bench")
             select = lambda compressor=compressor, encoded=encoded: compressor.select(encoded, "bench")  # noqa: E731

@@ -148,6 +148,7 @@ def test_a_group_killed_mid_sample_resumes_encoding_only_the_samples_some_cell_l
     assert again.stdout.count("complete, skipped") == len(METHODS) and "encoder passes: 0 done, 0 saved" in again.stdout
 
 
+@pytest.mark.slow  # a second full group run, 9 s: in `make test-slow`
 def test_force_recomputes_every_cell_of_a_group(grouped, offline_dir, tmp_path, monkeypatch):
     shutil.copytree(grouped[0] / "cells", tmp_path / "cells")
     for journal in (tmp_path / "cells").glob("*/journal.jsonl"):  # stale answers that only a recomputation replaces

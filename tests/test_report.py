@@ -597,4 +597,6 @@ def test_the_report_command_refuses_a_missing_folder_and_an_unknown_table_in_one
     write_cell(tmp_path, "full", ["model=llava_ov_7b", "method=full"], QA)
     assert main([str(tmp_path), "--tables", "9"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("dycoke_eval.report: --tables 9: no such paper table; tables: 1 2 3 4 5 6 7 fastvid_table1")
+    assert line.startswith(
+        "dycoke_eval.report: --tables 9: no such paper table; tables: 1 2 3 4 5 6 7 fastvid_qwen fastvid_table1"
+    )

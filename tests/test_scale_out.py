@@ -65,6 +65,7 @@ def one(offline_dir, tmp_path_factory) -> Path:
     return results
 
 
+@pytest.mark.slow  # two launched processes, 35 s: in `make test-slow` with the other multi-process runs
 def test_two_processes_compute_the_metrics_answers_records_and_journal_of_one(one, offline_dir, tmp_path):
     proc = two_processes(*SWEEP, f"results_dir={tmp_path}", offline_dir=offline_dir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -92,6 +92,7 @@ SMOKE = ["+sweep=smoke", "model=tiny", "method=full,dycoke", "frames=4", "limit=
 SAMPLES_PER_CELL = 10 * 2  # ten fixture tasks, two documents each
 
 
+@pytest.mark.slow  # every FastVID-table method through the app on both layouts, 12 s: in `make test-slow`
 def test_fastvids_methods_run_end_to_end_on_both_layouts(offline_dir, tmp_path, monkeypatch):
     """FastVID's table's methods through the app on the tiny LLaVA-OneVision and the LLaVA-Video adapter, no sample failed."""
     monkeypatch.setattr(report, "render_report", lambda *args: None)  # the tables are not what is tested here
