@@ -25,7 +25,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -232,8 +232,15 @@ def cell_directory(cfg: DictConfig) -> Path:
 
 
 def cell_method_name(cfg: DictConfig) -> str:
-    """The method's name in a cell's folder: its config's `name`, else its class's, known without building it."""
-    return str(cfg.method.get("name") or str(cfg.method._target_).rsplit(".", 1)[-1].lower())
+    """The method's one name (its config's key), in its cell's folder as in its records and report rows: the config's
+    `name`, else the name its class gives it, read without building it."""
+    if cfg.method.get("name"):
+        return str(cfg.method.name)
+    from hydra.utils import get_class
+
+    method_class = get_class(str(cfg.method._target_))
+    default = {f.name: f.default for f in fields(method_class)}.get("name") if is_dataclass(method_class) else None
+    return str(default or method_class.__name__.lower())
 
 
 def task_set_label(tasks: DictConfig) -> str:

@@ -197,7 +197,15 @@ def test_every_method_runs_on_every_tiny_qwen_model_with_the_tokens_it_planned_o
 @pytest.mark.parametrize("name", METHODS)
 def test_every_methods_name_is_its_configs_key(name):
     """One name per method: it names the cell folder, the records and the report row."""
+    from hydra import compose, initialize_config_dir
+
+    from dycoke_eval.config import CONF_DIR
+    from dycoke_eval.store import cell_directory
+
     assert instantiate_method(name).name == name
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"method={name}"])
+    assert cell_directory(cfg).name.split("__")[1] == name
 
 
 @pytest.mark.parametrize("name", IN_LLM_METHODS)

@@ -110,6 +110,41 @@ def test_fastvids_methods_run_end_to_end_on_both_layouts(offline_dir, tmp_path, 
         assert record["status"] == "ok" and 0 < record["retained_ratio"] <= 1, path
 
 
+@pytest.mark.slow  # fifteen cells on two tiny Qwen-VL models through the app, 45 s: in `make test-slow`
+def test_every_method_runs_end_to_end_on_both_tiny_qwen_models_or_is_refused_naming_the_family(offline_dir, tmp_path):
+    """The smoke sweep's Qwen-VL cells run through the app with no sample failed; every method it leaves out of a
+    model is one that model's family refuses in one line before anything loads."""
+    from dycoke_eval.config import ConfigError, group_options, instantiate_method
+    from dycoke_eval.models import adapter_class
+    from dycoke_eval.offline.architectures import architecture_config
+
+    models = ("tiny_qwen2_5_vl", "tiny_qwen3_vl")
+    narrow = [f"model={','.join(models)}", "tasks.names=[fixture_videomme]", "limit=1"]
+    proc = run_app("+sweep=smoke", *narrow, "hydra.sweeper.report=false", f"results_dir={tmp_path}",
+                   env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = expand("smoke", narrow)
+    runs = [json.loads(path.read_text()) for path in (tmp_path / "cells").glob("*/run.json")]
+    assert len(runs) == len(cells) and all(run["complete"] for run in runs)
+    for path in (tmp_path / "cells").glob("*/sample_records.jsonl"):
+        (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+        assert record["status"] == "ok" and 0 < record["retained_ratio"] <= 1 and record["token_grid"][0] == 8, path
+    for model in models:
+        config = architecture_config(model)
+        info = adapter_class(config).model_info(config)
+        run = {c["method"] for c in cells if c["model"] == model}
+        for name in sorted(set(group_options("method")) - run):
+            with pytest.raises(ConfigError, match=info.family):
+                instantiate_method(name).validate_for(info)
+
+
+def test_overrides_that_leave_a_sweep_no_cell_end_it_in_one_line_naming_what_it_has(tmp_path):
+    proc = run_app("+sweep=smoke", "model=llava_ov_7b", "method=full", f"results_dir={tmp_path}")
+    (line,) = proc.stderr.splitlines()
+    assert proc.returncode == 2 and line.startswith("dycoke_eval: model=llava_ov_7b method=full: sweep smoke has no cell")
+    assert "its cells have model in tiny, tiny_qwen2_5_vl, tiny_qwen3_vl, tiny_video; method in dycoke," in line
+
+
 def sweep(results_dir: Path, offline_dir: Path) -> subprocess.CompletedProcess:
     """The smoke sweep run to its end, in this process."""
     return run_app(*SMOKE, f"results_dir={results_dir}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})

@@ -127,6 +127,8 @@ class GridsSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         cells = expand_grids(parser, self.params, self.grids, arguments)
+        if not cells:
+            self._refuse_empty(parser, arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -153,6 +155,22 @@ class GridsSweeper(BasicSweeper):
         if failed:
             sys.exit(f"sweep: {len(failed)} cells failed entirely and are not complete:\n" + "\n".join(failed))
         return returns
+
+    def _refuse_empty(self, parser: OverridesParser, arguments: list[str]) -> None:
+        """Overrides that narrow the sweep to no cell end it in one line naming the values its cells have."""
+        narrowing = _choices(parser, arguments)
+        every = [
+            dict(assignment.split("=", 1) for assignment in cell) for cell in expand_grids(parser, self.params, self.grids, [])
+        ]
+        has = {key: sorted({cell[key] for cell in every if key in cell}) for key in narrowing}
+        given = " ".join(f"{key}={','.join(narrowing[key])}" for key, values in has.items() if values)
+        named = "; ".join(f"{key} in {', '.join(values)}" for key, values in has.items() if values)
+        print(
+            f"dycoke_eval: {given}: sweep {self.config.run_name} has no cell with these settings (its cells have {named}); "
+            "narrow it to those, or run these cells without +sweep",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
     def _launch(self, batch: list, initial_job_idx: int) -> list:
         """The launcher's jobs; one that died (killed, preempted, out of memory) ends the sweep in one line: every
