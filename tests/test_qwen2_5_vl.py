@@ -2,24 +2,17 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from qwen_clips import random_frames, timing
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from dycoke_eval.config import ConfigError
-from dycoke_eval.geometry import FrameTiming
 from dycoke_eval.methods.fastvid import FastVID
 from dycoke_eval.models.qwen2_5_vl import Qwen2_5_VLAdapter, released_text_positions
 from dycoke_eval.offline.tiny_qwen import build_tiny_qwen_checkpoint
 
 QUESTION = "What happens?"
-VIDEO_FPS, VIDEO_FRAMES = 30.0, 240  # 8 frames sampled from 8 s of video: 1 frame a second, not the 2.0 default,
-# so a dropped or misread rate shows in the temporal ids
-
-
-def timing(count=8):
-    return FrameTiming(VIDEO_FPS, VIDEO_FRAMES, tuple(np.linspace(0, VIDEO_FRAMES - 1, count, dtype=int).tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +27,8 @@ def adapter(checkpoint):
     return Qwen2_5_VLAdapter(model, AutoProcessor.from_pretrained(path, local_files_only=True))
 
 
-def frames(count=8, height=56, width=84):
-    return np.random.default_rng(0).integers(0, 255, (count, height, width, 3), dtype=np.uint8)
+def frames(count=8):
+    return random_frames(count, 56, 84)
 
 
 def encoded_of(adapter, video):

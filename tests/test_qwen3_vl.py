@@ -3,27 +3,21 @@ tokens keep their M-RoPE ids and their DeepStack rows."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from qwen_clips import random_frames, timing
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
 from dycoke_eval.config import CONF_DIR, ConfigError
-from dycoke_eval.geometry import FrameTiming
 from dycoke_eval.methods.fastvid import FastVID
 from dycoke_eval.models import adapter_class, planning_geometry
 from dycoke_eval.models.qwen3_vl import Qwen3VLAdapter
 from dycoke_eval.offline.tiny_qwen import build_tiny_qwen_checkpoint
 
 QUESTION = "What happens?"
-VIDEO_FPS, VIDEO_FRAMES = 30.0, 240  # 8 frames sampled from 8 s of video: the timestamps are the frames' own times
 PATCHES, PER_PATCH = 4, 4  # 8 frames of 64x64 px: 4 temporal patches of 2x2 merged tokens
 TOKENS = PATCHES * PER_PATCH
-
-
-def timing(count=8):
-    return FrameTiming(VIDEO_FPS, VIDEO_FRAMES, tuple(np.linspace(0, VIDEO_FRAMES - 1, count, dtype=int).tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def adapter(checkpoint):
 
 
 def frames(count=8, height=64, width=64):
-    return np.random.default_rng(0).integers(0, 255, (count, height, width, 3), dtype=np.uint8)
+    return random_frames(count, height, width)
 
 
 def encoded_of(adapter, video):
