@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from qwen_clips import random_frames, timing
+from qwen_clips import random_frames, run_from_a_video_file, timing
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from dycoke_eval.config import ConfigError
@@ -175,23 +175,7 @@ def test_paper_form_is_the_chat_template(adapter):
 )
 def test_methods_run_through_the_wrapper_and_enter_the_llm_with_their_planned_tokens(checkpoint, tmp_path, name, settings):
     """The adapter is registered for the checkpoint's model_type; every kept token keeps its M-RoPE ids."""
-    from test_wrapper import GREEDY, make_requests
-
-    from dycoke_eval.config import method_from_config
-    from dycoke_eval.geometry import PlannedCounts
-    from dycoke_eval.offline.videos import write_video
-    from dycoke_eval.video_frames import sample_video
-    from dycoke_eval.wrapper import CompressedVideoLM
-
-    method = method_from_config(name, settings)
-    lm = CompressedVideoLM(pretrained=str(checkpoint), frames=8, device="cpu", method=method)
-    video = str(write_video(tmp_path / "clip.mp4"))
-    lm.generate_until(make_requests(lm, [video], GREEDY))
-    (record,) = lm.sample_records
-    layout = lm.adapter.encode(lm.adapter.preprocess(sample_video(video, 8).frames)).layout  # this video's grid
-    assert record.frames == 8 and record.visual_tokens_full == layout.full_tokens
-    planned = method.plan(PlannedCounts.full(layout, lm.adapter.dims().layers))
-    assert record.prefill_visual_by_layer == pytest.approx(planned.prefill, abs=1)  # FastV's plan is nominal
+    run_from_a_video_file(checkpoint, tmp_path, name, settings)
 
 
 def test_the_app_runs_dycoke_on_the_tiny_qwen2_5_vl_and_refuses_fastvid_before_loading(offline_dir, tmp_path):

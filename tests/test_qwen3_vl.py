@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
-from qwen_clips import random_frames, timing
+from qwen_clips import random_frames, run_from_a_video_file, timing
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
 from dycoke_eval.config import CONF_DIR, ConfigError
@@ -196,24 +196,8 @@ def test_methods_acting_inside_the_llm_are_refused_naming_the_interleaved_timest
 @pytest.mark.parametrize(("name", "settings"), [("full", {}), ("random", {}), ("pooling", {}), ("dycoke_ttm", {})])
 def test_methods_run_through_the_wrapper_and_enter_the_llm_with_their_planned_tokens(checkpoint, tmp_path, name, settings):
     """The adapter is registered for the checkpoint's model_type; every kept token keeps its M-RoPE ids."""
-    from test_wrapper import GREEDY, make_requests
-
-    from dycoke_eval.config import method_from_config
-    from dycoke_eval.geometry import PlannedCounts
-    from dycoke_eval.offline.videos import write_video
-    from dycoke_eval.video_frames import sample_video
-    from dycoke_eval.wrapper import CompressedVideoLM
-
-    method = method_from_config(name, settings)
-    lm = CompressedVideoLM(pretrained=str(checkpoint), frames=8, device="cpu", method=method)
+    lm = run_from_a_video_file(checkpoint, tmp_path, name, settings)
     assert isinstance(lm.adapter, Qwen3VLAdapter)
-    video = str(write_video(tmp_path / "clip.mp4"))
-    lm.generate_until(make_requests(lm, [video], GREEDY))
-    (record,) = lm.sample_records
-    layout = lm.adapter.encode(lm.adapter.preprocess(sample_video(video, 8).frames)).layout  # this video's grid
-    assert record.frames == 8 and record.visual_tokens_full == layout.full_tokens
-    planned = method.plan(PlannedCounts.full(layout, lm.adapter.dims().layers))
-    assert record.prefill_visual_by_layer == pytest.approx(planned.prefill, abs=1)  # FastV's plan is nominal
 
 
 def test_the_app_runs_dycoke_on_the_tiny_qwen3_vl(offline_dir, tmp_path):
