@@ -433,7 +433,8 @@ class CompressedVideoLM(lmms):
         with torch.inference_mode():
             with self._stage(record, "compress"):
                 selected = compressor.select(encoded, sample)
-            visual, positions = adapter.assemble(encoded, selected.tokens.features, selected.tokens.index)
+            tokens = selected.tokens
+            visual, positions = adapter.assemble(encoded, tokens.features, tokens.index, tokens.frame_newlines)
             keeps = method.keeps_positions() or adapter.keeps_grid_positions
             positions = positions if keeps else None  # None: consecutive positions
             if positions is not None and bool((positions < 0).any()):

@@ -280,6 +280,18 @@ def test_llava_video_gives_kept_rows_their_newline_back_and_drops_empty_rows_new
         video_adapter.assemble(encoded, encoded.grid[0], torch.tensor([0, 1, -1, 3, 4, 5, 6, 7, 8]))
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_llava_video_lays_a_frame_end_layout_out_frame_by_frame_with_its_newlines_after_each_frame(video_adapter, count):
+    """FlashVID's `mm_newline_position=frame` (1) and VidCom2's grid mapping (all rows' newlines after the frame's tokens),
+    written out by hand: a frame that keeps nothing still gets its newlines, and the positions are numbered anew."""
+    encoded = newline_layout(3)
+    kept = torch.tensor([7, 0, 2, 20])  # frame 0 keeps 1, 3, 8; frame 1 nothing; frame 2 keeps 21
+    visual, positions = video_adapter.assemble(encoded, encoded.grid.flatten(0, 1)[kept], kept, frame_newlines=count)
+    n = [-1.0] * count
+    assert visual[:, 0].tolist() == [1, 3, 8, *n, *n, 21, *n]
+    assert positions.tolist() == list(range(4 + 3 * count))
+
+
 def test_llava_video_64_frames_lay_out_11648_tokens():
     config = architecture_config("video_7b")
     layout = LlavaVideoAdapter.video_layout(config, 64)

@@ -44,6 +44,10 @@ class VideoTokens:
     layout: VideoLayout
     figures: dict[str, Any] = field(default_factory=dict)
     whole: bool = False  # every grid token, in grid order: as the encoder gave them, before any stage
+    # None: the model's own newline tokens. n: on a model with a newline after every grid row (LLaVA-Video), the video
+    # is laid out frame by frame instead, each frame's tokens in grid order then n newline tokens, as released code
+    # that rebuilds the layout does (FlashVID's `mm_newline_position=frame`: 1; VidCom2's grid mapping: all 13 rows').
+    frame_newlines: int | None = None
 
     @classmethod
     def from_grid(cls, grid: torch.Tensor, layout: VideoLayout) -> VideoTokens:
@@ -75,9 +79,11 @@ class VideoTokens:
             raise ConfigError("this stage needs every video token; put it first in the method's stages")
         return self.features.view(self.frames, self.tokens_per_frame, -1)
 
-    def replaced(self, features: torch.Tensor, index: torch.Tensor, **figures: Any) -> VideoTokens:
-        """New tokens at grid positions `index`, with this stage's figures."""
-        return VideoTokens(features, index, self.layout, figures)
+    def replaced(
+        self, features: torch.Tensor, index: torch.Tensor, frame_newlines: int | None = None, **figures: Any
+    ) -> VideoTokens:
+        """New tokens at grid positions `index`, with this stage's figures (and its newline layout, see `frame_newlines`)."""
+        return VideoTokens(features, index, self.layout, figures, frame_newlines=frame_newlines)
 
     def keep(self, kept: torch.Tensor, **figures: Any) -> VideoTokens:
         """The tokens at rows `kept` (in that order)."""

@@ -252,9 +252,14 @@ class ModelAdapter(ABC):
         """`preprocess`'s output -> pooled, projected video tokens, plus the requested encoder signals."""
 
     @abstractmethod
-    def assemble(self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def assemble(
+        self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor, frame_newlines: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept tokens [M, D] at grid positions `index` [M] -> the LLM's visual sequence [V, D] with newline tokens
-        placed as the layout puts them, and each token's position within the full-token visual sequence [V]."""
+        placed as the layout puts them, and each token's position within the full-token visual sequence [V].
+
+        `frame_newlines` (a stage's, `VideoTokens.frame_newlines`) replaces per-row newlines by n after each frame;
+        layouts without per-row newlines ignore it."""
 
     @abstractmethod
     def render_prompt(self, form: str, question: str) -> str:

@@ -201,7 +201,9 @@ class LlavaOneVisionAdapter(ModelAdapter):
         stack.enter_context(routed_attention(tower, "encoder_capture", attention))
         return stack
 
-    def assemble(self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def assemble(
+        self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor, frame_newlines: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         newline_position = torch.tensor([encoded.layout.grid_tokens], device=index.device, dtype=index.dtype)
         return torch.cat([tokens, encoded.newline[None].to(tokens.dtype)]), torch.cat([index, newline_position])
 

@@ -54,7 +54,13 @@ class LlavaVideoAdapter(LlavaOneVisionAdapter):
             return self.pool(values.unsqueeze(-1)).squeeze(-1)
         return average_pool(values, self.config.vision_config.image_size // self.config.vision_config.patch_size)
 
-    def assemble(self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def assemble(
+        self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor, frame_newlines: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if frame_newlines is not None:
+            return frame_end_layout(
+                tokens, index, encoded.layout.tokens_per_frame, encoded.layout.frames, encoded.newline, frame_newlines
+            )
         if bool((index < 0).any()):
             raise ValueError(
                 "LLaVA-Video puts a newline after each grid row; a token at no grid position (index -1) belongs to no "
@@ -68,6 +74,25 @@ class LlavaVideoAdapter(LlavaOneVisionAdapter):
         where = torch.empty(visual.shape[0], dtype=index.dtype, device=index.device)
         where[slots], where[newline_slots] = positions, newline_positions
         return visual, where
+
+
+def frame_end_layout(
+    tokens: torch.Tensor, index: torch.Tensor, tokens_per_frame: int, frames: int, newline: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept tokens [M, D] at grid positions [M] -> every frame's tokens in grid order, each frame followed by `count`
+    newline tokens (frames with no token too), and positions 0..V-1: this layout is a new sequence, numbered anew."""
+    if count < 0:
+        raise ValueError(f"frame_newlines={count}: a frame is followed by zero or more newline tokens")
+    order = index.argsort(stable=True)
+    frame = index[order].div(tokens_per_frame, rounding_mode="floor")
+    slots = torch.arange(index.numel(), device=index.device) + frame * count  # the newlines of the frames before
+    ends = torch.arange(frames, device=index.device).repeat_interleave(count)  # frame of each newline
+    before = torch.bincount(frame, minlength=frames).cumsum(0)  # tokens of this frame and the ones before
+    newline_slots = before[ends] + ends * count + torch.arange(count, device=index.device).repeat(frames)
+    visual = tokens.new_empty(index.numel() + frames * count, tokens.shape[-1])
+    visual[slots] = tokens[order]
+    visual[newline_slots] = newline.to(tokens.dtype)
+    return visual, torch.arange(visual.shape[0], device=index.device)
 
 
 def average_pool(values: torch.Tensor, side: int) -> torch.Tensor:

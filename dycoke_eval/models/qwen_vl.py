@@ -68,7 +68,9 @@ class QwenVLAdapter(ModelAdapter):
         temporal, rows, cols = grid_thw
         return VideoLayout(temporal, rows // merge, cols // merge, "none", self.family)
 
-    def assemble(self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def assemble(
+        self, encoded: EncodedVideo, tokens: torch.Tensor, index: torch.Tensor, frame_newlines: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return tokens, index  # no newline tokens: the visual sequence is the kept grid tokens in order
 
     def render_prompt(self, form: str, question: str) -> str:
