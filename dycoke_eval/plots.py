@@ -32,8 +32,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from dycoke_eval.paired import BENCHMARKS  # noqa: E402
 
-NOT_PERCENT = {"retained_ratio", "tflops", "flops_ratio", "activitynetqa_score", "videodc", "params", "speedup",
-               "total_latency_s", "gpu_memory_gb", "latency_per_example_s", "decode_ms_per_token", "accuracy_std",
+NOT_PERCENT = {"retained_ratio", "tflops", "prefill_tflops_real", "flops_ratio", "activitynetqa_score", "videodc", "params",
+               "speedup", "total_latency_s", "gpu_memory_gb", "latency_per_example_s", "decode_ms_per_token", "accuracy_std",
                "avg_percent"}  # fmt: skip
 SUMMARIES = {  # a table's summary column -> what is plotted instead of every column (which would count parts twice)
     "avg_score": BENCHMARKS,  # FastVID's Avg.: its four benchmarks, which its ablations print without their Avg.
@@ -65,10 +65,11 @@ def accuracy_points(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """
     metrics = [m for m in dict.fromkeys(c[0] for c in frame.columns if c[0]) if m not in NOT_PERCENT]
     metrics = next((list(SUMMARIES[summary]) for summary in SUMMARIES if summary in metrics), metrics)
+    column = x_column(frame)
     candidates = []
     for _, row in frame.iterrows():
-        tflops = row.get(("tflops", "ours"), math.nan)
-        x = tflops if not pd.isna(tflops) else row.get(("tflops", "paper"), math.nan)
+        tflops = row.get((column, "ours"), math.nan)
+        x = tflops if not pd.isna(tflops) else row.get((column, "paper"), math.nan)
         for source in ("ours", "paper"):
             have = [m for m in metrics if not pd.isna(row.get((m, source), math.nan))]
             if have and not pd.isna(x):
@@ -92,6 +93,15 @@ def accuracy_points(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             points.append({"model": model, "series": series, **{key: point[key] for key in ("row", "source", "tflops")},
                            "accuracy": mean, "metrics": " ".join(shared)})  # fmt: skip
     return pd.DataFrame(points), notes
+
+
+def x_column(frame: pd.DataFrame) -> str:
+    """The plot's x: a table that names `prefill_tflops_real` (the frontier) is drawn against the prefill's real FLOPs,
+    measured from every sample's per-layer tokens; the papers' tables against eq. 8's TFLOPs, their unit."""
+    return "prefill_tflops_real" if any(c[0] == "prefill_tflops_real" for c in frame.columns) else "tflops"
+
+
+X_LABELS = {"tflops": "TFLOPs (eq. 8)", "prefill_tflops_real": "Prefill TFLOPs per sample (real count, measured)"}
 
 
 def _shared(points: list[dict], metrics: list[str]) -> list[str]:
@@ -173,7 +183,7 @@ def plot_accuracy_vs_flops(table: str, frame: pd.DataFrame, out_dir: Path) -> li
     for model, group in points.groupby("model", sort=False) if not points.empty else []:
         figure, axes = plt.subplots(figsize=(8, 4))
         draw_points(axes, group)
-        axes.set_xlabel("TFLOPs (eq. 8)")
+        axes.set_xlabel(X_LABELS[x_column(frame)])
         axes.set_ylabel(accuracy_label(group.metrics.iloc[0].split()), fontsize=8)
         axes.set_title(f"{table}: {model}")
         left_out = [note.removeprefix(f"{model}: ") for note in notes if note.startswith(f"{model}: ")]

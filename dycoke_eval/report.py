@@ -65,9 +65,9 @@ NAMED_SETTINGS = (  # method settings a paper row names besides k, l, p (which t
     "segmentation", "d", "merging",  # FastVID's ablations
 )  # fmt: skip
 SETTINGS = ("model", "method", "k", "l", "p", *NAMED_SETTINGS, "frames")  # what a paper row can name; a table: its CSV's
-LABELS = ("table", "row", "R")  # a paper row's own text: the table, its label, the retention block it is printed in
+LABELS = ("table", "row", "R", "source")  # a paper row's own text: the table, its label, its retention block, where it is from
 RELATIVE = "avg_percent"  # a table with FastVID's "% of vanilla" column compares every row with vanilla, sample by sample
-PLANNED = {"retained_ratio", "tflops", "flops_ratio"}  # from plans.plan_row, not measured
+PLANNED = {"retained_ratio", "tflops", "flops_ratio", "prefill_tflops_real"}  # every cell has them: no table alone
 MVBENCH_CODES = {
     "action_sequence": "AS", "action_prediction": "AP", "action_antonym": "AA", "fine_grained_action": "FA",
     "unexpected_action": "UA", "object_existence": "OE", "object_interaction": "OI", "object_shuffle": "OS",
@@ -85,9 +85,9 @@ TASK_METRICS = {  # task (fixture_ prefix and _deferred suffix dropped) -> [(lmm
     "longvideobench_val_v": [("lvb_acc", "longvideobench", 100)],
     **{f"mvbench_{name}": [("mvbench_accuracy", code, 1)] for name, code in MVBENCH_CODES.items()},
 }
-LOWER_IS_BETTER = {"tflops", "flops_ratio", "retained_ratio", "total_latency_s", "gpu_memory_gb", "latency_per_example_s",
-                   "decode_ms_per_token", "params", "accuracy_std"}  # fmt: skip
-NOT_RANKED = {"retained_ratio", "flops_ratio", "tflops", "params", "accuracy_std", "speedup"}
+LOWER_IS_BETTER = {"tflops", "prefill_tflops_real", "flops_ratio", "retained_ratio", "total_latency_s", "gpu_memory_gb",
+                   "latency_per_example_s", "decode_ms_per_token", "params", "accuracy_std"}  # fmt: skip
+NOT_RANKED = {"retained_ratio", "flops_ratio", "tflops", "prefill_tflops_real", "params", "accuracy_std", "speedup"}
 RUN_SETTINGS = ("prompt", "seed", "max_new_tokens")  # run settings besides the method's that change a cell's numbers
 DEFAULT_RUN = {key: yaml.safe_load((CONF_DIR / "config.yaml").read_text())[key] for key in RUN_SETTINGS}  # preferred on ties
 FULL_KEY = ["model", "frames", "evaluation", "run"]  # speed-up: against full tokens with the same of these
@@ -120,6 +120,8 @@ def cell_rows(cells: list[Cell]) -> pd.DataFrame:
         measured = cell.retained_ratio()  # DyCoke's decode-time attendance, PruMerge's adaptive count: beats the plan
         if measured is not None:
             row["retained_ratio"] = measured
+        # prefill TFLOPs, real count: measured from every sample's per-layer tokens and prompt, else the plan's
+        row["prefill_tflops_real"] = cell.prefill_tflops_real() or plan.get("prefill_tflops_real")
         sources: dict[str, list[str]] = {}
         for task, metrics in cell.metrics.items():
             for metric, column, scale in TASK_METRICS.get(_task_name(task), []):

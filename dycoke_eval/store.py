@@ -118,6 +118,8 @@ class SampleRecord:
     prefill_visual_by_layer: list[int] = field(default_factory=list)  # visual tokens each LLM layer processed in prefill
     decode_visual_by_layer: list[float] = field(default_factory=list)  # per layer: mean visual tokens attended per decode step
     retained_ratio: float | None = None  # the sample's standard retained ratio (None: the method did not report one)
+    # the LLM's prefill TFLOPs from the visual tokens each layer processed and the prompt's text (accounting.py)
+    prefill_tflops_real: float | None = None
     input_tokens: int = 0  # the prompt that entered the LLM: text and visual tokens
     output_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -372,6 +374,12 @@ class Cell:
                 ratios.append(ratio)
         return mean(ratios) if ratios else None
 
+    def prefill_tflops_real(self) -> float | None:
+        """Measured prefill TFLOPs per sample (real count, `accounting.real_prefill_flops`), the mean over tasks; None
+        for cells written before samples recorded it."""
+        values = [s["prefill_tflops_real_mean"] for s in self.summaries.values() if s.get("prefill_tflops_real_mean") is not None]
+        return mean(values) if values else None
+
     def visual_token_share(self) -> float | None:
         """Mean over tasks of visual tokens entering the LLM over those of full tokens; None without token counts."""
         shares = [
@@ -481,6 +489,7 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             "visual_tokens_in_mean": mean(r["visual_tokens_in"] for r in ok) if ok else None,
             "visual_tokens_full_mean": mean(r["visual_tokens_full"] for r in ok) if ok else None,
             "retained_ratio_mean": mean(ratios) if ratios else None,
+            "prefill_tflops_real_mean": _mean_of(ok, "prefill_tflops_real"),
             "visual_tokens_by_stage_mean": _numeric_means([r.get("visual_tokens_by_stage", {}) for r in ok]),
             "seconds_mean": {stage: mean(r["seconds"][stage] for r in ok if stage in r["seconds"]) for stage in stages},
             "method_stats_mean": _numeric_means([r["method_stats"] for r in ok]),
@@ -490,6 +499,12 @@ def summarise_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             "encoder_shared": sum(r.get("encoder_shared", False) for r in rows),
         }
     return summary
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of a per-sample figure over the rows that recorded it (None: none did, e.g. rows of older writers)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return mean(values) if values else None
 
 
 def _efficiency(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 from transformers import LogitsProcessorList
 
+from dycoke_eval.accounting import real_prefill_flops
 from dycoke_eval.checkpoints import CheckpointLoader, LoadedCheckpoint, resolve_device, resolve_dtype
 from dycoke_eval.compression.dispatcher import Compressor
 from dycoke_eval.compression.stages import CompressionMethod, per_sample_seed, routes_attention
@@ -469,6 +470,9 @@ class CompressedVideoLM(lmms):
         record.visual_tokens_by_stage = {**selected.by_stage, **figures.by_stage}
         record.prefill_visual_by_layer = figures.prefill_visual_by_layer
         record.decode_visual_by_layer = figures.decode_visual_by_layer
+        text = prompt_length - record.visual_tokens_in  # the prompt's text and special tokens
+        dims = adapter.dims()
+        record.prefill_tflops_real = sum(real_prefill_flops(v, text, dims) for v in figures.prefill_visual_by_layer) / 1e12
         record.retained_ratio = figures.retained_ratio(encoded.layout.full_tokens, decode_steps)
         record.method_stats = {**selected.figures, **figures.figures}
         return output, prompt_length

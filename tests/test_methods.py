@@ -524,3 +524,20 @@ def test_a_kernel_a_routed_method_cannot_use_is_refused_before_loading(method):
             pretrained="no/such-checkpoint", method=method, attn_implementation="flash_attention_2", checkpoints=checkpoints
         )
     assert checkpoints.loads == 0
+
+
+def test_a_sample_records_the_real_prefill_flops_of_the_tokens_each_layer_processed(lm, video):
+    """Per layer: the Q/K/V/O projections, causal attention and SwiGLU over that layer's visual tokens plus the prompt's
+    text, written out here from the tiny model's config (FastV: layers from K on see fewer tokens)."""
+    lm.method, record = FastV(layer=2, ratio=0.5), SampleRecord("t", 0)
+    _, prompt_length = lm.run_sample(video, "What moves?", dict(GREEDY_WITH_LOGITS), record, "t/0")
+    config = lm.adapter.config.text_config
+    d, ffn, head_dim = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
+    queries, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    text = prompt_length - record.visual_tokens_in
+    expected = 0
+    for visual in record.prefill_visual_by_layer:
+        s = visual + text
+        expected += s * d * (2 * queries + 2 * kv) + queries * s * (s + 1) + 3 * s * d * ffn
+    assert record.prefill_visual_by_layer[2] < record.prefill_visual_by_layer[1]
+    assert record.prefill_tflops_real == pytest.approx(expected / 1e12, rel=1e-12)
