@@ -29,6 +29,7 @@ from dycoke_eval.methods.pooling import Pooling
 from dycoke_eval.methods.prumerge import PruMerge
 from dycoke_eval.methods.prunevid import PruneVid
 from dycoke_eval.methods.random_tokens import RandomTokens
+from dycoke_eval.methods.tome import ToMe
 from dycoke_eval.methods.ttm import TokenTemporalMerging, ttm_keep_indices
 from dycoke_eval.methods.visionzip import VisionZip
 from dycoke_eval.offline.videos import synthetic_frames
@@ -224,6 +225,7 @@ STAGES = [  # every stage on its own, as a method of one stage (PruneVid's in-LL
     PruneVid(in_llm=True, selected_layer=2),
     VisionZip(form="in_encoder"),
     FastVID(mode="paper"),
+    ToMe(metric="keys", key_heads=2),
 ]
 
 
