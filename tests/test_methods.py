@@ -31,6 +31,7 @@ from dycoke_eval.methods.prunevid import PruneVid
 from dycoke_eval.methods.random_tokens import RandomTokens
 from dycoke_eval.methods.tome import ToMe
 from dycoke_eval.methods.ttm import TokenTemporalMerging, ttm_keep_indices
+from dycoke_eval.methods.vidcom2 import VidCom2
 from dycoke_eval.methods.visionzip import VisionZip
 from dycoke_eval.offline.videos import synthetic_frames
 from dycoke_eval.plumbing.attention import masked_attention, routed_attention
@@ -45,6 +46,7 @@ NOMINAL_PLANS = {  # methods whose kept count depends on the video or rounds oth
     "prumerge": "each frame keeps its outliers' count, plus PruMerge+'s samples",
     "prumerge_official": "the outliers of all frames together set the count",
     "prunevid": "static tokens and cluster sizes depend on the video",
+    "vidcom2": "each frame keeps round(budget * N) tokens, capped and at least one: R * F * N before rounding",
 }
 LAYOUTS = {"llava_onevision": None, "llava_video": "llava_video"}  # the tiny checkpoint under each adapter: each layout
 SHORTENING_METHODS = {  # pre-LLM methods whose kept tokens stay in video order: shortening == masking the rest
@@ -52,6 +54,7 @@ SHORTENING_METHODS = {  # pre-LLM methods whose kept tokens stay in video order:
     "prumerge": instantiate_method("prumerge"),
     "random": instantiate_method("random"),
     "pooling": instantiate_method("pooling"),
+    "vidcom2": instantiate_method("vidcom2"),
 }
 BUILTIN_ATTENTION = set(AttentionInterface._global_mapping)
 GREEDY_WITH_LOGITS = {
@@ -226,6 +229,7 @@ STAGES = [  # every stage on its own, as a method of one stage (PruneVid's in-LL
     VisionZip(form="in_encoder"),
     FastVID(mode="paper"),
     ToMe(metric="keys", key_heads=2),
+    VidCom2(),
 ]
 
 
