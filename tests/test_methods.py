@@ -18,13 +18,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dycoke_eval.checkpoints import CheckpointLoader
 from dycoke_eval.compression.dispatcher import Compressor
-from dycoke_eval.compression.stages import CompressionMethod, DecodeStage, PrefillStage, PreLLMStage
+from dycoke_eval.compression.stages import CompressionMethod, DecodeStage, MidLayerStage, PrefillStage, PreLLMStage
 from dycoke_eval.config import ConfigError, group_options, instantiate_method
 from dycoke_eval.geometry import PlannedCounts
 from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.methods.fastv import FastV, fastv_keep_count
 from dycoke_eval.methods.fastvid import FastVID
+from dycoke_eval.methods.framefusion import FrameFusion
+from dycoke_eval.methods.holitom import HoliTomInLLMMerge
 from dycoke_eval.methods.pooling import Pooling
 from dycoke_eval.methods.prumerge import PruMerge
 from dycoke_eval.methods.prunevid import PruneVid
@@ -39,14 +41,25 @@ from dycoke_eval.wrapper import CompressedVideoLM, SampleRecord
 
 FRAMES = 16
 METHODS = group_options("method")
-IN_LLM_METHODS = [  # methods with a prefill or decode stage: only these take another path as the masked reference
-    name for name in METHODS if any(isinstance(s, PrefillStage | DecodeStage) for s in instantiate_method(name).stages())
+TINY_SETTINGS = {  # the released in-LLM layer of methods whose default is deeper than the tiny models' 8 layers
+    "holitom": {"method.merge_layer": 3},
+}
+
+
+def tiny_method(name: str):
+    """Method `name` from its config, with the settings that fit the tiny models (`TINY_SETTINGS`)."""
+    return instantiate_method(name, TINY_SETTINGS.get(name))
+
+
+IN_LLM_METHODS = [  # methods with a stage inside the LLM: only these take another path as the masked reference
+    name for name in METHODS if any(isinstance(s, PrefillStage | DecodeStage | MidLayerStage) for s in tiny_method(name).stages())
 ]
 NOMINAL_PLANS = {  # methods whose kept count depends on the video or rounds otherwise: their plan is the nominal count
     "prumerge": "each frame keeps its outliers' count, plus PruMerge+'s samples",
     "prumerge_official": "the outliers of all frames together set the count",
     "prunevid": "static tokens and cluster sizes depend on the video",
     "vidcom2": "each frame keeps round(budget * N) tokens, capped and at least one: R * F * N before rounding",
+    "holitom": "static windows depend on the video; the budget is re-scaled per video and rounded per window and frame",
 }
 LAYOUTS = {"llava_onevision": None, "llava_video": "llava_video"}  # the tiny checkpoint under each adapter: each layout
 SHORTENING_METHODS = {  # pre-LLM methods whose kept tokens stay in video order: shortening == masking the rest
@@ -135,7 +148,7 @@ def assert_model_restored(lm, own_hooks):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_generates_counts_its_tokens_and_leaves_the_model_as_it_found_it(lm, video, own_hooks, name):
-    method = instantiate_method(name)
+    method = tiny_method(name)
     output, record = run(lm, method, video, sample="t/0")
     assert output.sequences.shape[1] > 0 and len(output.logits) == 10
     assert record.visual_tokens_in <= record.visual_tokens_full == lm.adapter.layout(FRAMES).full_tokens
@@ -148,7 +161,7 @@ def test_every_method_generates_counts_its_tokens_and_leaves_the_model_as_it_fou
 @pytest.mark.parametrize("name", sorted(set(METHODS) - set(NOMINAL_PLANS)))
 def test_every_method_enters_the_llm_with_the_tokens_it_planned_on_every_layout(any_lm, video, name):
     """The plan (FLOPs columns, retained ratios) counts the grid tokens a method leaves; the run measures them."""
-    method = instantiate_method(name)
+    method = tiny_method(name)
     _, record = run(any_lm, method, video, sample="t/0")
     layout = any_lm.adapter.layout(FRAMES)
     pre_llm = [stage.name for stage in method.stages() if isinstance(stage, PreLLMStage)]
@@ -181,7 +194,7 @@ def test_every_method_runs_on_every_tiny_qwen_model_with_the_tokens_it_planned_o
 ):
     """Refused at configuration time in one line naming the family, or run: the tokens entering the LLM are the
     plan's on the sample's own grid (a Qwen-VL layout follows each video's resolution; the record says which)."""
-    method = instantiate_method(name)
+    method = tiny_method(name)
     try:
         method.validate_for(qwen_lm.adapter.loaded_info())
     except ConfigError as error:
@@ -214,7 +227,7 @@ def test_every_methods_name_is_its_configs_key(name):
 
 @pytest.mark.parametrize("name", IN_LLM_METHODS)
 def test_every_method_computes_the_same_selection_fast_and_as_the_masked_reference(lm, video, own_hooks, name):
-    assert_fast_path_matches_masked_reference(lm, video, instantiate_method(name))
+    assert_fast_path_matches_masked_reference(lm, video, tiny_method(name))
     assert_model_restored(lm, own_hooks)
 
 
@@ -230,6 +243,8 @@ STAGES = [  # every stage on its own, as a method of one stage (PruneVid's in-LL
     FastVID(mode="paper"),
     ToMe(metric="keys", key_heads=2),
     VidCom2(),
+    HoliTomInLLMMerge(layer=2),
+    FrameFusion(similarity_lower_bound=0.95),
 ]
 
 
@@ -498,8 +513,13 @@ def eager_lm(tiny_checkpoint):
 
 @pytest.mark.parametrize(
     "method",
-    [DyCoke(k=0.5, l=1, threshold=1.1), FastV(layer=2), PruneVid(in_llm=True, selected_layer=2)],
-    ids=["dycoke", "fastv", "prunevid"],
+    [
+        DyCoke(k=0.5, l=1, threshold=1.1),
+        FastV(layer=2),
+        PruneVid(in_llm=True, selected_layer=2),
+        FrameFusion(similarity_lower_bound=0.95),
+    ],
+    ids=["dycoke", "fastv", "prunevid", "framefusion"],
 )
 def test_a_model_loaded_eager_computes_every_routed_attention_with_the_eager_kernel(eager_lm, video, monkeypatch, method):
     import transformers.models.qwen2.modeling_qwen2 as qwen2

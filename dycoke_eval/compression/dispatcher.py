@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from dycoke_eval.compression.stages import (
     CompressionMethod,
     DecodeStage,
+    MidLayerStage,
     PrefillStage,
     PreLLMStage,
     Selector,
@@ -38,7 +39,8 @@ from dycoke_eval.methods.kv_selection import attended_key_index, last_query_atte
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs, ModelAdapter
 from dycoke_eval.plumbing.attention import attention_kernel, kernel_name, masked_attention, routed_attention, subset_attention
 from dycoke_eval.plumbing.cache import GENERATE_CACHE_ARGUMENT, PrunableLayer, TrimmedLayer
-from dycoke_eval.plumbing.hooks import prefill_position_pruning
+from dycoke_eval.plumbing.hooks import prefill_position_pruning, prefill_state_merging
+from dycoke_eval.plumbing.layer_merging import MidLayerShrinking
 
 
 @dataclass
@@ -77,6 +79,9 @@ class Compressor:
         self.pre_llm = [s for s in stages if isinstance(s, PreLLMStage)]
         self.prefill = sorted((s for s in stages if isinstance(s, PrefillStage)), key=lambda s: s.layer)
         self.decode = [s for s in stages if isinstance(s, DecodeStage)]
+        self.mid_layer = [s for s in stages if isinstance(s, MidLayerStage)]
+        if self.mid_layer and len(stages) > 1:
+            raise ConfigError(f"method {method.name!r}: a mid-layer stage works on every video token and runs alone")
         if len(self.decode) > 1:
             raise ConfigError(f"method {method.name!r} has {len(self.decode)} decode stages; one is supported")
         if self.prefill and self.decode:
@@ -91,9 +96,9 @@ class Compressor:
     def check_static_decoding(self) -> None:
         """A static cache (`static_decoding=true`) holds every layer at the prompt's full length, written in place, and
         compiled decoding replays one graph per step: only methods that act before the LLM fit it."""
-        stage = next(iter(self.prefill or self.decode), None)
+        stage = next(iter(self.prefill or self.mid_layer or self.decode), None)
         if stage is not None:
-            acts = "drops prompt tokens in prefill" if self.prefill else "prunes the KV cache while decoding"
+            acts = "prunes the KV cache while decoding" if self.decode else "drops prompt tokens in prefill"
             raise ConfigError(
                 f"static_decoding=true: method {self.method.name!r} {acts} (stage {stage.name!r}), so its layers hold "
                 "caches of different, changing lengths that a static cache cannot; set static_decoding=false"
@@ -120,12 +125,14 @@ class Compressor:
         result = GenerationFigures(
             prefill_visual_by_layer=[inputs.visual_length] * layers, decode_visual_by_layer=[float(inputs.visual_length)] * layers
         )
-        if not (self.prefill or self.decode):
+        if not (self.prefill or self.decode or self.mid_layer):
             yield result
             return
         kernel = attention_kernel(decoder)
         with ExitStack() as stack:
-            if self.prefill:
+            if self.mid_layer:
+                route = _MidLayerRoute(self, inputs, kernel, stack, selected)
+            elif self.prefill:
                 route = _PrefillRoute(self, inputs, kernel, stack, selected.figures if selected is not None else {})
             else:
                 route = _DecodeRoute(self, inputs, kernel, layers)
@@ -147,6 +154,8 @@ class _PrefillRoute:
 
     A stage that `trims_earlier_cache` (the only prefill stage then) also cuts the cache of the layers before
     its `layer` down to the kept tokens once it has scored, so decoding attends to them alone at every layer.
+    A stage that `merges_states` replaces the kept tokens' states entering its `layer` by its merge of the kept and
+    dropped ones, on both paths (the reference keeps the dropped rows, masked from then on).
     """
 
     def __init__(
@@ -158,8 +167,12 @@ class _PrefillRoute:
         self.schedule: list[tuple[int, torch.Tensor]] = []  # (first layer, prompt positions present from it on)
         first = self.stages[0].layer
         self.trimmed = range(first) if self.stages[0].trims_earlier_cache else range(0)  # layers whose cache is cut
+        self.merges: dict[int, tuple[PrefillStage, torch.Tensor, torch.Tensor]] = {}  # layer: stage, kept, dropped positions
+        decoder = compressor.adapter.language_model
+        merging = {stage.layer for stage in self.stages if stage.merges_states}
+        if merging:  # installed first, so a merge sees every state the layer before left
+            stack.enter_context(prefill_state_merging(decoder, merging, self.merged))
         if not self.reference:
-            decoder = compressor.adapter.language_model
             stack.enter_context(prefill_position_pruning(decoder, first, self.present_at))
             if self.trimmed:
                 layers = decoder.config.num_hidden_layers
@@ -211,11 +224,26 @@ class _PrefillRoute:
         else:
             probabilities = last_query_attention(query, key, scaling, attention_mask)
         visual = is_visual.nonzero().flatten()
-        kept = present[visual[stage.keep(probabilities[visual], self.pre_llm)]]
+        chosen = stage.keep(probabilities[visual], self.pre_llm)
+        kept = present[visual[chosen]]
+        if stage.merges_states:
+            others = torch.ones_like(visual, dtype=torch.bool).scatter(0, chosen, False).nonzero().flatten()
+            self.merges[stage.layer] = (stage, kept, present[visual[others]])
         self.schedule.append((stage.layer, torch.cat([present[~is_visual], kept]).sort().values))
         if self.trimmed and not self.reference:  # the layers so far have cached every prompt position
             for layer in self.trimmed:
                 self.cache.layers[layer].trim(self.schedule[-1][1])
+
+    def merged(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Prefill states [1, P, D] entering `layer` -> the same with the kept visual tokens' states merged. Their rows
+        are the positions present before `layer` (the reference holds every prompt position)."""
+        stage, kept, dropped = self.merges[layer]
+        before = None if self.reference else self.present_at(layer - 1)
+        if before is not None:
+            kept, dropped = torch.searchsorted(before, kept), torch.searchsorted(before, dropped)
+        states = hidden[0]
+        merged = stage.merge_states(states.index_select(0, kept), states.index_select(0, dropped))
+        return hidden.index_copy(1, kept, merged[None])
 
     def _visual(self, positions: torch.Tensor) -> torch.Tensor:
         """Which of these prompt positions are visual tokens."""
@@ -300,6 +328,41 @@ class _DecodeRoute:
         result.by_stage[self.stage.name] = pruned
         result.figures.update(self.selector.figures(), attended_visual_mean=pruned)
         result.figures["kv_held_aside_bytes"] = sum(self.cache.layers[i].cold_bytes() for i in self.aside)
+
+
+class _MidLayerRoute:
+    """A mid-layer stage (FrameFusion): its fuser stepped inside every prefill layer by `MidLayerShrinking`, on the
+    video `select` gave (every token). Each layer caches what its attention saw; decoding attends to all of it."""
+
+    def __init__(
+        self, compressor: Compressor, inputs: GenerationInputs, kernel, stack: ExitStack, selected: SelectedTokens | None
+    ) -> None:
+        if selected is None:
+            raise ValueError("a mid-layer stage needs the video's layout: pass `select`'s tokens to `generating`")
+        self.stage = compressor.mid_layer[0]
+        decoder = compressor.adapter.language_model
+        layers, prompt_length = decoder.config.num_hidden_layers, inputs.input_ids.shape[1]
+        self.fuser = self.stage.new_fuser(selected.tokens.layout, inputs.visual_start, prompt_length, layers)
+        self.span = (inputs.visual_start, inputs.visual_start + inputs.visual_length)
+        self.shrinking = MidLayerShrinking(self.fuser, kernel, prompt_length, layers, compressor.reference)
+        stack.enter_context(self.shrinking.installed(decoder))
+        if not compressor.reference:
+            inputs.kwargs[GENERATE_CACHE_ARGUMENT] = self.shrinking.cache()
+        self.attention = self.shrinking.attention
+
+    def finish(self, result: GenerationFigures) -> None:
+        """The visual tokens each layer saw (and cached) and the stage left: counted on the device, read in one sync."""
+        start, end = self.span
+        seen = {layer: positions for layer, positions in enumerate(self.shrinking.seen) if positions is not None}
+        left = self.shrinking.present  # None: nothing was merged or pruned
+        values = [end - start]
+        if left is not None:
+            values = torch.stack([((p >= start) & (p < end)).sum() for p in [*seen.values(), left]]).tolist()
+        for layer, value in zip(seen, values, strict=False):
+            result.prefill_visual_by_layer[layer] = int(value)
+            result.decode_visual_by_layer[layer] = float(value)
+        result.by_stage[self.stage.name] = int(values[-1])
+        result.figures.update(self.fuser.figures())
 
 
 def _same_set(kept: torch.Tensor | None, applied: torch.Tensor | None) -> bool:

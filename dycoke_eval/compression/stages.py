@@ -1,14 +1,17 @@
 """Compression as stages: small dataclasses that only score and select, composed into methods.
 
-Three kinds, by where they act:
+Four kinds, by where they act:
 * `PreLLMStage`: video tokens (plus captured encoder signals) in, kept or merged tokens and their
   grid positions out, before the language model (TTM, PruMerge, random, pooling).
 * `PrefillStage`: at layer `layer - 1` of prefill, scored by the last prompt token's attention over
   the visual tokens (or, `queries = "after_visual"`, by every later token's, max over heads and
   queries); from layer `layer` on only the kept ones remain (FastV), and with `trims_earlier_cache`
-  the earlier layers' cache keeps only them too (PruneVid's in-LLM stage).
+  the earlier layers' cache keeps only them too (PruneVid's in-LLM stage); with `merges_states` the kept
+  ones enter `layer` with states merged from the dropped ones (HoliTom's merge M).
 * `DecodeStage`: at each decode step, scored by the newest token's attention at `score_layer`;
   layers >= `first_layer` attend to the kept visual tokens (DyCoke's dynamic KV pruning).
+* `MidLayerStage`: inside every prefill layer, after the attention's residual add and before the MLP
+  (and at layer 0's entry), states merged in place and rows dropped from there on (FrameFusion).
 
 A stage is also a method of one stage. A composed method (`CompressionMethod` subclass) holds the
 settings people override and returns its stages (DyCoke = TTM + dynamic KV pruning). Stages never
@@ -185,6 +188,7 @@ class PrefillStage(Stage):
     layer: int  # the first layer that sees only the kept tokens; scored at layer - 1
     queries = "last"  # who scores: "last" (the last prompt token, head mean) | "after_visual" (max over heads, then queries)
     trims_earlier_cache = False  # True: once scored, the layers before `layer` drop the pruned entries from their cache too
+    merges_states = False  # True: the kept tokens enter `layer` with the states `merge_states` gives (HoliTom's merge M)
 
     @property
     def score_layer(self) -> int:
@@ -198,7 +202,12 @@ class PrefillStage(Stage):
 
     def keep(self, visual_attention: torch.Tensor, pre_llm: dict[str, Any]) -> torch.Tensor:
         """[V] attention over the visual tokens present (see `queries`), and the pre-LLM stages' figures for this
-        sample -> kept positions among them, ascending."""
+        sample -> kept positions among them (ascending, or in the order `merge_states` wants them)."""
+        raise NotImplementedError
+
+    def merge_states(self, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """With `merges_states`: the hidden states entering `layer` of the kept visual tokens [n, D] (in `keep`'s
+        order) and of the dropped ones [m, D] (ascending) -> the kept tokens' new states [n, D]."""
         raise NotImplementedError
 
 
@@ -233,6 +242,27 @@ class DecodeStage(Stage):
         raise NotImplementedError
 
 
+class Fuser(Protocol):
+    """A mid-layer stage's per-sample state: stepped on each prefill layer's states, it says which rows go on."""
+
+    wants_attention: bool  # whether the coming attention must hand over its scores (`score`) to the next step
+
+    def score(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, hidden: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor | None: ...
+
+    def figures(self) -> dict[str, Any]: ...
+
+
+class MidLayerStage(Stage):
+    """Inside the prefill layers: at layer 0's entry and between every layer's attention (its residual added) and its
+    MLP, it may merge states in place and drop rows, from there on (FrameFusion). Its per-sample state comes fresh
+    from `new_fuser`; the dispatcher steps it and keeps positions, cache and masks in line."""
+
+    def new_fuser(self, layout: VideoLayout, visual_start: int, prompt_length: int, layers: int) -> Fuser:
+        raise NotImplementedError
+
+
 # Captured through the tower's attention function (pooled, and unpooled for VisionZip's in-encoder form).
 ENCODER_ROUTED_SIGNALS = frozenset({"keys", "attention_received", "patch_keys", "patch_attention_received"})
 
@@ -240,4 +270,5 @@ ENCODER_ROUTED_SIGNALS = frozenset({"keys", "attention_received", "patch_keys", 
 def routes_attention(method: CompressionMethod) -> bool:
     """Whether the method computes attention through our own function (so the kernel must be sdpa or eager)."""
     stages = method.stages()
-    return any(isinstance(s, (PrefillStage, DecodeStage)) for s in stages) or bool(method.signals() & ENCODER_ROUTED_SIGNALS)
+    in_llm = (PrefillStage, DecodeStage, MidLayerStage)
+    return any(isinstance(s, in_llm) for s in stages) or bool(method.signals() & ENCODER_ROUTED_SIGNALS)

@@ -1,4 +1,5 @@
-"""Dropping sequence positions from the hidden states from a decoder layer on (FastV-style), and capturing outputs.
+"""Dropping sequence positions from the hidden states from a decoder layer on (FastV-style), merging prefill states
+entering a layer (HoliTom's merge M), and capturing outputs.
 
 Forward pre-hooks (`with_kwargs=True`) on the decoder layers >= `first_layer` slice the hidden
 states and everything positional that the decoder passes to each layer: the rotary
@@ -55,6 +56,32 @@ def prefill_position_pruning(
         layer.register_forward_pre_hook(functools.partial(slice_inputs, index), with_kwargs=True)
         for index, layer in enumerate(decoder.layers)
         if index >= first_layer
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def prefill_state_merging(
+    decoder: torch.nn.Module, layers: set[int], merge_at: Callable[[int, torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, the prefill hidden states entering each of `layers` of `decoder` are `merge_at(layer, states)`.
+
+    Installed before `prefill_position_pruning`, its hooks run first: they see the states the layer before left.
+    """
+
+    def merge_inputs(layer, module, args, kwargs):
+        hidden = args[0]
+        if hidden.shape[1] == 1:  # a decode step
+            return None
+        return (merge_at(layer, hidden), *args[1:]), kwargs
+
+    handles = [
+        decoder.layers[index].register_forward_pre_hook(functools.partial(merge_inputs, index), with_kwargs=True)
+        for index in sorted(layers)
     ]
     try:
         yield
