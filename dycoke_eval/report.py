@@ -63,9 +63,12 @@ NAMED_SETTINGS = (  # method settings a paper row names besides k, l, p (which t
     "layer", "ratio",  # FastV
     "form", "retention", "cluster_ratio", "in_llm",  # VisionZip, FastVID; PruneVid
     "segmentation", "d", "merging",  # FastVID's ablations
+    "frame_tokens", "tau", "retention_ratio", "cost",  # VisionZip's S, HoliTom's tau; FlashVID's R; FrameFusion's budget
 )  # fmt: skip
 SETTINGS = ("model", "method", "k", "l", "p", *NAMED_SETTINGS, "frames")  # what a paper row can name; a table: its CSV's
-LABELS = ("table", "row", "R", "source")  # a paper row's own text: the table, its label, its retention block, where it is from
+# a paper row's own text: the table, its label, its retention block, where it is from, and whether the harness runs it
+# (`runs: False`: a method not here, or one whose settings the paper does not state; the row shows the paper's alone)
+LABELS = ("table", "row", "R", "source", "runs")
 RELATIVE = "avg_percent"  # a table with FastVID's "% of vanilla" column compares every row with vanilla, sample by sample
 PLANNED = {"retained_ratio", "tflops", "flops_ratio", "prefill_tflops_real"}  # every cell has them: no table alone
 MVBENCH_CODES = {
@@ -291,7 +294,9 @@ def build_table(table: int | str, ours: pd.DataFrame, paper_dir: Path = PAPER_DI
             else template.assign(model=model, frames=math.nan, **dict.fromkeys(metrics, math.nan))
         )
         for _, paper_row in group.iterrows():
-            if model in paper_models:
+            if str(paper_row.get("runs")) == "False":  # the paper's number alone: no cell is it
+                match = ours.iloc[:0]
+            elif model in paper_models:
                 match = ours[ours.key.map(lambda key, wanted=paper_row.key: key == wanted)]
             else:  # the method's settings (the key without model and frames) as the paper row names them, any frame count
                 match = extra[(extra.model == model) & extra.key.map(lambda key, wanted=paper_row.key: key[1:-1] == wanted[1:-1])]

@@ -1,4 +1,4 @@
-"""Pre-LLM time of FastVID's-table methods at real size, beside the prefill time each one saves.
+"""Pre-LLM time of every method with a pre-LLM stage at real size, beside the prefill time each one saves.
 
 For each method the script times its pre-LLM selection (`Compressor.select`, the same call the
 evaluation wrapper makes) on random video tokens at LLaVA-OneVision-7B size (32 x 196 x 3584),
@@ -12,7 +12,9 @@ estimate of the whole stack (the embedding and LM head are not counted; they do 
 visual tokens); the selection time is measured as is.
 
 Random features and scores make data-dependent counts (PruneVid's clusters, FastVID's segments)
-arbitrary; the printed token count is the one this run produced.
+arbitrary; the printed token count is the one this run produced. Only pre-LLM stages are timed and counted: HoliTom
+runs without its merge M, FlashVID's layer-20 prune is not in its count, and FrameFusion (inside the LLM only) is not
+listed.
 
     python scripts/bench_prellm.py                       # both sizes, every method (CPU: several minutes)
     python scripts/bench_prellm.py --sizes ov --methods fastvid visionzip
@@ -39,7 +41,11 @@ METHODS = {  # label -> (config, overrides); R = 25% where the method has a rete
     "visionzip after_pooling R=25%": ("visionzip", {"method.form": "after_pooling", "method.retention": 0.25}),
     "visionzip in_encoder R=25%": ("visionzip", {"method.form": "in_encoder", "method.retention": 0.25}),
     "prunevid": ("prunevid", {}),
-}
+    "vidcom2 R=25%": ("vidcom2", {"method.retention": 0.25}),
+    "holitom R=25%": ("holitom", {"method.retention": 0.25, "method.in_llm": False}),
+    "flashvid R=25%": ("flashvid", {"method.retention_ratio": 0.25}),
+    "tome R=25%": ("tome", {"method.retention": 0.25}),
+}  # FrameFusion acts only inside the LLM: nothing to time here
 PROMPT_TEXT_TOKENS = 40
 
 
@@ -98,10 +104,14 @@ class OneLayerPrefill:
 WIDTHS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 
-def kept_newlines(layout: VideoLayout, index: torch.Tensor) -> int:
-    """Newline tokens that stay: LLaVA-OV's one; LLaVA-Video's one per row that keeps a token."""
+def kept_newlines(layout: VideoLayout, tokens) -> int:
+    """Newline tokens that stay: LLaVA-OV's one; LLaVA-Video's one per row that keeps a token, or the stage's own
+    count per frame (`frame_newlines`: FlashVID's and VidCom2's layouts)."""
     if layout.newlines != "row_end":
         return layout.newline_tokens
+    if tokens.frame_newlines is not None:
+        return layout.frames * tokens.frame_newlines
+    index = tokens.index
     return int(torch.unique(index[index >= 0] // layout.cols).numel())
 
 
@@ -143,7 +153,7 @@ def main() -> None:
             selected = compressor.select(encoded, "bench")
             select = lambda compressor=compressor, encoded=encoded: compressor.select(encoded, "bench")  # noqa: E731
             seconds = median_seconds(select, args.repeats, device)
-            kept = selected.tokens.features.shape[0] + kept_newlines(layout, selected.tokens.index)
+            kept = selected.tokens.features.shape[0] + kept_newlines(layout, selected.tokens)
             compressed = prefill.seconds(kept + PROMPT_TEXT_TOKENS, args.layer_repeats) * prefill.layers
             figures = (f"{seconds * 1e3:.1f}", f"{compressed:.1f}", f"{full_prefill - compressed:.1f}")
             print(row.format(label, kept, *figures), flush=True)

@@ -563,9 +563,10 @@ def test_capturing_the_salience_leaves_the_features_and_no_hooks(checkpoint):
         plain, captured = adapter.encode(pixels), adapter.encode(pixels, frozenset({"probe_attention"}))
     assert torch.equal(plain.grid, captured.grid) and plain.signals == {}
     assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
-    with pytest.raises(ValueError, match=r"\['keys'\] are not available from Qwen2.5-VL \(it gives \['probe_attention', 'probe_"):
+    gives = r"\(it gives \['attention_received', 'probe_attention', 'probe_"
+    with pytest.raises(ValueError, match=r"\['keys'\] are not available from Qwen2.5-VL " + gives):
         adapter.encode(pixels, frozenset({"keys"}))
-    assert adapter.model_info(adapter.config).signals == PROBE
+    assert adapter.model_info(adapter.config).signals == PROBE | {"attention_received"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

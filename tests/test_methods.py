@@ -25,6 +25,7 @@ from dycoke_eval.methods.dycoke import DyCoke
 from dycoke_eval.methods.dynamic_pruning import DynamicKVPruning
 from dycoke_eval.methods.fastv import FastV, fastv_keep_count
 from dycoke_eval.methods.fastvid import FastVID
+from dycoke_eval.methods.flashvid import FlashVIDCompression
 from dycoke_eval.methods.framefusion import FrameFusion
 from dycoke_eval.methods.holitom import HoliTomInLLMMerge
 from dycoke_eval.methods.pooling import Pooling
@@ -43,6 +44,7 @@ FRAMES = 16
 METHODS = group_options("method")
 TINY_SETTINGS = {  # the released in-LLM layer of methods whose default is deeper than the tiny models' 8 layers
     "holitom": {"method.merge_layer": 3},
+    "flashvid": {"method.pruning_layer": 3},
 }
 
 
@@ -60,6 +62,7 @@ NOMINAL_PLANS = {  # methods whose kept count depends on the video or rounds oth
     "prunevid": "static tokens and cluster sizes depend on the video",
     "vidcom2": "each frame keeps round(budget * N) tokens, capped and at least one: R * F * N before rounding",
     "holitom": "static windows depend on the video; the budget is re-scaled per video and rounded per window and frame",
+    "flashvid": "each frame rounds its share of the spatial clusters up (one-frame segments too): F * budget or a few more",
 }
 LAYOUTS = {"llava_onevision": None, "llava_video": "llava_video"}  # the tiny checkpoint under each adapter: each layout
 SHORTENING_METHODS = {  # pre-LLM methods whose kept tokens stay in video order: shortening == masking the rest
@@ -245,6 +248,7 @@ STAGES = [  # every stage on its own, as a method of one stage (PruneVid's in-LL
     VidCom2(),
     HoliTomInLLMMerge(layer=2),
     FrameFusion(similarity_lower_bound=0.95),
+    FlashVIDCompression(),
 ]
 
 

@@ -156,7 +156,7 @@ def test_odd_frame_count_names_the_fix(adapter):
 
 def test_model_info_and_fastvid_takes_the_family(adapter):
     info = adapter.model_info(adapter.config)
-    assert info.family == "qwen2_5_vl" and info.signals == frozenset({"probe_attention", "probe_features"})
+    assert info.family == "qwen2_5_vl" and info.signals == frozenset({"probe_attention", "attention_received", "probe_features"})
     assert info.layers == adapter.config.text_config.num_hidden_layers
     layout = Qwen2_5_VLAdapter.video_layout(adapter.config, 8)
     assert (layout.frames, layout.newlines, layout.full_tokens) == (4, "none", layout.grid_tokens)

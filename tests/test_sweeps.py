@@ -92,17 +92,22 @@ SMOKE = ["+sweep=smoke", "model=tiny", "method=full,dycoke", "frames=4", "limit=
 SAMPLES_PER_CELL = 10 * 2  # ten fixture tasks, two documents each
 
 
-@pytest.mark.slow  # every FastVID-table method through the app on both layouts, 12 s: in `make test-slow`
-def test_fastvids_methods_run_end_to_end_on_both_layouts(offline_dir, tmp_path, monkeypatch):
-    """FastVID's table's methods through the app on the tiny LLaVA-OneVision and the LLaVA-Video adapter, no sample failed."""
+@pytest.mark.slow  # every table method through the app on both layouts, 12 s and 25 s: in `make test-slow`
+@pytest.mark.parametrize(
+    "methods",
+    [("fastvid", "visionzip", "prunevid"), ("holitom", "vidcom2", "flashvid", "framefusion", "tome")],
+    ids=["fastvid_table", "field"],
+)
+def test_the_table_methods_run_end_to_end_on_both_layouts(offline_dir, tmp_path, monkeypatch, methods):
+    """FastVID's table's methods, and the field's newer ones, through the app on the tiny LLaVA-OneVision and the
+    LLaVA-Video adapter, no sample failed."""
     monkeypatch.setattr(report, "render_report", lambda *args: None)  # the tables are not what is tested here
-    narrow = ["method=fastvid,visionzip,prunevid", "tasks.names=[fixture_mvbench_action_antonym]", "limit=1", "frames=8"]
+    narrow = [f"method={','.join(methods)}", "tasks.names=[fixture_mvbench_action_antonym]", "limit=1", "frames=8"]
     proc = run_app("+sweep=smoke", *narrow, f"results_dir={tmp_path}", env={"DYCOKE_OFFLINE_DIR": str(offline_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = expand("smoke", narrow)
-    assert {(c["model"], c["method"]) for c in cells} == {
-        (model, method) for model in ("tiny", "tiny_video") for method in ("fastvid", "visionzip", "prunevid")
-    }
+    expected = {(model, method) for model in ("tiny", "tiny_video") for method in methods}
+    assert {(c["model"], c["method"]) for c in cells} == expected
     runs = [json.loads(path.read_text()) for path in (tmp_path / "cells").glob("*/run.json")]
     assert len(runs) == len(cells) and all(run["complete"] for run in runs)
     for path in (tmp_path / "cells").glob("*/sample_records.jsonl"):
@@ -110,7 +115,7 @@ def test_fastvids_methods_run_end_to_end_on_both_layouts(offline_dir, tmp_path, 
         assert record["status"] == "ok" and 0 < record["retained_ratio"] <= 1, path
 
 
-@pytest.mark.slow  # fifteen cells on two tiny Qwen-VL models through the app, 45 s: in `make test-slow`
+@pytest.mark.slow  # twenty cells on two tiny Qwen-VL models through the app, 60 s: in `make test-slow`
 def test_every_method_runs_end_to_end_on_both_tiny_qwen_models_or_is_refused_naming_the_family(offline_dir, tmp_path):
     """The smoke sweep's Qwen-VL cells run through the app with no sample failed; every method it leaves out of a
     model is one that model's family refuses in one line before anything loads."""

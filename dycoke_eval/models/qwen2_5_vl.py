@@ -14,7 +14,8 @@ query's attention over each temporal patch's merged tokens (FastVID's mean query
 order, rows summing to 1), recomputed from that block's `qkv` by hooks held during `encode` (`qwen_salience.py`; the
 tower returns no attention weights itself, docs/qwen.md, section d); `probe_features` [T, D] each temporal patch's
 mean merged token (`pooler_output`, LLM width, in the model's dtype; not normalised: FastVID normalises it, as its
-release does).
+release does); `attention_received` [T, N] float32, the attention each merged token receives in that block (mean
+over heads and queries of each temporal patch's softmax, averaged over its 4 patches; FlashVID's score).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import torch
 
 from dycoke_eval.geometry import FrameTiming, VideoLayout
 from dycoke_eval.models.base import EncodedVideo, GenerationInputs
+from dycoke_eval.models.qwen_salience import RECEIVED, SCORES, captured_scores
 from dycoke_eval.models.qwen_salience import SIGNAL as PROBE_ATTENTION
-from dycoke_eval.models.qwen_salience import captured_probe_attention
 from dycoke_eval.models.qwen_vl import DEFAULT_FPS, PLANNING_FRAME_SIZE, TEMPORAL_PATCH, VIDEO, QwenVLAdapter
 
 POSITION_NUMBERINGS = ("released", "installed")  # the text after a video: as transformers 4.x, or as installed
@@ -59,7 +60,7 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
     name: ClassVar[str] = "Qwen2.5-VL"
     model_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
-    signals: ClassVar[frozenset[str]] = frozenset({PROBE_ATTENTION, "probe_features"})
+    signals: ClassVar[frozenset[str]] = frozenset({PROBE_ATTENTION, RECEIVED, "probe_features"})
     # released: the text after the video numbered as the model was trained and FastVID ran (transformers 4.x);
     # installed: as the installed transformers' `get_rope_index` numbers it (docs/qwen.md, b)
     position_numberings: ClassVar[tuple[str, ...]] = POSITION_NUMBERINGS
@@ -92,7 +93,8 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
         model = self.model.model
         grid_thw = torch.tensor([pixels.grid_thw], device=model.device)
         captured: dict[str, torch.Tensor] = {}
-        with captured_probe_attention(model.visual, captured) if PROBE_ATTENTION in signals else nullcontext():
+        scores = {signal: SCORES[signal] for signal in signals if signal in SCORES}
+        with captured_scores(model.visual, captured, scores) if scores else nullcontext():
             features = model.get_video_features(pixels.pixel_values_videos.to(model.device, non_blocking=True), grid_thw)
         layout = self.layout_of(pixels.grid_thw)
         grid = features.pooler_output[0].view(layout.frames, layout.tokens_per_frame, -1)

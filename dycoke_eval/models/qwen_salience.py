@@ -20,18 +20,22 @@ under any attention implementation (sdpa, eager, flash), by hooks held only insi
 tower's output is unchanged, and nothing is patched. It is what `probe_attention` means on every family: a probe
 query's attention over each frame's tokens, pooled like them (LLaVA: SigLIP's pooling head; here the probe is the
 temporal patch's mean query and the keys are pooled per merged token).
+
+From the same hooks, `attention_received` [T, N] (`mean_received_attention`): FlashVID's score, the attention each
+merged token receives in that block, every patch of the temporal patch a query (what the signal means on LLaVA).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 SIGNAL = "probe_attention"
+RECEIVED = "attention_received"  # FlashVID's: the attention each merged token receives in the last block
 MERGE_UNIT = 4  # patches per merged token (2x2), hard-coded in the released code
 
 
@@ -79,15 +83,58 @@ def mean_query_attention(
     return weights.view(-1)[raster].reshape(temporal, -1).float()
 
 
+def mean_received_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    grid_thw: tuple[int, int, int],
+    num_heads: int,
+    window_index: torch.Tensor,
+) -> torch.Tensor:
+    """[T, N] float32 attention each merged token receives, as FlashVID's released Qwen2.5-VL code scores its tokens
+    (Fanziyang-v/FlashVID@1d37422c, `flashvid/modeling_qwen2_5_vl.py:575-584, 257-263`), from the same inputs as
+    `mean_query_attention`: per temporal patch, `softmax(q k^T / sqrt(d))` over its patches in float32, cast back to the
+    states' dtype, mean over heads then over queries; each merge unit's 4 patches averaged (window order); raster order.
+
+    One temporal patch at a time (the release computes all at once): its [H, P, P] weights are the largest tensor."""
+    temporal = grid_thw[0]
+    seq = qkv.shape[0]
+    q, k, _ = qkv.reshape(seq, 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rotary(q, k, cos, sin)
+    head_dim = q.shape[-1]
+    q = q.reshape(temporal, -1, num_heads, head_dim).permute(0, 2, 1, 3)  # [T, H, P, d]
+    k = k.reshape(temporal, -1, num_heads, head_dim).permute(0, 2, 1, 3)
+    received = []
+    for patch_q, patch_k in zip(q, k, strict=True):
+        weights = torch.matmul(patch_q, patch_k.transpose(-1, -2)) / head_dim**0.5
+        weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(patch_q.dtype)
+        received.append(weights.mean(0).mean(0))  # heads, then queries: [P] over the keys
+    merged = torch.stack(received).view(temporal, -1, MERGE_UNIT).mean(-1).view(-1)  # [T * N] in window order
+    raster = torch.argsort(window_index.to(merged.device))
+    return merged[raster].view(temporal, -1).float()
+
+
+SCORES = {SIGNAL: mean_query_attention, RECEIVED: mean_received_attention}  # signal -> how the last block gives it
+
+
 def _argument(args: tuple, kwargs: dict[str, Any], name: str, position: int) -> Any:
     return kwargs[name] if name in kwargs else args[position]
 
 
-@contextmanager
-def captured_probe_attention(tower: torch.nn.Module, into: dict[str, torch.Tensor], key: str = SIGNAL) -> Iterator[None]:
+def captured_probe_attention(tower: torch.nn.Module, into: dict[str, torch.Tensor], key: str = SIGNAL):
     """Within the block, each forward of the Qwen2.5-VL vision `tower` (one video) puts its salience [T, N] in
-    `into[key]`: read from the last block's `qkv` output and the RoPE passed to its attention. Three hooks, removed on
-    exit: the tower's forward pre-hook (the grid), the attention's (cos, sin) and the `qkv` forward hook (the score)."""
+    `into[key]` (`captured_scores` with `mean_query_attention`)."""
+    return captured_scores(tower, into, {key: mean_query_attention})
+
+
+@contextmanager
+def captured_scores(
+    tower: torch.nn.Module, into: dict[str, torch.Tensor], scores: dict[str, Callable[..., torch.Tensor]]
+) -> Iterator[None]:
+    """Within the block, each forward of the Qwen2.5-VL vision `tower` (one video) puts `into[key]` = `score(...)` [T, N]
+    for each of `scores` (`SCORES`' functions), read from the last block's `qkv` output and the RoPE passed to its
+    attention. Three hooks, removed on exit: the tower's forward pre-hook (the grid), the attention's (cos, sin) and
+    the `qkv` forward hook (the scores)."""
     from transformers.vision_utils import get_vision_window_index
 
     attention = tower.blocks[-1].attn
@@ -96,7 +143,7 @@ def captured_probe_attention(tower: torch.nn.Module, into: dict[str, torch.Tenso
     def grid(_module, args, kwargs):
         grid_thw = _argument(args, kwargs, "grid_thw", 1)
         if grid_thw.shape[0] != 1:
-            raise ValueError(f"{key} is computed for one video per tower call; got {grid_thw.shape[0]} grids")
+            raise ValueError(f"{', '.join(scores)} is computed for one video per tower call; got {grid_thw.shape[0]} grids")
         seen["grid_thw"] = grid_thw
 
     def rope(_module, args, kwargs):
@@ -107,7 +154,8 @@ def captured_probe_attention(tower: torch.nn.Module, into: dict[str, torch.Tenso
         window_index, _ = get_vision_window_index(grid_thw, tower.spatial_merge_size, tower.window_size, tower.patch_size)
         cos, sin = seen["position_embeddings"]
         temporal, rows, cols = (int(n) for n in grid_thw[0].tolist())
-        into[key] = mean_query_attention(qkv, cos, sin, (temporal, rows, cols), attention.num_heads, window_index)
+        for key, score_of in scores.items():
+            into[key] = score_of(qkv, cos, sin, (temporal, rows, cols), attention.num_heads, window_index)
 
     handles = [
         tower.register_forward_pre_hook(grid, with_kwargs=True),
