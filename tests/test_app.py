@@ -170,7 +170,7 @@ def test_an_unknown_task_fails_before_loading_the_model_listing_valid_names(offl
     assert proc.returncode != 0
     assert "unknown task 'videomme'" not in proc.stderr and "unknown task 'videomem'" in proc.stderr
     (line,) = proc.stderr.splitlines()
-    assert "did you mean videomme" in line and "task sets: tasks=fastvid,fixtures," in line
+    assert "did you mean videomme" in line and "task sets: tasks=egoschema4,fastvid,fixtures,framefusion," in line
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("run.json"))
 

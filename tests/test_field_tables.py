@@ -128,6 +128,7 @@ def test_the_frontier_runs_every_method_at_25_15_and_10_percent_or_says_why_not(
     assert {(c["model"], c["frames"]) for c in sweep_cells("frontier")} == {("llava_ov_7b", "32")}
 
 
+@pytest.mark.slow  # a dry run through the app, 7 s: in `make test-slow` (the expansion above is checked in `make test`)
 def test_the_frontiers_dry_run_plans_its_rows_with_their_real_prefill_flops(tmp_path):
     proc = run_app("+sweep=frontier", "dry_run=true", f"results_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
