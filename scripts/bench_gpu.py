@@ -85,6 +85,10 @@ PRE_LLM_METHODS: Methods = {  # every method with a stage before the LLM
     "prunevid": ("prunevid", {}),
     "random": ("random", {}),
     "pooling": ("pooling", {}),
+    "vidcom2 R=25%": ("vidcom2", {"retention": 0.25}),
+    "holitom R=25%": ("holitom", {"retention": 0.25, "in_llm": False}),
+    "flashvid R=25%": ("flashvid", {"retention_ratio": 0.25}),
+    "tome R=25%": ("tome", {"retention": 0.25}),
 }
 IN_LLM_METHODS: Methods = {  # the reference, every method acting in prefill or decode, and one acting before the LLM
     "full": ("full", {}),
@@ -94,6 +98,9 @@ IN_LLM_METHODS: Methods = {  # the reference, every method acting in prefill or 
     "fastv K=5 R=35%": ("fastv", {}),
     "prunevid in_llm selected_layer=5": ("prunevid", {"in_llm": True, "selected_layer": 5}),  # tiny has 8 layers
     "fastvid R=25%": ("fastvid", {"retention": 0.25}),
+    "holitom M merge_layer=5": ("holitom", {"retention": 0.25, "merge_layer": 5}),  # the release's 18 on 28 layers
+    "flashvid pruning_layer=5": ("flashvid", {"retention_ratio": 0.25, "pruning_layer": 5}),  # the release's 20
+    "framefusion cost=0.3": ("framefusion", {}),
 }
 TIMED_METHODS: Methods = {
     "full": ("full", {}),
@@ -107,6 +114,11 @@ TIMED_METHODS: Methods = {
     "prumerge": ("prumerge", {}),
     "random": ("random", {}),
     "pooling": ("pooling", {}),
+    "holitom R=25%": ("holitom", {"retention": 0.25}),
+    "vidcom2 R=25%": ("vidcom2", {"retention": 0.25}),
+    "flashvid R=25%": ("flashvid", {"retention_ratio": 0.25}),
+    "framefusion cost=0.3": ("framefusion", {}),
+    "tome R=25%": ("tome", {"retention": 0.25}),
 }
 COUNT_MODEL = "tiny"
 COUNT_NEW_TOKENS = 4  # prefill's token, a first decode step (DyCoke's first selection), then steady steps

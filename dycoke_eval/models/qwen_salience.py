@@ -54,6 +54,15 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return embed(q), embed(k)
 
 
+def rotated_queries_and_keys(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's `qkv` output [S, 3 * C] -> its queries and keys [S, H, d], with the vision RoPE applied as the block
+    applies it."""
+    q, k, _ = qkv.reshape(qkv.shape[0], 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    return rotary(q, k, cos, sin)
+
+
 def mean_query_attention(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -69,9 +78,7 @@ def mean_query_attention(
     `window_index` [S / 4]: the tower's window order of the merge units (`get_vision_window_index`).
     """
     temporal, rows, cols = grid_thw
-    seq = qkv.shape[0]
-    q, k, _ = qkv.reshape(seq, 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = rotary(q, k, cos, sin)
+    q, k = rotated_queries_and_keys(qkv, cos, sin, num_heads)
     q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, S, d]
     head_dim = q.shape[-1]
     query = q.view(num_heads, temporal, rows * cols, head_dim).mean(-2, keepdim=True)  # [H, T, 1, d]
@@ -98,9 +105,7 @@ def mean_received_attention(
 
     One temporal patch at a time (the release computes all at once): its [H, P, P] weights are the largest tensor."""
     temporal = grid_thw[0]
-    seq = qkv.shape[0]
-    q, k, _ = qkv.reshape(seq, 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = rotary(q, k, cos, sin)
+    q, k = rotated_queries_and_keys(qkv, cos, sin, num_heads)
     head_dim = q.shape[-1]
     q = q.reshape(temporal, -1, num_heads, head_dim).permute(0, 2, 1, 3)  # [T, H, P, d]
     k = k.reshape(temporal, -1, num_heads, head_dim).permute(0, 2, 1, 3)

@@ -17,6 +17,25 @@ from contextlib import contextmanager
 import torch
 
 
+def keep_positional(kwargs: dict, keep: torch.Tensor) -> dict:
+    """A decoder layer's keyword inputs in prefill, narrowed to the prompt positions `keep`: the rotary
+    `position_embeddings` (cos, sin), `position_ids` and a materialised mask. Kept tokens keep their positions."""
+    cos, sin = kwargs["position_embeddings"]
+    kwargs["position_embeddings"] = (cos.index_select(-2, keep), sin.index_select(-2, keep))
+    kwargs["position_ids"] = kwargs["position_ids"].index_select(-1, keep)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        kwargs["attention_mask"] = mask.index_select(-2, keep).index_select(-1, keep)
+    return kwargs
+
+
+def cached_keys_mask(mask: torch.Tensor, cached: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """A decode step's materialised mask over every prompt key and the generated ones -> over the prompt positions
+    `cached` (what the layer cached) and the generated ones."""
+    generated = torch.arange(prompt_length, mask.shape[-1], device=mask.device)
+    return mask.index_select(-1, torch.cat([cached, generated]))
+
+
 @contextmanager
 def prefill_position_pruning(
     decoder: torch.nn.Module, first_layer: int, present_at: Callable[[int], torch.Tensor | None]
@@ -38,19 +57,13 @@ def prefill_position_pruning(
         if full == 1:  # a decode step: a materialised (eager) mask still spans every prompt key
             if not isinstance(mask, torch.Tensor):
                 return None
-            generated = torch.arange(prompt["length"], mask.shape[-1], device=keep.device)
-            kwargs["attention_mask"] = mask.index_select(-1, torch.cat([keep, generated]))
+            kwargs["attention_mask"] = cached_keys_mask(mask, keep, prompt["length"])
             return args, kwargs
         prompt["length"] = full
         hidden, before = args[0], present_at(layer - 1)
         if hidden.shape[1] != keep.numel():  # the states still hold positions this layer drops
             hidden = hidden.index_select(1, keep if before is None else torch.searchsorted(before, keep))
-        cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (cos.index_select(-2, keep), sin.index_select(-2, keep))
-        kwargs["position_ids"] = position_ids.index_select(-1, keep)
-        if isinstance(mask, torch.Tensor):
-            kwargs["attention_mask"] = mask.index_select(-2, keep).index_select(-1, keep)
-        return (hidden, *args[1:]), kwargs
+        return (hidden, *args[1:]), keep_positional(kwargs, keep)
 
     handles = [
         layer.register_forward_pre_hook(functools.partial(slice_inputs, index), with_kwargs=True)

@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from dycoke_eval.compression.stages import Fuser
 from dycoke_eval.plumbing.attention import masked_attention
+from dycoke_eval.plumbing.hooks import cached_keys_mask, keep_positional
 
 
 class ShortenedLayer(DynamicLayer):
@@ -99,8 +100,7 @@ class MidLayerShrinking:
             cached = self.seen[layer]
             if self.reference or cached is None or not isinstance(mask, torch.Tensor):
                 return None
-            generated = torch.arange(self.prompt_length, mask.shape[-1], device=mask.device)
-            kwargs["attention_mask"] = mask.index_select(-1, torch.cat([cached, generated]))
+            kwargs["attention_mask"] = cached_keys_mask(mask, cached, self.prompt_length)
             return args, kwargs
         hidden = args[0]
         if layer == 0:  # the release's one merge before attention, on a copy of the embeddings
@@ -111,11 +111,7 @@ class MidLayerShrinking:
             hidden, self.next_rows = hidden.index_select(1, self.next_rows), None
         keep = self.seen[layer] = self.present
         if keep is not None and not self.reference:
-            cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (cos.index_select(-2, keep), sin.index_select(-2, keep))
-            kwargs["position_ids"] = position_ids.index_select(-1, keep)
-            if isinstance(mask, torch.Tensor):
-                kwargs["attention_mask"] = mask.index_select(-2, keep).index_select(-1, keep)
+            kwargs = keep_positional(kwargs, keep)
         return (hidden, *args[1:]), kwargs
 
     def _before_mlp(self, module, args):
