@@ -101,7 +101,7 @@ def x_column(frame: pd.DataFrame) -> str:
     return "prefill_tflops_real" if any(c[0] == "prefill_tflops_real" for c in frame.columns) else "tflops"
 
 
-X_LABELS = {"tflops": "TFLOPs (eq. 8)", "prefill_tflops_real": "Prefill TFLOPs per sample (real count, measured)"}
+X_LABELS = {"tflops": "TFLOPs (eq. 8)", "prefill_tflops_real": "Prefill TFLOPs per sample (real count: measured, else planned)"}
 
 
 def _shared(points: list[dict], metrics: list[str]) -> list[str]:

@@ -86,6 +86,7 @@ TASK_METRICS = {  # task (fixture_ prefix and _deferred suffix dropped) -> [(lmm
     "videomme": [("videomme_perception_score", "videomme_wo_sub", 1), ("videomme_perception_score", "videomme_avg", 1)],
     "videomme_w_subtitle": [("videomme_perception_score", "videomme_w_sub", 1)],
     "longvideobench_val_v": [("lvb_acc", "longvideobench", 100)],
+    "egoschema_subset": [("score", "egoschema_subset", 100)],  # lmms-eval's aggregation gives a fraction
     **{f"mvbench_{name}": [("mvbench_accuracy", code, 1)] for name, code in MVBENCH_CODES.items()},
 }
 LOWER_IS_BETTER = {"tflops", "prefill_tflops_real", "flops_ratio", "retained_ratio", "total_latency_s", "gpu_memory_gb",

@@ -212,7 +212,8 @@ def run_sample(model: BenchModel, compressor: Compressor, new_tokens: int, read:
         encoded_at = read()
         selected = compressor.select(encoded, "bench")
         selected_at = read()
-        visual, positions = adapter.assemble(encoded, selected.tokens.features, selected.tokens.index)
+        tokens = selected.tokens
+        visual, positions = adapter.assemble(encoded, tokens.features, tokens.index, tokens.frame_newlines)
         positions = positions if method.keeps_positions() else None
         inputs = adapter.generation_inputs(model.prompt_ids, visual, positions, encoded.layout.full_tokens)
         with compressor.generating(inputs, selected) as figures:

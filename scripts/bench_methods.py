@@ -131,7 +131,7 @@ def main() -> None:
     for label, method in methods:
         compressor = Compressor(adapter, method)
         kept = compressor.select(encoded).tokens
-        visual, _ = adapter.assemble(encoded, kept.features, kept.index)
+        visual, _ = adapter.assemble(encoded, kept.features, kept.index, kept.frame_newlines)
         flops = planned_flops(method, dims, layout)[0]
 
         def run(clock, compressor=compressor, visual=visual):

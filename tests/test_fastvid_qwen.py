@@ -17,7 +17,7 @@ from dycoke_eval.geometry import ModelInfo, PlannedCounts, VideoLayout
 from dycoke_eval.methods.fastvid import FastVID
 from dycoke_eval.methods.fastvid_qwen import RELEASED, fastvid_qwen_select, segment_budget, segments_and_runs
 from dycoke_eval.models.qwen2_5_vl import Qwen2_5_VLAdapter
-from dycoke_eval.models.qwen_salience import captured_probe_attention, mean_query_attention
+from dycoke_eval.models.qwen_salience import SIGNAL, captured_scores, mean_query_attention
 from dycoke_eval.offline.tiny_qwen import build_tiny_qwen_checkpoint
 from dycoke_eval.plumbing.counting import count_ops
 
@@ -613,7 +613,8 @@ def test_the_hook_refuses_two_videos_in_one_tower_call(checkpoint):
     adapter = tiny_adapter(checkpoint)
     pixels = adapter.preprocess(frames())
     grid = torch.tensor([pixels.grid_thw, pixels.grid_thw])
-    with torch.no_grad(), captured_probe_attention(adapter.vision_tower, {}), pytest.raises(ValueError, match="one video"):
+    hooks = captured_scores(adapter.vision_tower, {}, {SIGNAL: mean_query_attention})
+    with torch.no_grad(), hooks, pytest.raises(ValueError, match="one video"):
         adapter.vision_tower(torch.cat([pixels.pixel_values_videos] * 2), grid_thw=grid)
 
 

@@ -171,3 +171,14 @@ def test_the_frontier_report_pairs_every_row_with_vanilla_and_plots_accuracy_aga
     assert paired.mean == pytest.approx(100 * (4 / 8 - 6 / 8)) and paired.samples == 8 and paired.low < paired.mean < paired.high
     points = pd.read_csv(tmp_path / "report" / "frontier_llava_ov_7b_accuracy_vs_tflops.csv")
     assert sorted(points.tflops) == [12.5, 60.0] and set(points.source) == {"ours"}
+
+
+def test_egoschemas_subset_is_reported_as_a_percentage_beside_flashvids_subset_column(tmp_path):
+    measured_cell(tmp_path, "vanilla", {"name": "full"}, VANILLA, 60.0)
+    results_path = tmp_path / "cells" / "vanilla" / "results.json"
+    results = json.loads(results_path.read_text())
+    results["results"]["egoschema_subset"] = {"score,none": 0.625}  # lmms-eval's aggregation: a fraction
+    results_path.write_text(json.dumps(results))
+    frame = render_report(tmp_path, ["flashvid_table1"])["flashvid_table1"]
+    vanilla = frame[(frame[("", "model")] == "llava_ov_7b") & (frame[("", "method")] == "Vanilla")].iloc[0]
+    assert vanilla[("egoschema_subset", "ours")] == 62.5 and vanilla[("egoschema_subset", "paper")] == 62.2

@@ -289,7 +289,7 @@ def spatiotemporal_compression(video_features, temporal_threshold, token_mask, f
         soft_threshold = max(soft_threshold, -1.0 + 1e-6)
         mask = padded_max_sims > soft_threshold
         retaining_token_mask = ~mask
-        flashvid_config.lowered += 1  # (added: counts the segments whose threshold was lowered)
+        flashvid_config.raised += 1  # (added: counts the segments whose threshold was raised)
     for frame_idx in range(num_frames - 1, -1, -1):
         frame_features = video_features[frame_idx]
         frame_token_counts = token_counts[frame_idx]
@@ -334,7 +334,7 @@ def released_config(seed=0, **settings):
         expansion=1.25,
     )
     config.update(settings)
-    return SimpleNamespace(**config, noise_generator=torch.Generator().manual_seed(seed), lowered=0)
+    return SimpleNamespace(**config, noise_generator=torch.Generator().manual_seed(seed), raised=0)
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def released_config(seed=0, **settings):
 def scene_video(frames, tokens, dim=32, scenes=4, drift=0.3, seed=0, dtype=torch.float32):
     """[F, N, D] frames of `scenes` scenes, each frame its scene plus `drift` noise, and [F, N] attention (rows sum to 1).
 
-    Small drift links tokens across many frames (deep trees, the lowered threshold); larger drift leaves more roots."""
+    Small drift links tokens across many frames (deep trees, the raised threshold); larger drift leaves more roots."""
     generator = torch.Generator().manual_seed(seed)
     scene = torch.randn(scenes, tokens, dim, generator=generator)
     video = scene.repeat_interleave(-(-frames // scenes), dim=0)[:frames] + drift * torch.randn(
@@ -454,7 +454,7 @@ def test_a_deep_tree_is_divided_by_its_root_and_direct_children_count_not_its_me
     links = TemporalLinks(
         merged=torch.tensor([[False, False], [True, False], [True, False]]),
         parent=torch.tensor([[-1, -1], [0, 1], [0, 1]]),
-        lowered=torch.tensor(False),
+        raised=torch.tensor(False),
     )
     values = tree_merge(x, links, [0, 1, 1])
     assert values[0, 0].tolist() == [(1.0 + 2.0 + 4.0) / 2, 0.0]  # the tree mean would be 7/3
@@ -462,15 +462,15 @@ def test_a_deep_tree_is_divided_by_its_root_and_direct_children_count_not_its_me
     assert x[0, 0].tolist() == [1.0, 0.0]  # a copy: the input is not summed into
 
 
-def test_tstm_lowers_its_threshold_when_too_few_tokens_would_stay():
+def test_tstm_raises_its_threshold_when_too_few_tokens_would_stay():
     video, _ = scene_video(6, 16, scenes=1, drift=0.05)  # nearly still: every token has a match above 0.8
     free = torch.ones(6, 16, dtype=torch.bool)
     links = temporal_links(video, free, 0.8, 5 * 6)
     # merged only strictly above the (96 - 30)-th largest similarity, so that token stays too: 31, as released
-    assert bool(links.lowered) and int((~links.merged).sum()) == 5 * 6 + 1
+    assert bool(links.raised) and int((~links.merged).sum()) == 5 * 6 + 1
     assert not links.merged[0].any()  # frame 0 has no previous frame
     relaxed = temporal_links(video, free, 0.8, 16)  # a bound frame 0's tokens meet alone
-    assert not bool(relaxed.lowered) and int((~relaxed.merged).sum()) == 16
+    assert not bool(relaxed.raised) and int((~relaxed.merged).sum()) == 16
 
 
 def test_adts_tokens_neither_merge_nor_take_children():
@@ -494,7 +494,7 @@ def test_the_density_peak_clusters_are_the_released_dpc_knn(seed):
 # --- the whole vision side against the release -------------------------------------------------------------------------
 
 CASES = {  # name: (scene_video settings, FlashVID settings): each reaches a part of the released arithmetic
-    "deep trees, lowered threshold": ({"frames": 16, "scenes": 1, "drift": 0.05}, {"min_segment_num": 1, "alpha": 0.3}),
+    "deep trees, raised threshold": ({"frames": 16, "scenes": 1, "drift": 0.05}, {"min_segment_num": 1, "alpha": 0.3}),
     "deep trees, three scenes": ({"frames": 16, "scenes": 3, "drift": 0.05}, {"min_segment_num": 4}),
     "drifting, one-frame segments": ({"frames": 16, "scenes": 12, "drift": 0.6}, {}),
     "8 segments of few frames": ({"frames": 32, "scenes": 4, "drift": 0.3}, {"retention_ratio": 0.1}),
@@ -513,13 +513,13 @@ def test_the_vision_side_equals_the_released_arithmetic_bit_for_bit(case, method
     kept = ours(video, attention, token_selection_method=method, **settings)
     assert torch.equal(kept.index, index)
     assert kept.features.dtype == dtype and torch.equal(kept.features, tokens)
-    assert kept.lowered == config.lowered
+    assert kept.raised == config.raised
 
 
-def test_the_cases_reach_deep_trees_the_lowered_threshold_and_one_frame_segments():
-    video, attention = scene_video(tokens=49, **CASES["deep trees, lowered threshold"][0])
-    kept = ours(video, attention, **CASES["deep trees, lowered threshold"][1])
-    assert kept.segments == [16] and kept.lowered == 1
+def test_the_cases_reach_deep_trees_the_raised_threshold_and_one_frame_segments():
+    video, attention = scene_video(tokens=49, **CASES["deep trees, raised threshold"][0])
+    kept = ours(video, attention, **CASES["deep trees, raised threshold"][1])
+    assert kept.segments == [16] and kept.raised == 1
     links = temporal_links(video, torch.ones(16, 49, dtype=torch.bool), 0.8, 16 * 16)
     assert (links.merged[2:] & links.merged[1:-1].gather(1, links.parent[2:].clamp(min=0))).any()  # a child's parent merged
     video, attention = scene_video(tokens=49, **CASES["drifting, one-frame segments"][0])
@@ -667,7 +667,7 @@ def lm(request, tiny_checkpoint):
 
 
 def test_the_release_pruning_layer_is_refused_on_a_shallower_model(tiny_checkpoint):
-    with pytest.raises(ConfigError, match="layer=20: the language model has 8 layers"):
+    with pytest.raises(ConfigError, match="^pruning_layer=20: the language model has 8 layers; choose 1 <= pruning_layer < 8$"):
         CompressedVideoLM(pretrained=str(tiny_checkpoint), method=FlashVID(), device="cpu")
 
 

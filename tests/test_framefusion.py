@@ -678,3 +678,13 @@ def test_framefusion_runs_alone():
 
     with pytest.raises(ConfigError, match="a mid-layer stage works on every video token and runs alone"):
         Compressor(None, WithRandom())
+
+
+def test_the_slots_built_on_the_host_follow_the_states_to_their_device():
+    """The release moves its patch types to the states' device ("align devices"); a CUDA model would otherwise index
+    host slots with device rows. The meta device stands in for an accelerator here."""
+    state = FrameFusion().new_fuser(VideoLayout(8, 2, 3, "none", "llava_video"), 3, 3 + 48 + 4, 28)
+    assert state.slots.device.type == "cpu"
+    state.merging = state.pruning = False  # a layer after FrameFusion is done: nothing is read
+    assert state.step(torch.empty(3 + 48 + 4, 16, device="meta")) is None
+    assert state.slots.device.type == "meta"

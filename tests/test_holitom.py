@@ -462,14 +462,15 @@ def test_the_config_is_the_release_with_m_and_a_merge_layer_beyond_the_tiny_mode
     assert method == HoliTom()
     assert [stage.name for stage in method.stages()] == ["holitom", "holitom_llm"]
     assert [stage.name for stage in HoliTom(in_llm=False).stages()] == ["holitom"]
-    with pytest.raises(ConfigError, match="layer=18"):
+    with pytest.raises(ConfigError, match="^merge_layer=18: the language model has 8 layers; choose 1 <= merge_layer < 8$"):
         method.validate_for(ModelInfo(layers=8, signals=frozenset({"attention_received"}), family="llava_onevision"))
 
 
 def test_the_plan_is_the_retention_before_the_llm_and_half_of_it_from_the_merge_layer():
     counts = PlannedCounts.full(layout(32, 14, 14), 28)
     plan = HoliTom(retention=0.25).plan(counts)
-    assert plan.prefill[:18] == [1568.0] * 18 and plan.prefill[18:] == [784.0] * 10 and plan.decode == [784.0] * 28
+    assert plan.prefill[:18] == [1568.0] * 18 and plan.prefill[18:] == [784.0] * 10
+    assert plan.decode == plan.prefill  # the layers before the merge decode over every token they cached
     assert HoliTom(retention=0.25, in_llm=False).plan(counts).prefill == [1568.0] * 28
     assert HoliTom(retention=0.25).planned_retained_ratio(counts) == 0.25  # the paper's column, with or without M
 
@@ -522,7 +523,9 @@ def test_m_on_the_tiny_model_matches_its_masked_reference_keeping_the_rounded_co
     for fast_step, reference_step in zip(fast.logits, reference.logits, strict=True):
         torch.testing.assert_close(fast_step, reference_step, atol=1e-4, rtol=0)
     layer = method.stages()[-1].layer
-    assert record.prefill_visual_by_layer[layer:] == [merge_keep_count(record.visual_tokens_in, 0.5)] * (8 - layer)
+    kept = merge_keep_count(record.visual_tokens_in, 0.5)
+    assert record.prefill_visual_by_layer == [record.visual_tokens_in] * layer + [kept] * (8 - layer)
+    assert record.decode_visual_by_layer == record.prefill_visual_by_layer  # what the plan says: no earlier cache trimmed
 
 
 def test_the_merged_states_reach_the_logits(lm):

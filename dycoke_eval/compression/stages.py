@@ -188,6 +188,7 @@ class PrefillStage(Stage):
     layer: int  # the first layer that sees only the kept tokens; scored at layer - 1
     queries = "last"  # who scores: "last" (the last prompt token, head mean) | "after_visual" (max over heads, then queries)
     trims_earlier_cache = False  # True: once scored, the layers before `layer` drop the pruned entries from their cache too
+    layer_setting = "layer"  # the method setting users give `layer` as, named in errors (HoliTom's `merge_layer`)
     merges_states = False  # True: the kept tokens enter `layer` with the states `merge_states` gives (HoliTom's merge M)
 
     @property
@@ -196,8 +197,9 @@ class PrefillStage(Stage):
 
     def check(self, model: ModelInfo) -> None:
         if not 1 <= self.layer < model.layers:
+            name = self.layer_setting
             raise ConfigError(
-                f"layer={self.layer}: the language model has {model.layers} layers; choose 1 <= layer < {model.layers}"
+                f"{name}={self.layer}: the language model has {model.layers} layers; choose 1 <= {name} < {model.layers}"
             )
 
     def keep(self, visual_attention: torch.Tensor, pre_llm: dict[str, Any]) -> torch.Tensor:

@@ -20,7 +20,7 @@ ViT's last block, averaged over each merged token's 4 patches (`qwen_salience.me
   `attn_div_v2` has no such guard (T:124-125) and can pick one again, which is then kept twice.
 * TSTM (U:283-349), per segment of L > 1 frames, ADTS tokens excluded: each token's most cosine-similar token of the
   previous frame (in the features' dtype) is its parent when the similarity exceeds `temporal_threshold`; when fewer
-  than `L * budget` tokens (ADTS ones included) would stay, the threshold drops to the (L N - L budget)-th largest
+  than `L * budget` tokens (ADTS ones included) would stay, the threshold rises to the (L N - L budget)-th largest
   similarity, floored at -1 + 1e-6 as compared in the features' dtype (the floor cannot bind: frame 0 and the ADTS
   tokens already stay); merged only strictly above it, so that token stays as well (L budget + 1 stay, absent
   ties). From the last frame back, a merged token adds
@@ -46,8 +46,9 @@ tokens with their frame newlines on LLaVA-Video. Kept tokens keep their position
 in-LLM stages cannot yet run there (its timestamps split the video's tokens).
 
 Where this differs from the release: its unseeded density noise is drawn per sample from `per_sample_seed(seed,
-sample)`; the encoder attention and the in-LLM score are float32 (the release rounds both to the model dtype, bf16,
-before their means); torch.topk's and argmax's tie order is the device's, as released.
+sample)`; on LLaVA the encoder attention, and on every family the in-LLM score, are float32 (the release rounds both
+to the model dtype, bf16, before their means; Qwen2.5-VL's encoder attention here rounds as released); torch.topk's
+and argmax's tie order is the device's, as released.
 
 On an accelerator: the host reads the F-1 transition similarities (DySeg's cut count decides the topk), then once the
 TSTM counts of every frame (on Qwen2.5-VL once more, the distinct positions). ADTS's greedy selection is one step per
@@ -85,7 +86,7 @@ SELECTIONS = ("attn_div", "attn_div_v2")  # ADTS v1 (Qwen scripts) | v2 (LLaVA s
 ATTENTION_SCALE = 1e6  # the release scales the attention "to avoid numerical issues" (T:46, T:97)
 MAX_NEIGHBOURS = 7  # DPC-kNN's k = min(clusters, 7) (U:155)
 DENSITY_NOISE = 1e-6  # the release's density tie-break noise, rand * 1e-6 (U:255)
-SOFT_FLOOR = -1.0 + 1e-6  # the lowered TSTM threshold's floor (U:310)
+SOFT_FLOOR = -1.0 + 1e-6  # the raised TSTM threshold's floor (U:310)
 QWEN = "qwen2_5_vl"
 RELEASED = {  # the scripts' per-family settings (scripts/llava_ov.sh, llava_vid.sh, qwen2_5_vl.sh), for `null`
     **{family: {"token_selection_method": "attn_div_v2", "min_segment_num": 8} for family in LLAVA_FAMILIES},
@@ -161,7 +162,7 @@ class TemporalLinks:
 
     merged: torch.Tensor  # [L, N] bool; never in frame 0
     parent: torch.Tensor  # [L, N] the parent's index in the previous frame (-1 in frame 0)
-    lowered: torch.Tensor  # [] bool: whether the threshold was lowered
+    raised: torch.Tensor  # [] bool: whether the threshold was raised (too many tokens would merge)
 
 
 def temporal_links(features: torch.Tensor, free: torch.Tensor, threshold: float, lower_bound: int) -> TemporalLinks:
@@ -178,10 +179,10 @@ def temporal_links(features: torch.Tensor, free: torch.Tensor, threshold: float,
     best = F.pad(best, (0, 0, 1, 0), value=-1)
     parent = F.pad(parent, (0, 0, 1, 0), value=-1)
     merged = best > threshold
-    lowered = (~merged).int().sum() < lower_bound
+    raised = (~merged).int().sum() < lower_bound
     soft = best.view(-1).topk(k=frames * tokens - lower_bound).values[-1]
     soft = torch.maximum(soft, torch.tensor(SOFT_FLOOR, dtype=best.dtype, device=best.device))
-    return TemporalLinks(torch.where(lowered, best > soft, merged), parent, lowered)
+    return TemporalLinks(torch.where(raised, best > soft, merged), parent, raised)
 
 
 def tree_merge(features: torch.Tensor, links: TemporalLinks, merged_counts: list[int]) -> torch.Tensor:
@@ -240,7 +241,7 @@ class FlashVIDTokens:
     index: torch.Tensor
     segments: list[int]
     roots: int  # TSTM's tree roots (ADTS tokens excluded; a one-frame segment's N tokens), before the spatial merge
-    lowered: int  # segments whose TSTM threshold was lowered
+    raised: int  # segments whose TSTM threshold was raised
 
 
 def flashvid_compress(
@@ -276,7 +277,7 @@ def flashvid_compress(
         if tstm and length > 1:
             free = torch.ones(length, tokens, dtype=torch.bool, device=video.device).scatter(1, chosen, False)
             links.append((free, temporal_links(video[start : start + length], free, temporal_threshold, (adts + tstm) * length)))
-    counts = _read_counts([(link.merged.sum(dim=1), (~link.merged & free).sum(dim=1), link.lowered) for free, link in links])
+    counts = _read_counts([(link.merged.sum(dim=1), (~link.merged & free).sum(dim=1), link.raised) for free, link in links])
     out_features, out_index, roots_total = [], [], 0
     linked = iter(zip(links, counts, strict=True))
     for (start, length), chosen in zip(spans, selected, strict=True):
@@ -306,15 +307,15 @@ def flashvid_compress(
             out_index.append(pool_index)
     index = torch.cat(out_index)
     order = index.argsort()  # not stable, as released: a token kept twice comes in the device's order
-    lowered = sum(int(flag) for _, _, flag in counts)
-    return FlashVIDTokens(torch.cat(out_features)[order], index[order], segments, roots_total, lowered)
+    raised = sum(int(flag) for _, _, flag in counts)
+    return FlashVIDTokens(torch.cat(out_features)[order], index[order], segments, roots_total, raised)
 
 
 def _read_counts(per_segment: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[tuple[list, list, bool]]:
-    """Every segment's per-frame merged and root counts and its lowered flag, in one host read."""
+    """Every segment's per-frame merged and root counts and its raised flag, in one host read."""
     if not per_segment:
         return []
-    flat = torch.cat([torch.cat([merged, roots, lowered.view(1).long()]) for merged, roots, lowered in per_segment])
+    flat = torch.cat([torch.cat([merged, roots, raised.view(1).long()]) for merged, roots, raised in per_segment])
     values, out, at = flat.tolist(), [], 0
     for merged, _, _ in per_segment:
         length = merged.numel()
@@ -349,7 +350,7 @@ class FlashVIDCompression(PreLLMStage):
         if not 0 < self.retention_ratio * self.expansion < 1:
             raise ConfigError(
                 f"retention_ratio={self.retention_ratio}, expansion={self.expansion}: a frame's budget N * retention_ratio * "
-                "expansion must be a share of its tokens in (0, 1) (TSTM lowers its threshold to leave the rest)"
+                "expansion must be a share of its tokens in (0, 1) (TSTM raises its threshold to leave the rest)"
             )
         if not 0 < self.alpha <= 1:
             raise ConfigError(f"alpha={self.alpha}: ADTS's share of each frame's budget lies in (0, 1]")
@@ -409,7 +410,7 @@ class FlashVIDCompression(PreLLMStage):
             flashvid_adts_per_frame=adts,
             flashvid_tstm_per_frame=tstm,
             flashvid_tstm_roots=kept.roots,
-            flashvid_lowered_segments=kept.lowered,
+            flashvid_raised_segments=kept.raised,
             flashvid_tokens_out=count,
             flashvid_llm_span=count + (tokens.frames * newlines if newlines else 0),
         )
@@ -430,6 +431,7 @@ class FlashVIDPrune(PrefillStage):
     layer: int = 20
     ratio: float = 0.3
     name: str = "flashvid_llm"
+    layer_setting = "pruning_layer"
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 1:

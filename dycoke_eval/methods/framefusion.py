@@ -176,6 +176,7 @@ class FrameFusionState:
 
     def step(self, hidden: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor | None:
         """hidden [L, D] of a prefill pass (merged in place) -> the rows that go on (None: all)."""
+        self.slots = self.slots.to(hidden.device)  # built on the host before the model ran; a no-op once moved
         if self.wants_attention:
             if attention is None:
                 raise RuntimeError("framefusion: the pruning step needs the attention its layer computed")

@@ -329,6 +329,7 @@ class HoliTomInLLMMerge(PrefillStage):
     merge_ratio: float = 0.5  # HOLITOM_r: the share of the visual tokens merged away
     name: str = "holitom_llm"
     merges_states = True
+    layer_setting = "merge_layer"
 
     def keep(self, visual_attention: torch.Tensor, pre_llm: dict[str, Any]) -> torch.Tensor:
         """The most attended visual tokens, in score order (the order of the merge's similarity columns)."""
@@ -338,9 +339,13 @@ class HoliTomInLLMMerge(PrefillStage):
         return pairwise_halving_merge(kept, dropped)
 
     def plan(self, counts: PlannedCounts) -> PlannedCounts:
-        """Layers before `layer` see every token in prefill; from `layer` on, and in decoding, 1 - merge_ratio of them."""
-        kept = [n * (1 - self.merge_ratio) for n in counts.prefill]
-        return counts.with_layers(counts.prefill[: self.layer] + kept[self.layer :], kept)
+        """Layers before `layer` see every token, in prefill and in decoding (their cache holds them all: M trims no
+        earlier cache); from `layer` on, 1 - merge_ratio of them."""
+
+        def merged(per_layer: list[float]) -> list[float]:
+            return per_layer[: self.layer] + [n * (1 - self.merge_ratio) for n in per_layer[self.layer :]]
+
+        return counts.with_layers(merged(counts.prefill), merged(counts.decode))
 
 
 @dataclass

@@ -16,7 +16,7 @@ and the tower's `forward` of LunarShen/FastVID@a40a109, `fastvid_qwen25vl/.../qw
 The result is [T, N] for T temporal patches of N merged tokens, each row summing to 1, returned as float32 (in a
 bf16 model it holds bf16 values, as the released code's). The released code needed FlashAttention-2 (only that
 attention class computed it); here it is recomputed from the block's `qkv` output and the RoPE the block receives,
-under any attention implementation (sdpa, eager, flash), by hooks held only inside `captured_probe_attention`: the
+under any attention implementation (sdpa, eager, flash), by hooks held only inside `captured_scores`: the
 tower's output is unchanged, and nothing is patched. It is what `probe_attention` means on every family: a probe
 query's attention over each frame's tokens, pooled like them (LLaVA: SigLIP's pooling head; here the probe is the
 temporal patch's mean query and the keys are pooled per merged token).
@@ -124,12 +124,6 @@ SCORES = {SIGNAL: mean_query_attention, RECEIVED: mean_received_attention}  # si
 
 def _argument(args: tuple, kwargs: dict[str, Any], name: str, position: int) -> Any:
     return kwargs[name] if name in kwargs else args[position]
-
-
-def captured_probe_attention(tower: torch.nn.Module, into: dict[str, torch.Tensor], key: str = SIGNAL):
-    """Within the block, each forward of the Qwen2.5-VL vision `tower` (one video) puts its salience [T, N] in
-    `into[key]` (`captured_scores` with `mean_query_attention`)."""
-    return captured_scores(tower, into, {key: mean_query_attention})
 
 
 @contextmanager
