@@ -125,6 +125,7 @@ def test_fastvid_sweeps_run_each_model_at_its_frames_and_narrow_by_model():
     assert order == sorted(order)  # one checkpoint load per model
 
 
+@pytest.mark.slow  # four dry runs through the app, 12 s: in `make test-slow` (each sweep's expansion is checked above)
 @pytest.mark.parametrize("table", TABLES)
 def test_the_dry_run_plans_every_row_with_the_papers_settings(table, tmp_path):
     proc = run_app(f"+sweep={table}", "dry_run=true", f"results_dir={tmp_path}")

@@ -19,6 +19,8 @@ from dycoke_eval.compression.stages import PlannedCounts, PrefillStage, PreLLMSt
 from dycoke_eval.config import ConfigError, instantiate_method
 from dycoke_eval.geometry import ModelInfo
 from dycoke_eval.methods.flashvid import (
+    MODES,
+    SELECTIONS,
     FlashVID,
     FlashVIDCompression,
     FlashVIDPrune,
@@ -353,7 +355,7 @@ def scene_video(frames, tokens, dim=32, scenes=4, drift=0.3, seed=0, dtype=torch
     return video.to(dtype), attention
 
 
-def ours(video, attention, seed=0, **settings):
+def ours(video, attention, seed=0, mode="official", **settings):
     config = released_config(**settings)
     kept = flashvid_compress(
         video,
@@ -366,6 +368,7 @@ def ours(video, attention, seed=0, **settings):
         min_segment_num=config.min_segment_num,
         expansion=config.expansion,
         generator=torch.Generator().manual_seed(seed),
+        mode=mode,
     )
     return kept
 
@@ -556,6 +559,134 @@ def test_a_video_waits_for_the_device_twice_in_at_most_1700_kernels():
         assert counted.counts.syncs <= 2 and counted.counts.ops <= 1700, (counted.counts.ops, dict(counted.counts.syncing))
 
 
+# --- mode: paper (each difference against an expectation written from the paper's text) ------------------------------
+
+
+def paper_distances(frame, attention, video):
+    """Eqs. 6-8 in float64, column j calibrated (the reading under which the release's greedy is Alg. 3's): D_ij =
+    (1 - cos(x_i, x_j)) * A_j * 1e6 * S_j, with S_j = (1/F) sum_f <x_j, f_f>, f_f the mean token of each video frame."""
+    x, frame_means = frame.double(), video.double().mean(1)
+    unit = x / x.norm(dim=-1, keepdim=True)
+    relevance = torch.stack([x @ mean for mean in frame_means]).mean(0)
+    return (1 - unit @ unit.T) * (attention.double() * 1e6 * relevance)[None, :]
+
+
+def paper_adts(distances, count):
+    """Alg. 3 on one frame: the first pick as released (the column's second-smallest distance, T:57), then each step
+    the token of R = not yet chosen farthest from I, min over the chosen ones: never a token twice."""
+    d, n = distances.tolist(), distances.shape[0]
+    chosen = [max(range(n), key=lambda i: sorted(d[j][i] for j in range(n))[1])]
+    while len(chosen) < count:
+        chosen.append(max((i for i in range(n) if i not in chosen), key=lambda i: min(d[j][i] for j in chosen)))
+    return sorted(chosen)
+
+
+def test_paper_mode_aggregates_a_tree_by_the_mean_of_all_its_members():
+    """x00 <- x10, x00 <- x11 <- x22 (frame 2's token 2 into frame 1's token 1), the rest never merged."""
+    x = torch.tensor([[[1.0], [0.0], [0.0]], [[2.0], [4.0], [0.0]], [[0.0], [0.0], [8.0]]])
+    links = TemporalLinks(
+        merged=torch.tensor([[False, False, False], [True, True, False], [False, False, True]]),
+        parent=torch.tensor([[-1, -1, -1], [0, 0, 0], [0, 0, 1]]),
+        raised=torch.tensor(False),
+    )
+    assert tree_merge(x, links, [0, 2, 1], tree_mean=True)[0, 0].item() == (1 + 2 + 4 + 8) / 4
+    assert tree_merge(x, links, [0, 2, 1])[0, 0].item() == (1 + 2 + 4 + 8) / 3  # released: 1 + 2 direct children
+    chain = TemporalLinks(torch.tensor([[False], [True], [True]]), torch.tensor([[-1], [0], [0]]), torch.tensor(False))
+    a, b, c = torch.tensor([[[1.0, 0.5]], [[2.0, 1.5]], [[4.0, -3.0]]]).unbind(0)
+    values = tree_merge(torch.stack([a, b, c]), chain, [0, 1, 1], tree_mean=True)
+    assert torch.equal(values[0], (a + b + c) / 3)
+    assert torch.equal(tree_merge(torch.stack([a, b, c]), chain, [0, 1, 1])[0], (a + b + c) / 2)
+
+
+def test_paper_mode_adts_never_picks_a_token_twice_where_v2_released_does():
+    generator = torch.Generator().manual_seed(0)  # the released v2's repeat case above: negative event relevance
+    frame = torch.randn(9, 8, generator=generator) + 3.0
+    video = torch.stack([frame, -4.0 * frame])
+    attention = torch.rand(2, 9, generator=generator)
+    distances = adts_distances(video, attention, "attn_div_v2")  # one segment: the video's frames are the segment's
+    assert max_min_selection(distances, 4, exclude_chosen=False)[0].unique().numel() < 4  # released
+    paper = max_min_selection(distances, 4, exclude_chosen=True, chosen_score=-math.inf)
+    assert paper.tolist() == [paper_adts(paper_distances(video[f], attention[f], video), 4) for f in range(2)]
+    assert max_min_selection(distances, 4, exclude_chosen=True)[0].unique().numel() < 4  # v1's -1 guard is not enough
+
+
+def test_paper_mode_averages_v2_event_relevance_over_every_frame_of_the_video():
+    """Two segments of two frames, ADTS only (alpha 1): each frame keeps Alg. 3's picks under the video's relevance."""
+    video, attention = scene_video(4, 16, dim=8, scenes=2, drift=0.3, seed=1)
+    settings = {"alpha": 1.0, "min_segment_num": 2, "segment_threshold": 0.0}
+    kept = ours(video, attention, mode="paper", **settings)
+    assert kept.segments == [2, 2]
+    budget = frame_budgets(16, 0.25, 1.25, 1.0)[0]
+    expected = [16 * f + i for f in range(4) for i in paper_adts(paper_distances(video[f], attention[f], video), budget)]
+    assert kept.index.tolist() == expected and torch.equal(kept.features, video.view(-1, 8)[expected])
+    assert not torch.equal(ours(video, attention, **settings).index, kept.index)  # released: the segment's relevance
+
+
+def test_paper_mode_clusters_a_one_frame_segments_tokens_without_its_adts_ones():
+    """The released case of a token kept twice: in paper mode each frame's spatial clusters come from R = E minus I."""
+    video, attention = scene_video(8, 16, scenes=8, drift=0.6, seed=3)
+    settings = {"retention_ratio": 0.5, "alpha": 0.5, "min_segment_num": 8}
+    kept = ours(video, attention, mode="paper", **settings)
+    adts, tstm = frame_budgets(16, 0.5, 1.25, 0.5)
+    assert kept.segments == [1] * 8 and kept.roots == 8 * (16 - adts)
+    generator, index, features = torch.Generator().manual_seed(0), [], []
+    for f in range(8):
+        picks = paper_adts(paper_distances(video[f], attention[f], video), adts)
+        rest = torch.tensor([i for i in range(16) if i not in picks])
+        clusters = math.ceil(rest.numel() * (tstm / rest.numel()))
+        labels, centres = dpc_knn(video[f, rest][None], clusters, min(clusters, 7), noise_generator=generator)
+        onehot = F.one_hot(labels[0], clusters).float()
+        index += [16 * f + i for i in picks] + (16 * f + rest[centres[0]]).tolist()
+        features += [video[f, picks], onehot.T @ video[f, rest] / onehot.sum(0)[:, None]]
+    order = torch.tensor(index).argsort()
+    assert kept.index.tolist() == torch.tensor(index)[order].tolist() and kept.index.unique().numel() == len(index)
+    torch.testing.assert_close(kept.features, torch.cat(features)[order])
+
+
+def test_paper_mode_merges_at_the_threshold_in_float32():
+    """cos([1, 0], [4, 3]) = 0.8: the paper merges (>= 0.8), the release does not (bf16 0.80078125 > bf16(0.8) fails);
+    cos([1, 0], [105, 79]) = 0.79909 in float32, 0.80078125 in bf16: >= would merge it in bf16, not in float32."""
+    free = torch.ones(2, 1, dtype=torch.bool)
+    for second, paper_merges in (([4.0, 3.0], True), ([105.0, 79.0], False)):
+        frames = torch.tensor([[[1.0, 0.0]], [second]], dtype=torch.bfloat16)
+        assert bool(temporal_links(frames, free, 0.8, 1, paper=True).merged[1, 0]) is paper_merges
+        assert not temporal_links(frames, free, 0.8, 1).merged[1, 0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_paper_mode_keeps_the_planned_count_and_no_token_twice(case):
+    """Planned F * budget is a lower bound in paper mode too (each frame's ceil adds at most one)."""
+    video_settings, settings = CASES[case]
+    video, attention = scene_video(tokens=49, **video_settings, dtype=torch.bfloat16)
+    adts, tstm = frame_budgets(49, settings.get("retention_ratio", 0.25), 1.25, settings.get("alpha", 0.7))
+    frames = video_settings["frames"]
+    for method in SELECTIONS:
+        kept = ours(video, attention, mode="paper", token_selection_method=method, **settings)
+        assert frames * (adts + tstm) <= kept.index.numel() <= frames * (adts + tstm + 1)
+        assert kept.index.unique().numel() == kept.index.numel() and torch.equal(kept.index, kept.index.sort().values)
+        assert kept.features.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_video"])
+def test_the_paper_mode_stage_keeps_its_planned_count_with_the_released_host_reads(family):
+    from layouts import layout
+
+    from dycoke_eval.plumbing.counting import count_ops
+
+    video, attention = scene_video(8, 16, scenes=3, drift=0.3)
+    kept, syncs = {}, {}
+    for mode in MODES:
+        stage = FlashVIDCompression(mode=mode, min_segment_num=4)
+        with torch.inference_mode(), count_ops() as counted:
+            kept[mode] = stage.select(tokens_of(video, 4, 4, family), {"attention_received": attention}, "t/0")
+        syncs[mode] = counted.counts.syncs
+    planned = stage.planned_tokens(PlannedCounts.full(layout(8, 4, 4, family), 8))
+    count = kept["paper"].figures["flashvid_tokens_out"]
+    assert planned == 8 * sum(frame_budgets(16, 0.25, 1.25, 0.7)) <= count <= planned + 8
+    assert syncs["paper"] == syncs["official"] <= 2
+    assert not torch.equal(kept["paper"].features, kept["official"].features)
+
+
 # --- the stages -------------------------------------------------------------------------------------------------------
 
 
@@ -616,6 +747,7 @@ def test_the_plan_is_the_budget_before_the_llm_and_ceil_of_the_share_from_the_pr
         ({"min_segment_num": 0}, "min_segment_num=0"),
         ({"llm_retention_ratio": 0}, "llm_retention_ratio=0"),
         ({"pruning_layer": 0}, "pruning_layer=0"),
+        ({"mode": "papers"}, "^mode='papers'; use one of official, paper$"),
     ],
 )
 def test_bad_settings_fail_at_config_time_in_one_line_naming_the_value(settings, message):
@@ -645,6 +777,7 @@ def test_the_config_holds_the_scripts_settings_and_leaves_the_family_ones_to_eac
         "expansion": 1.25,
         "pruning_layer": 20,
         "llm_retention_ratio": 0.3,
+        "mode": "official",
         "seed": 0,
     }
     assert method.describe() == settings
@@ -652,6 +785,9 @@ def test_the_config_holds_the_scripts_settings_and_leaves_the_family_ones_to_eac
     assert method.describe("llava_onevision") == method.describe("llava_video") == {**settings, **llava}
     assert method.describe("qwen2_5_vl") == {**settings, "token_selection_method": "attn_div", "min_segment_num": 4}
     assert FlashVID(min_segment_num=2).describe("qwen2_5_vl")["min_segment_num"] == 2  # a given setting stays
+    paper = FlashVID(mode="paper")
+    assert paper.describe("llava_video") == {**settings, **llava, "mode": "paper"}  # family settings as released
+    assert paper.stages()[0].mode == "paper"
 
 
 # --- on the tiny model ------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ NOMINAL_PLANS = {  # methods whose kept count depends on the video or rounds oth
     "prumerge": "each frame keeps its outliers' count, plus PruMerge+'s samples",
     "prumerge_official": "the outliers of all frames together set the count",
     "prunevid": "static tokens and cluster sizes depend on the video",
-    "vidcom2": "each frame keeps round(budget * N) tokens, capped and at least one: R * F * N before rounding",
+    "vidcom2": "each frame keeps round(budget * N) tokens (paper mode: ceil), capped and at least one: R * F * N before rounding",
     "holitom": "static windows depend on the video; the budget is re-scaled per video and rounded per window and frame",
     "flashvid": "each frame rounds its share of the spatial clusters up (one-frame segments too): F * budget or a few more",
 }
@@ -322,6 +322,7 @@ def test_bad_dycoke_settings_fail_at_config_time(settings, message):
         DyCoke(**settings)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and trying to compile, 8 s: in `make test-slow`
 def test_compiled_ttm_without_a_cxx_compiler_says_how_to_run_without_it(tmp_path):
     script = (
         "import torch; from dycoke_eval.methods.ttm import TokenTemporalMerging; "

@@ -19,6 +19,8 @@ from dycoke_eval.methods.vidcom2 import (
     frame_counts,
     low_variance_channels,
     multi_scale_gaussian,
+    paper_frame_budgets,
+    paper_frame_counts,
     smallest_per_frame,
     vidcom2_kept,
 )
@@ -233,15 +235,80 @@ def test_each_frame_keeps_its_smallest_scores_and_on_ties_the_lower_index():
     assert [cuda_topk_smallest(row, k) for row, k in zip(scores, (2, 3), strict=True)] == [[1, 3], [0, 1, 3]]
 
 
-def test_the_selection_costs_one_host_read_and_the_same_kernels_at_any_frame_count():
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_the_selection_costs_one_host_read_and_the_same_kernels_at_any_frame_count(mode):
     launched = []
     for frames in (8, 32):
         features = video(frames, 196, 64, seed=frames).flatten(0, 1)
         with torch.inference_mode(), count_ops() as counted:
-            vidcom2_kept(features, 196, 0.25, 0.5, 0.01)
+            vidcom2_kept(features, 196, 0.25, 0.5, 0.01, mode)
         assert counted.counts.syncs == 1 and dict(counted.counts.syncing) == {"nonzero": 1}
         launched.append(counted.counts.ops)
     assert launched[0] == launched[1]  # no loop over frames
+
+
+# ---- mode: paper ----
+
+
+def paper_kept(frames: list[list[list[float]]], retention: float, temperature: float) -> list[int]:
+    """The paper's selection, written out from its equations (arXiv 2505.14454) in float64 Python: raw centres (Eqs. 3,
+    7), cosines to them (Eqs. 4, 8), sigma with its epsilon (Eq. 5), r_t = R (1 + sigma_t - 1/T) (Eq. 6), k_t =
+    ceil(r_t M) (Algorithm 1 line 32), the k_t largest u^frame + u^video = smallest summed cosines (Eqs. 9, 10)."""
+    T, M = len(frames), len(frames[0])
+
+    def mean(vectors):
+        return [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]
+
+    def cos(x, y):
+        return sum(a * b for a, b in zip(x, y, strict=True)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
+
+    g_v = mean([x for frame in frames for x in frame])
+    s_video = [[cos(x, g_v) for x in frame] for frame in frames]
+    s_frame = [[cos(x, mean(frame)) for x in frame] for frame in frames]
+    u = [-sum(s) / M for s in s_video]
+    exps = [math.exp((u_t - max(u)) / temperature) for u_t in u]
+    sigma = [e / (sum(exps) + 1e-8) for e in exps]
+    k = [min(M, max(1, math.ceil(retention * (1 + s - 1 / T) * M))) for s in sigma]
+    kept = []
+    for t in range(T):
+        by_uniqueness = sorted(range(M), key=lambda m: s_video[t][m] + s_frame[t][m])
+        kept += sorted(t * M + m for m in by_uniqueness[: k[t]])
+    return kept
+
+
+# Two frames of three tokens in 4 channels, R = 0.5: r_t * M is 2.25 for the frame the softmax favours, 0.75 for the
+# other. The paper (cosines on all channels, raw centres) favours frame 1 and keeps ceil(2.25) = 3 of its tokens; the
+# release (Gaussians on the 2 lowest-variance channels, normalised centres) favours frame 0, keeping round(2.24) = 2.
+HAND_BUILT = [
+    [[1.0, 1.0, 1.0, 2.0], [1.0, -2.0, -2.0, 2.0], [2.0, -1.0, -1.0, 0.0]],
+    [[0.0, -1.0, 1.0, -1.0], [-1.0, -1.0, -2.0, 2.0], [1.0, -1.0, -1.0, 2.0]],
+]
+
+
+def test_paper_mode_keeps_what_the_papers_equations_keep_where_the_release_keeps_other_tokens():
+    assert paper_kept(HAND_BUILT, 0.5, 0.01) == [0, 3, 4, 5]
+    features = torch.tensor(HAND_BUILT).flatten(0, 1)
+    assert vidcom2_kept(features, 3, 0.5, 0.5, 0.01, "paper").tolist() == [0, 3, 4, 5]
+    assert vidcom2_kept(features, 3, 0.5, 0.5, 0.01).tolist() == [0, 1, 4]  # official
+    # Through the stage, from bf16 features (these are exact in bf16): scored in float32, the kept values the model's.
+    grid = torch.tensor(HAND_BUILT, dtype=torch.bfloat16)
+    kept = VidCom2(retention=0.5, mode="paper").select(stage_input("qwen2_5_vl", grid, 1, 3), {}, "")
+    assert kept.index.tolist() == [0, 3, 4, 5] and kept.features.dtype == torch.bfloat16
+    assert kept.figures == {"vidcom2_tokens_in": 6, "vidcom2_kept": 4}
+
+
+def test_paper_counts_are_the_ceiling_of_uncapped_budgets_at_least_one_and_at_most_the_frame():
+    # 32 frames x 196, one frame taking the softmax: r M = 196 * 0.25 * (2 - 1/32) = 96.47 and 196 * 0.25 * (1 - 1/32) = 47.47.
+    budgets = torch.tensor([0.25 * (2 - 1 / 32), 0.25 * (1 - 1 / 32)])
+    assert paper_frame_counts(budgets, 196).tolist() == [97, 48]  # ceil
+    assert frame_counts(budgets, 196).tolist() == [96, 47]  # official, in float32: round
+    similarity = torch.tensor([[3.0, 3.0], [2.8, 3.0], [3.1, 2.9], [2.95, 2.95]])  # frame 1 takes the softmax
+    uncapped = paper_frame_budgets(similarity, 0.75, 0.01)
+    probs = torch.softmax(torch.tensor([-0.1, 0.0, -0.1, -0.05]) / 0.01, dim=0)
+    torch.testing.assert_close(uncapped, 0.75 * (1 + probs - 1 / 4))
+    assert uncapped[1].item() > 1.3  # not capped: the count is, at the frame's 4 tokens
+    assert paper_frame_counts(uncapped, 4).tolist() == [3, 4, 3, 3]  # ceil of 2.25, 5.23 (-> 4), 2.25, 2.27
+    assert frame_counts(frame_budgets(similarity, 0.75, 0.01), 4).tolist() == [2, 4, 2, 2]  # official: round, capped
 
 
 # ---- against the released code ----
@@ -391,8 +458,15 @@ def test_a_family_the_release_does_not_patch_is_refused_in_one_line_naming_it_an
 def test_the_config_is_the_released_default():
     method = instantiate_method("vidcom2")
     assert method == VidCom2()
-    assert method.describe() == {"name": "vidcom2", "retention": 0.25, "channel_share": 0.5, "temperature": 0.01}
+    assert method.describe() == {
+        "name": "vidcom2",
+        "retention": 0.25,
+        "channel_share": 0.5,
+        "temperature": 0.01,
+        "mode": "official",
+    }
     assert instantiate_method("vidcom2", {"method.retention": 0.15}).retention == 0.15
+    assert instantiate_method("vidcom2", {"method.mode": "paper"}).describe()["mode"] == "paper"
 
 
 @pytest.mark.parametrize(
@@ -403,6 +477,7 @@ def test_the_config_is_the_released_default():
         ({"channel_share": 0.0}, "channel_share=0.0"),
         ({"channel_share": 1.2}, "channel_share=1.2"),
         ({"temperature": 0.0}, "temperature=0.0"),
+        ({"mode": "exact"}, r"^mode='exact'; use one of official, paper$"),  # one line
     ],
 )
 def test_bad_settings_fail_at_config_time_naming_the_value(settings, message):

@@ -33,6 +33,25 @@ ViT's last block, averaged over each merged token's 4 patches (`qwen_salience.me
   all its N tokens, its ADTS tokens included, which can then be kept twice (once selected, once as a centre).
 * All tokens sorted by grid index (U:73-78) by an unstable argsort, as released (a token kept twice: either first).
 
+`mode="official"` (the default) is the released arithmetic above. `mode="paper"` follows the paper (arXiv 2602.08024)
+where it differs from the release and is unambiguous:
+* TSTM's trees are their members' mean (Eq. 5, mean pooling; Alg. 1 lines 17-19): a merged token adds its subtree's
+  count to its parent's (counts in float32), not 1; a chain a <- b <- c gives (a + b + c) / 3, not / 2.
+* ADTS never picks a token twice, in both variants (Alg. 3 moves k from R to I; lines 11-12 look at R only): chosen
+  columns score -inf (v2's distances can lie below the release's -1).
+* `attn_div_v2`'s event relevance is the mean over the video's F frames (Eq. 8, `S_e = (1/F) sum_i (E_v f_v^T)_i`),
+  not over the segment's.
+* A one-frame segment clusters its N - a non-ADTS tokens (Alg. 1 line 5, R(f) = E(f) minus I(f)), so no token is
+  kept twice.
+* TSTM merges at `similarity >= temporal_threshold` (Alg. 1 line 12), the cosines in float32 (released: `>` in the
+  features' dtype, where 0.8 is bf16 0.80078125).
+As released in both modes, where the paper is ambiguous or silent: the per-frame budget `ceil(N R expansion)` and its
+`ceil(. alpha)` split (App. C.3 budgets the whole video, Eqs. 13-15, and Alg. 3's per-frame M~ is undefined), so
+the planned count is the same lower bound; DySeg; ADTS's first pick and column scaling; TSTM's raised threshold (not
+in the paper; strict `>`); the spatial DPC-kNN (only named in Sec. 4.1); sums in the features' dtype; the in-LLM
+prune. The `null` family settings resolve as released in both modes (the paper runs M_s = 8 and both calibrations,
+Eq. 9, on every family: set min_segment_num 8 and token_selection_method attn_div_v2 for that).
+
 Layouts (`flashvid/llava_arch.py`): LLaVA-OneVision: the tokens then one newline, positions contiguous. LLaVA-Video as
 the scripts run it (`mm_newline_position=frame`): each frame's tokens, then one newline (`frame_newlines=1`).
 Qwen2.5-VL (`modeling_qwen2_5_vl.py:462-505`): each token at its grid position's M-RoPE ids; a token kept twice
@@ -54,7 +73,7 @@ On an accelerator: the host reads the F-1 transition similarities (DySeg's cut c
 TSTM counts of every frame (on Qwen2.5-VL once more, the distinct positions). ADTS's greedy selection is one step per
 selected token over all frames of a segment, TSTM's merge one step per frame (each frame's sums feed the previous
 frame's: the release's rounding order) and the spatial merge one DPC-kNN per frame, as released: loops over segments,
-frames and steps of a few small kernels each.
+frames and steps of a few small kernels each. Paper mode reads nothing more.
 """
 
 from __future__ import annotations
@@ -82,6 +101,7 @@ from dycoke_eval.methods.kv_selection import top_visual_tokens
 from dycoke_eval.methods.padded import true_first
 from dycoke_eval.methods.stprune import transition_similarity
 
+MODES = ("official", "paper")  # the release's arithmetic | the paper's where they differ (module docstring)
 SELECTIONS = ("attn_div", "attn_div_v2")  # ADTS v1 (Qwen scripts) | v2 (LLaVA scripts)
 ATTENTION_SCALE = 1e6  # the release scales the attention "to avoid numerical issues" (T:46, T:97)
 MAX_NEIGHBOURS = 7  # DPC-kNN's k = min(clusters, 7) (U:155)
@@ -118,25 +138,30 @@ def dyseg_lengths(similarity: torch.Tensor, threshold: float, min_segments: int)
     return torch.diff(ends).tolist()
 
 
-def adts_distances(features: torch.Tensor, attention: torch.Tensor, method: str) -> torch.Tensor:
+def adts_distances(
+    features: torch.Tensor, attention: torch.Tensor, method: str, frame_means: torch.Tensor | None = None
+) -> torch.Tensor:
     """[L, N, D] a segment's frames, [L, N] attention -> [L, N, N] float32 ADTS distances: `1 - cos` with column j
-    scaled by A_j * 1e6, and for `attn_div_v2` by j's mean raw dot product with the segment's frame means (T:43-51,
-    T:94-107)."""
+    scaled by A_j * 1e6, and for `attn_div_v2` by j's mean raw dot product with the frame means `frame_means` [C, D]
+    (T:43-51, T:94-107): the segment's own frames when None, as released; the video's F frames in paper mode (Eq. 8)."""
     x = features.float()
     unit = x / x.norm(p=2, dim=-1, keepdim=True)
     distance = 1.0 - torch.bmm(unit, unit.transpose(-1, -2))
     scaled = distance * (attention.float() * ATTENTION_SCALE).unsqueeze(1)
     if method == "attn_div":
         return scaled
-    relevance = torch.einsum("b n d, c d -> b c n", x, x.mean(1)).mean(1)
+    means = x.mean(1) if frame_means is None else frame_means
+    relevance = torch.einsum("b n d, c d -> b c n", x, means).mean(1)
     return scaled * relevance.unsqueeze(1)
 
 
-def max_min_selection(distances: torch.Tensor, count: int, exclude_chosen: bool) -> torch.Tensor:
+def max_min_selection(distances: torch.Tensor, count: int, exclude_chosen: bool, chosen_score: float = -1.0) -> torch.Tensor:
     """[B, N, N] distances -> [B, count] chosen columns, ascending (T:56-73, T:112-127).
 
     First the column whose second-smallest distance is largest; then each step the column farthest (max over columns
-    of the min over the chosen rows) from the chosen ones; `exclude_chosen` scores chosen columns -1 (v1's guard).
+    of the min over the chosen rows) from the chosen ones; `exclude_chosen` scores chosen columns `chosen_score`: -1
+    is v1's guard (T:70), enough for v1's distances (>= 0, up to rounding); paper mode passes -inf, since v2's can lie
+    below -1 (a negative event relevance) and Alg. 3 picks from the unchosen ones only.
     The min over the chosen rows is kept as it grows, one row a step: the same values as the release's recomputed min.
     """
     pick = distances.topk(2, dim=1, largest=False).values[:, 1, :].argmax(dim=-1)
@@ -145,7 +170,7 @@ def max_min_selection(distances: torch.Tensor, count: int, exclude_chosen: bool)
     taken = torch.zeros_like(nearest, dtype=torch.bool)
     for _ in range(1, count):
         taken = taken.scatter(1, pick[:, None], True)
-        pick = (nearest.masked_fill(taken, -1) if exclude_chosen else nearest).argmax(dim=-1)
+        pick = (nearest.masked_fill(taken, chosen_score) if exclude_chosen else nearest).argmax(dim=-1)
         chosen.append(pick)
         nearest = torch.minimum(nearest, _rows_of(distances, pick))
     return torch.stack(chosen, dim=1).sort(dim=-1).values
@@ -165,34 +190,41 @@ class TemporalLinks:
     raised: torch.Tensor  # [] bool: whether the threshold was raised (too many tokens would merge)
 
 
-def temporal_links(features: torch.Tensor, free: torch.Tensor, threshold: float, lower_bound: int) -> TemporalLinks:
+def temporal_links(
+    features: torch.Tensor, free: torch.Tensor, threshold: float, lower_bound: int, paper: bool = False
+) -> TemporalLinks:
     """[L, N, D] a segment's frames, [L, N] True where not an ADTS token -> TSTM's links (U:289-312), on the device.
 
     Each token's best cosine match in the previous frame, ADTS tokens masked to -1 on both sides; merged when above
     `threshold`, or when fewer than `lower_bound` tokens would stay, above the (L N - lower_bound)-th largest
-    similarity floored at -1 + 1e-6 (`max(soft, -1 + 1e-6)`, compared in the features' dtype as released)."""
+    similarity floored at -1 + 1e-6 (`max(soft, -1 + 1e-6)`, compared in the features' dtype as released).
+    `paper`: the cosines in float32, merged at `>= threshold` (Alg. 1 line 12), ADTS tokens and frame 0 masked to
+    -inf (so that `>=` at threshold -1 cannot merge them); the raised threshold as released (strict `>`)."""
     frames, tokens, _ = features.shape
-    unit = features / features.norm(p=2, dim=-1, keepdim=True)
+    x, fill = (features.float(), -math.inf) if paper else (features, -1.0)
+    unit = x / x.norm(p=2, dim=-1, keepdim=True)
     similarity = torch.einsum("b n d, b m d -> b n m", unit[1:], unit[:-1])
-    similarity = similarity.masked_fill(~free[1:, :, None], -1.0).masked_fill(~free[:-1, None, :], -1.0)
+    similarity = similarity.masked_fill(~free[1:, :, None], fill).masked_fill(~free[:-1, None, :], fill)
     best, parent = similarity.max(dim=-1)
-    best = F.pad(best, (0, 0, 1, 0), value=-1)
+    best = F.pad(best, (0, 0, 1, 0), value=fill)
     parent = F.pad(parent, (0, 0, 1, 0), value=-1)
-    merged = best > threshold
+    merged = best >= threshold if paper else best > threshold
     raised = (~merged).int().sum() < lower_bound
     soft = best.view(-1).topk(k=frames * tokens - lower_bound).values[-1]
     soft = torch.maximum(soft, torch.tensor(SOFT_FLOOR, dtype=best.dtype, device=best.device))
     return TemporalLinks(torch.where(raised, best > soft, merged), parent, raised)
 
 
-def tree_merge(features: torch.Tensor, links: TemporalLinks, merged_counts: list[int]) -> torch.Tensor:
+def tree_merge(features: torch.Tensor, links: TemporalLinks, merged_counts: list[int], tree_mean: bool = False) -> torch.Tensor:
     """[L, N, D] -> each token's TSTM value (U:314-337): from the last frame back, kept tokens are divided by their
-    count, merged ones added into their parent (one-hot product in the features' dtype) and counted 1 each.
+    count, merged ones added into their parent (one-hot product in the features' dtype) and counted 1 each: a root
+    is its tree's sum over 1 + its direct children. `tree_mean` (paper mode, Eq. 5's mean pooling): a merged token
+    adds its whole count (its subtree's members, counted in float32), so a root is its tree's mean.
 
     `merged_counts` [L]: merged tokens per frame, read on the host, so each frame's merged rows are sliced without a
     host read (the release's boolean index). Only the roots' values are meaningful."""
     sums, tokens = features.clone(), features.shape[1]
-    counts = torch.ones(features.shape[:2], dtype=features.dtype, device=features.device)
+    counts = torch.ones(features.shape[:2], dtype=torch.float32 if tree_mean else features.dtype, device=features.device)
     merged_first = true_first(links.merged)
     for frame in range(features.shape[0] - 1, -1, -1):
         stays = ~links.merged[frame, :, None]
@@ -201,7 +233,10 @@ def tree_merge(features: torch.Tensor, links: TemporalLinks, merged_counts: list
             rows = merged_first[frame, : merged_counts[frame]]
             onehot = F.one_hot(links.parent[frame, rows], num_classes=tokens).to(features.dtype)
             sums[frame - 1] += torch.einsum("m n, m d -> n d", onehot, sums[frame, rows])
-            counts[frame - 1] += onehot.sum(dim=0)
+            if tree_mean:
+                counts[frame - 1] += torch.einsum("m n, m -> n", onehot.to(counts.dtype), counts[frame, rows])
+            else:
+                counts[frame - 1] += onehot.sum(dim=0)
     return sums
 
 
@@ -257,26 +292,35 @@ def flashvid_compress(
     expansion: float,
     generator: torch.Generator | None = None,
     density_noise: float = DENSITY_NOISE,
+    mode: str = "official",
 ) -> FlashVIDTokens:
     """V [F, N, D], A [F, N] -> FlashVID's pre-LLM tokens (`flashvid_compression`, U:23-78); `generator` draws the
-    density noise (default: the global RNG), `density_noise=0` draws none."""
+    density noise (default: the global RNG), `density_noise=0` draws none; `mode` official | paper (module docstring)."""
+    paper = mode == "paper"
     frames, tokens, dim = video.shape
     adts, tstm = frame_budgets(tokens, retention_ratio, expansion, alpha)
     segments = dyseg_lengths(transition_similarity(video.mean(1)).cpu(), segment_threshold, min_segment_num)
     starts = [sum(segments[:i]) for i in range(len(segments))]
     spans = [(start, length) for start, length in zip(starts, segments, strict=True) if length]  # an empty one keeps none
     grid_index = torch.arange(frames * tokens, device=video.device).view(frames, tokens)
+    video_means = video.float().mean(1) if paper and token_selection_method == "attn_div_v2" else None  # Eq. 8's F
     distances = [
-        adts_distances(video[start : start + length], attention[start : start + length], token_selection_method)
+        adts_distances(video[start : start + length], attention[start : start + length], token_selection_method, video_means)
         for start, length in spans
-    ]  # per segment (v2's event relevance is the segment's), then one greedy selection over every frame
-    chosen_all = max_min_selection(torch.cat(distances), adts, exclude_chosen=token_selection_method == "attn_div")
+    ]  # per segment (v2's event relevance: the segment's, or the video's in paper mode), then one greedy selection
+    chosen_all = max_min_selection(
+        torch.cat(distances),
+        adts,
+        exclude_chosen=paper or token_selection_method == "attn_div",
+        chosen_score=-math.inf if paper else -1.0,
+    )
     selected = chosen_all.split([length for _, length in spans])
     links = []
     for (start, length), chosen in zip(spans, selected, strict=True):
         if tstm and length > 1:
             free = torch.ones(length, tokens, dtype=torch.bool, device=video.device).scatter(1, chosen, False)
-            links.append((free, temporal_links(video[start : start + length], free, temporal_threshold, (adts + tstm) * length)))
+            bound = (adts + tstm) * length
+            links.append((free, temporal_links(video[start : start + length], free, temporal_threshold, bound, paper)))
     counts = _read_counts([(link.merged.sum(dim=1), (~link.merged & free).sum(dim=1), link.raised) for free, link in links])
     out_features, out_index, roots_total = [], [], 0
     linked = iter(zip(links, counts, strict=True))
@@ -288,13 +332,17 @@ def flashvid_compress(
             continue
         if length > 1:
             (free, link), (merged_counts, root_counts, _) = next(linked)
-            values = tree_merge(part, link, merged_counts)
+            values = tree_merge(part, link, merged_counts, tree_mean=paper)
             roots = true_first((~link.merged & free).flatten(), sum(root_counts))
             pools = zip(
                 values.view(-1, dim)[roots].split(root_counts), part_index.view(-1)[roots].split(root_counts), strict=True
             )
-        else:
-            root_counts, pools = [tokens], [(part[0], part_index[0])]
+        else:  # one frame, no TSTM: released, all N tokens are clustered; paper (Alg. 1 line 5), the N - a non-ADTS ones
+            pool, pool_index = part[0], part_index[0]
+            if paper:
+                rest = true_first(torch.ones_like(pool_index, dtype=torch.bool).scatter(0, chosen[0], False), tokens - adts)
+                pool, pool_index = pool[rest], pool_index[rest]
+            root_counts, pools = [pool_index.numel()], [(pool, pool_index)]
         roots_total += sum(root_counts)
         ratio = tstm * length / sum(root_counts)
         for (pool, pool_index), size in zip(pools, root_counts, strict=True):
@@ -343,10 +391,13 @@ class FlashVIDCompression(PreLLMStage):
     segment_threshold: float = 0.9
     min_segment_num: int | None = None  # None: the family's released one (RELEASED)
     expansion: float = 1.25
+    mode: str = "official"  # official | paper (module docstring)
     seed: int = 0
     name: str = "flashvid"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
         if not 0 < self.retention_ratio * self.expansion < 1:
             raise ConfigError(
                 f"retention_ratio={self.retention_ratio}, expansion={self.expansion}: a frame's budget N * retention_ratio * "
@@ -395,6 +446,7 @@ class FlashVIDCompression(PreLLMStage):
             segment_threshold=self.segment_threshold,
             expansion=self.expansion,
             generator=generator,
+            mode=self.mode,
             **self.resolved(family),
         )
         features, index = (kept.features, kept.index) if family != QWEN else once_per_position(kept.features, kept.index)
@@ -417,7 +469,7 @@ class FlashVIDCompression(PreLLMStage):
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
         """F * budget, a lower bound: each frame's `ceil` of its share of the spatial clusters can add one token, and
-        a one-frame segment's `ceil(N * s / N)` can round above s (the count depends on the video)."""
+        a one-frame segment's `ceil(n * s / n)` can round above s (the count depends on the video); in both modes."""
         layout = counts.layout
         adts, tstm = frame_budgets(layout.tokens_per_frame, self.retention_ratio, self.expansion, self.alpha)
         return float(layout.frames * (adts + tstm))
@@ -489,6 +541,7 @@ class FlashVID(CompressionMethod):
     expansion: float = 1.25  # the vision side keeps expansion * R, the LLM prune brings it back
     pruning_layer: int = 20  # the first LLM layer that sees the pruned tokens (scored at pruning_layer - 1)
     llm_retention_ratio: float = 0.3  # share of the visual span kept from pruning_layer on
+    mode: str = "official"  # official: the release's arithmetic | paper: the paper's where they differ (module docstring)
     seed: int = 0  # of the DPC-kNN density noise (unseeded in the release), combined with the sample's name
     name: str = "flashvid"
 
@@ -505,6 +558,7 @@ class FlashVID(CompressionMethod):
                 segment_threshold=self.segment_threshold,
                 min_segment_num=self.min_segment_num,
                 expansion=self.expansion,
+                mode=self.mode,
                 seed=self.seed,
             ),
             FlashVIDPrune(layer=self.pruning_layer, ratio=self.llm_retention_ratio),

@@ -43,6 +43,25 @@ here N, rows and columns are the layout's.
 
 Host reads: one per video, the `nonzero` of the kept mask that sizes the output (released: the counts' `.tolist()`
 and one topk per frame in a Python loop).
+
+Modes. `mode="official"` (the default) is the released arithmetic above. `mode="paper"` follows the paper (arXiv
+2505.14454, Eqs. 3-10 and Algorithm 1) where it differs from the release:
+* all D channels are scored (the paper has no channel selection; `channel_share` is unused);
+* the centres are means of the raw tokens: g_v over the video (Eq. 3), g_f,t over the frame (Eq. 7);
+* a token's similarity to a centre is its cosine to it (Eqs. 4, 8), not the multi-scale Gaussian;
+* sigma_t = exp(u~_t) / (sum_l exp(u~_l) + 1e-8), u~_t = (u_t - max u) / temperature (Eq. 5), and
+  r_t = R * (1 + sigma_t - 1/T) with no cap (Eq. 6);
+* a frame keeps k_t = ceil(r_t * M) tokens (Algorithm 1 line 32), at least 1 and at most its M (a frame cannot keep
+  more tokens than it has; as min(ceil(x), M) = ceil(min(x, M)), this clamp keeps what the release's cap at 1 keeps,
+  so the missing cap changes no count);
+* computed in float32 whatever the model dtype (the paper states none); the kept tokens keep the model's values.
+  Two float32 notes: the epsilon is below half an ulp of the denominator (>= 1, the largest term is exp(0)), so it
+  changes nothing; where r_t * M is an integer in exact arithmetic, its float32 value may fall either side and ceil
+  give one token more or fewer.
+Everything else is the release's in both modes: u_t the mean (negated) video similarity of the frame's tokens, the
+scores summed 1:1 (Eq. 9), each frame's smallest sums kept (the largest uniqueness, Eq. 10) with the same tie rule and
+order, the families and layouts above, one host read. The plan is the nominal R * F * N in both modes (paper mode:
+ceil keeps about F/2 tokens more, the clamp at M can keep fewer).
 """
 
 from __future__ import annotations
@@ -57,6 +76,8 @@ from dycoke_eval.config import ConfigError
 
 FAMILIES = ("llava_onevision", "llava_video", "qwen2_5_vl", "qwen3_vl")  # the families the release patches
 BANDWIDTHS = tuple(2.0**k for k in range(-3, 2))  # the released alphas, 1/8 ... 2 (vidcom2.py:54)
+MODES = ("official", "paper")
+EPSILON = 1e-8  # in the denominator of the paper's softmax over frames (Eq. 5; released: none)
 
 
 def low_variance_channels(features: torch.Tensor, share: float) -> torch.Tensor:
@@ -78,27 +99,59 @@ def multi_scale_gaussian(tokens: torch.Tensor, centre: torch.Tensor, bandwidths:
     return sum(torch.exp(-distance / (2 * a)) for a in bandwidths)
 
 
+def centres(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[F, N, C] -> ([1, 1, C] the mean of all tokens, [F, 1, C] each frame's mean)."""
+    return frames.mean(dim=(0, 1), keepdim=True), frames.mean(dim=1, keepdim=True)
+
+
 def centre_similarities(
     features: torch.Tensor, tokens_per_frame: int, bandwidths: tuple[float, ...] = BANDWIDTHS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[F*N, C] -> ([F, N] similarity to the video centre, [F, N] to the token's frame centre), on normalised tokens."""
     frames = F.normalize(features.view(-1, tokens_per_frame, features.shape[-1]), dim=-1)
-    video_centre = frames.mean(dim=(0, 1), keepdim=True)
-    frame_centre = frames.mean(dim=1, keepdim=True)
+    video_centre, frame_centre = centres(frames)
     return multi_scale_gaussian(frames, video_centre, bandwidths), multi_scale_gaussian(frames, frame_centre, bandwidths)
+
+
+def cosine_similarities(features: torch.Tensor, tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper: [F*N, D] -> ([F, N] cosine to the mean of the raw tokens (Eqs. 3, 4), [F, N] to the frame's (Eqs. 7, 8))."""
+    frames = features.view(-1, tokens_per_frame, features.shape[-1])
+    video_centre, frame_centre = centres(frames)
+    return F.cosine_similarity(frames, video_centre, dim=-1), F.cosine_similarity(frames, frame_centre, dim=-1)
+
+
+def frame_softmax(video_similarity: torch.Tensor, temperature: float, epsilon: float | None = None) -> torch.Tensor:
+    """[F, N] similarity to the video centre -> [F] p, a softmax over frames of u_f / temperature, u_f the frame's mean
+    dissimilarity, shifted by its max: torch's softmax (released) or, with `epsilon`, exp / (sum exp + epsilon) (Eq. 5)."""
+    scores = -video_similarity.mean(dim=-1)
+    shifted = (scores - scores.max()) / temperature
+    if epsilon is None:
+        return F.softmax(shifted, dim=0)
+    exps = shifted.exp()
+    return exps / (exps.sum() + epsilon)
 
 
 def frame_budgets(video_similarity: torch.Tensor, retention: float, temperature: float) -> torch.Tensor:
     """[F, N] similarity to the video centre -> [F] share of each frame's tokens to keep: R * (1 + p_f - mean p), p the
     softmax over frames of their mean dissimilarity / temperature, capped at 1."""
-    scores = -video_similarity.mean(dim=-1)
-    probs = F.softmax((scores - scores.max()) / temperature, dim=0)
+    probs = frame_softmax(video_similarity, temperature)
     return (retention * (1 + probs - probs.mean())).clamp(max=1.0)
+
+
+def paper_frame_budgets(video_similarity: torch.Tensor, retention: float, temperature: float) -> torch.Tensor:
+    """Paper: [F, N] -> [F] r_t = R * (1 + sigma_t - 1/T) (Eq. 6), sigma with the epsilon of Eq. 5; no cap."""
+    probs = frame_softmax(video_similarity, temperature, EPSILON)
+    return retention * (1 + probs - 1 / probs.shape[0])
 
 
 def frame_counts(budgets: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     """[F] budgets -> [F] tokens each frame keeps: round(budget * N) (half to even, in the budgets' dtype), at least 1."""
     return (budgets * tokens_per_frame).round().long().clamp(min=1)
+
+
+def paper_frame_counts(budgets: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Paper: [F] budgets -> [F] ceil(r_t * M) (Algorithm 1 line 32), at least 1, at most the frame's M tokens."""
+    return (budgets * tokens_per_frame).ceil().long().clamp(min=1, max=tokens_per_frame)
 
 
 def smallest_per_frame(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -111,11 +164,21 @@ def smallest_per_frame(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tens
 
 
 def vidcom2_kept(
-    features: torch.Tensor, tokens_per_frame: int, retention: float, channel_share: float, temperature: float
+    features: torch.Tensor,
+    tokens_per_frame: int,
+    retention: float,
+    channel_share: float,
+    temperature: float,
+    mode: str = "official",
 ) -> torch.Tensor:
-    """[F*N, D] one video's tokens, frame by frame -> [K] the kept rows, ascending (frame, then raster order)."""
-    video, frame = centre_similarities(low_variance_channels(features, channel_share), tokens_per_frame)
-    counts = frame_counts(frame_budgets(video, retention, temperature), tokens_per_frame)
+    """[F*N, D] one video's tokens, frame by frame -> [K] the kept rows, ascending (frame, then raster order): the
+    released arithmetic in the features' dtype (official) or the paper's in float32 (paper)."""
+    if mode == "paper":
+        video, frame = cosine_similarities(features.float(), tokens_per_frame)
+        counts = paper_frame_counts(paper_frame_budgets(video, retention, temperature), tokens_per_frame)
+    else:
+        video, frame = centre_similarities(low_variance_channels(features, channel_share), tokens_per_frame)
+        counts = frame_counts(frame_budgets(video, retention, temperature), tokens_per_frame)
     return smallest_per_frame(video + frame, counts).flatten().nonzero().squeeze(1)  # the one host read
 
 
@@ -124,9 +187,12 @@ class VidCom2(PreLLMStage):
     retention: float = 0.25  # R (the release's R_RATIO, default 0.25): the frame budgets average R before rounding
     channel_share: float = 0.5  # scores use the int(D * share) channels of lowest variance (released: ratio=0.5)
     temperature: float = 0.01  # of the softmax over frames that shares out the budget (released: temp=0.01)
+    mode: str = "official"  # official (the release's arithmetic) | paper (its Eqs. 3-10, ceil, float32)
     name: str = "vidcom2"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}; use one of {', '.join(MODES)}")
         if not 0 < self.retention <= 1:
             raise ConfigError(f"retention={self.retention}: VidCom2 keeps a share of the video's tokens in (0, 1]")
         if not 0 < self.channel_share <= 1:
@@ -143,11 +209,11 @@ class VidCom2(PreLLMStage):
         super().check(model)
 
     def planned_tokens(self, counts: PlannedCounts) -> float:
-        return self.retention * counts.layout.grid_tokens  # nominal: per-frame rounding, cap and floor move it
+        return self.retention * counts.layout.grid_tokens  # nominal in both modes: per-frame rounding, cap and floor move it
 
     def select(self, tokens: VideoTokens, signals: dict[str, torch.Tensor], sample: str) -> VideoTokens:
         features = tokens.grid().flatten(0, 1)
-        kept = vidcom2_kept(features, tokens.tokens_per_frame, self.retention, self.channel_share, self.temperature)
+        kept = vidcom2_kept(features, tokens.tokens_per_frame, self.retention, self.channel_share, self.temperature, self.mode)
         # LLaVA-Video (`_map_grid_vid`): each frame's kept tokens, then all its rows' newlines
         newlines = tokens.rows if tokens.layout.family == "llava_video" else None
         return tokens.replaced(
