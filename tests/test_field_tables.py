@@ -12,7 +12,16 @@ from test_fastvid_tables import FASTV, VANILLA, fake_cell, sweep_cells, world
 from dycoke_eval.config import group_options
 from dycoke_eval.report import PAPER_DIR, _method_defaults, render_report
 
-TABLES = ["holitom_table1", "holitom_table2", "vidcom2_table2", "flashvid_table1", "framefusion_main"]
+TABLES = [
+    "holitom_table1",
+    "holitom_table2",
+    "vidcom2_table2",
+    "vidcom2_qwen3_vl",
+    "flashvid_table1",
+    "flashvid_table9",
+    "flashvid_qwen2_5_vl",
+    "framefusion_main",
+]
 SETTINGS = ["k", "layer", "ratio", "form", "frame_tokens", "retention", "cluster_ratio", "in_llm", "tau", "retention_ratio",
             "cost"]  # fmt: skip
 NOT_IN_FRONTIER = {  # methods the frontier leaves out, and why (its sweep's comment says the same)
@@ -77,17 +86,23 @@ def test_the_transcribed_rows_hold_the_papers_numbers():
     assert paper("framefusion_main").set_index("row").loc["FrameFusion", "nextqa_mc"] == 81.8
 
 
-def test_holitoms_and_flashvids_averages_are_the_mean_of_their_four_benchmarks_as_printed():
-    """A check of the transcription against the papers' own arithmetic (FlashVID's Table 1 prints one average that
-    its cells do not give: PruneVid at 15% on LLaVA-OV, 55.7 for 55.85; kept as printed)."""
-    for table, columns in [("holitom_table1", ["mvbench", "egoschema", "longvideobench", "videomme_wo_sub"]),
-                           ("holitom_table2", ["mvbench", "egoschema", "longvideobench", "videomme_wo_sub"]),
-                           ("flashvid_table1", ["videomme_wo_sub", "egoschema", "longvideobench", "mvbench"])]:  # fmt: skip
-        rows = paper(table).dropna(subset=["paper_avg"])
-        misprint = (rows.row == "PruneVid") & (rows.R == 0.15) & (table == "flashvid_table1")
-        off = (rows[columns].mean(axis=1) - rows.paper_avg).abs()
-        assert (off[~misprint] <= 0.05 + 1e-9).all(), rows[off > 0.05][["row", "R"]]
-        assert off[misprint].round(2).tolist() == ([0.15] if table == "flashvid_table1" else [])
+MISPRINTS = {  # averages a paper prints that its own cells do not give, kept as printed: (table, row, R) -> |printed - mean|
+    ("flashvid_table1", "PruneVid", 0.15): 0.15,  # 55.7 printed, the cells give 55.85
+    ("flashvid_qwen2_5_vl", "FastV", 0.1): 0.92,  # 57.3 printed, the cells give 56.375 (its 91.6% of vanilla is 56.4's)
+}
+
+
+@pytest.mark.parametrize(
+    "table", ["holitom_table1", "holitom_table2", "flashvid_table1", "flashvid_table9", "flashvid_qwen2_5_vl"]
+)
+def test_holitoms_and_flashvids_averages_are_the_mean_of_their_four_benchmarks_as_printed(table):
+    """A check of the transcription against the papers' own arithmetic: Avg is the mean of VideoMME, EgoSchema (the
+    full set), LongVideoBench and MVBench, to the print's rounding, but for the misprints named here."""
+    rows = paper(table).dropna(subset=["paper_avg"])
+    off = (rows[["mvbench", "egoschema", "longvideobench", "videomme_wo_sub"]].mean(axis=1) - rows.paper_avg).abs()
+    misprint = rows.apply(lambda r: (table, r.row, r.R) in MISPRINTS, axis=1)
+    assert (off[~misprint] <= 0.05 + 1e-9).all(), rows[off > 0.05][["row", "R"]]
+    assert off[misprint].round(2).tolist() == [v for (t, _, _), v in MISPRINTS.items() if t == table]
 
 
 def test_vidcom2s_average_is_the_mean_share_of_vanilla_over_its_seven_columns():
