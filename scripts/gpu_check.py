@@ -7,6 +7,9 @@
    does not), at four frame sizes, and how long 32 frames of 1280 x 720 take each way.
 2. `static_decoding=true`: a full-token generate of the random-weight model with transformers' static cache
    (compiled on CUDA) against the dynamic cache: the same greedy tokens, and ms per decoded token each way.
+3. The field's newer methods before the LLM (VidCom2, ToMe, HoliTom, FlashVID) at LLaVA-OV-7B's size in bf16, on the
+   device against the same inputs on the CPU, where the tests compare each bit for bit with its authors' code: the
+   same kept grid positions and how far apart the kept features are (ties and sums can order differently on CUDA).
 
 Prints one line per figure and, with `--out`, writes them to `gpu_check.json` there. Run `scripts/bench_gpu.py --gpu`
 for the per-method timings.
@@ -25,9 +28,14 @@ import torch
 from transformers import LlavaOnevisionVideoProcessor
 
 from dycoke_eval.checkpoints import build_random_model
+from dycoke_eval.compression.dispatcher import Compressor
+from dycoke_eval.config import method_from_config
+from dycoke_eval.models.base import EncodedVideo
 from dycoke_eval.models.device_preprocess import DeviceVideoProcessor
+from dycoke_eval.offline.real_size import random_encoded_video
 
 FRAME_SIZES = [(240, 320), (480, 640), (360, 360), (383, 385)]
+FIELD_METHODS = {"vidcom2": {}, "tome": {}, "holitom": {"in_llm": False}, "flashvid": {}}  # their pre-LLM stages
 
 
 def synchronize(device: torch.device) -> None:
@@ -83,6 +91,22 @@ def check_static_decoding(device: torch.device, size: str, new_tokens: int) -> d
     return figures
 
 
+def check_field_methods(device: torch.device) -> dict:
+    """Each method's pre-LLM selection on the device against the CPU's, on one LLaVA-OV-7B-sized bf16 video."""
+    video = random_encoded_video("ov", torch.bfloat16, "cpu")
+    moved = EncodedVideo(video.grid.to(device), video.layout, video.newline.to(device),
+                         {name: signal.to(device) for name, signal in video.signals.items()})  # fmt: skip
+    figures = {}
+    for name, settings in FIELD_METHODS.items():
+        method = method_from_config(name, settings)
+        cpu, here = (Compressor(None, method).select(v, "gpu_check").tokens for v in (video, moved))
+        same = cpu.index.shape == here.index.shape and bool(torch.equal(cpu.index, here.index.cpu()))
+        gap = float((cpu.features.float() - here.features.cpu().float()).abs().max()) if same else None
+        figures[name] = {"same_positions": same, "kept": int(here.index.numel()), "max_abs_diff": gap}
+        print(f"field {name} same_positions={same} kept={here.index.numel()} max_abs_diff={gap}", flush=True)
+    return figures
+
+
 def _median_ms(call, device: torch.device, repeats: int = 5) -> float:
     call()
     times = []
@@ -108,6 +132,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "preprocess": check_preprocessing(device),
         "static_decoding": check_static_decoding(device, args.size, args.new_tokens),
+        "field_methods": check_field_methods(device),
     }
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
